@@ -1,0 +1,1 @@
+"""Sampling: the flow-matching scheduler and the video pipeline."""

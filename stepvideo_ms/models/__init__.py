@@ -1,0 +1,1 @@
+"""The networks of Step-Video, under the upstream parameter names."""

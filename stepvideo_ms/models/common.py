@@ -1,0 +1,61 @@
+"""Basic cells with PyTorch's parameter names (weight/bias), so released state dicts load as is.
+
+Parameters start as zeros of the requested dtype: the real values always come from a checkpoint
+(`checkpoint.load_into`). Build a model under `mindspore.nn.utils.no_init_parameters()` to
+describe it without allocating its weights.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn
+from mindspore.common.initializer import Zero, One, initializer
+
+from .. import ops
+
+
+def new_param(shape: Sequence[int], dtype=ms.float32, ones: bool = False) -> Parameter:
+    return Parameter(initializer(One() if ones else Zero(), tuple(shape), dtype), requires_grad=False)
+
+
+class Linear(nn.Cell):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype=ms.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = new_param((out_features, in_features), dtype)
+        self.bias = new_param((out_features,), dtype) if bias else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        return mint.nn.functional.linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.Cell):
+    def __init__(self, dim: int, eps: float = 1e-5, elementwise_affine: bool = True, dtype=ms.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = new_param((dim,), dtype, ones=True) if elementwise_affine else None
+        self.bias = new_param((dim,), dtype) if elementwise_affine else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Cell):
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True, dtype=ms.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = new_param((dim,), dtype, ones=True) if elementwise_affine else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def count_parameters(cell: nn.Cell) -> int:
+    total = 0
+    for _, p in cell.parameters_and_names():
+        n = 1
+        for s in p.shape:
+            n *= int(s)
+        total += n
+    return total

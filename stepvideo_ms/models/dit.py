@@ -1,0 +1,167 @@
+"""StepVideoModel: the Step-Video DiT, T2V and TI2V by configuration.
+
+Parameter names and constructor arguments are upstream's, so the released
+`transformer/config.json` and its safetensors shards load as they are. The forward is cut in
+three (`embed`, `run_blocks`, `finish`) so that a pipeline stage can run its own layers and a
+sequence-parallel rank its own tokens; `construct` chains the three for one process.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint, nn
+
+from .common import LayerNorm, Linear, count_parameters, new_param
+from .embeddings import AdaLayerNormSingle, PixArtAlphaTextProjection
+from .layers import AttentionCore, PatchEmbed, StepVideoTransformerBlock
+from .rope import Rope3D
+
+
+@dataclass
+class DiTInputs:
+    """What every block needs, computed once per forward by `StepVideoModel.embed`."""
+
+    tokens: Tensor            # (b, f*h*w, D) video tokens
+    t6: Tensor                # (b, 6D) AdaLN-single modulation
+    embedded_timestep: Tensor  # (b, D)
+    context: Tensor           # (b, Lk, D) clip + caption tokens, cut to the longest valid length
+    key_mask: Tensor          # (b, Lk) bool, True where a text token is valid
+    grid: Tuple[int, int, int]  # (frames, height, width) of the token grid
+
+
+class StepVideoModel(nn.Cell):
+    def __init__(
+        self,
+        num_attention_heads: int = 48,
+        attention_head_dim: int = 128,
+        in_channels: int = 64,
+        out_channels: Optional[int] = 64,
+        num_layers: int = 48,
+        dropout: float = 0.0,
+        patch_size: int = 1,
+        norm_type: str = "ada_norm_single",
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-6,
+        use_additional_conditions: Optional[bool] = False,
+        caption_channels: Union[int, Sequence[int]] = (6144, 1024),
+        attention_type: Optional[str] = "parallel",
+        dtype=ms.float32,
+    ):
+        super().__init__()
+        if norm_type != "ada_norm_single":
+            raise ValueError(f"norm_type={norm_type!r} is not supported: Step-Video uses 'ada_norm_single'")
+        self.num_attention_heads = num_attention_heads
+        self.attention_head_dim = attention_head_dim
+        self.inner_dim = num_attention_heads * attention_head_dim
+        self.in_channels = in_channels
+        self.out_channels = in_channels if out_channels is None else out_channels
+        self.num_layers = num_layers
+        self.patch_size = patch_size
+        self.use_additional_conditions = bool(use_additional_conditions)
+        self.dtype = dtype
+        dim = self.inner_dim
+
+        self.pos_embed = PatchEmbed(patch_size, in_channels * (2 if self.use_additional_conditions else 1), dim, dtype)
+        self.transformer_blocks = nn.CellList(
+            [StepVideoTransformerBlock(dim, attention_head_dim, dtype) for _ in range(num_layers)])
+        self.norm_out = LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine, dtype=dtype)
+        self.scale_shift_table = new_param((2, dim), dtype)
+        self.proj_out = Linear(dim, patch_size * patch_size * self.out_channels, dtype=dtype)
+        self.adaln_single = AdaLayerNormSingle(dim, self.use_additional_conditions, dtype)
+        if isinstance(caption_channels, int):
+            caption_channel, clip_channel = caption_channels, None
+        else:
+            caption_channel, clip_channel = caption_channels
+        self.clip_projection = Linear(clip_channel, dim, dtype=dtype) if clip_channel else None
+        self.caption_norm = LayerNorm(caption_channel, eps=norm_eps, elementwise_affine=norm_elementwise_affine, dtype=dtype)
+        self.caption_projection = PixArtAlphaTextProjection(caption_channel, dim, dtype)
+
+    # ---- configuration -------------------------------------------------------------------
+    @classmethod
+    def config_keys(cls):
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dtype")]
+
+    @classmethod
+    def from_config(cls, config: dict, dtype=ms.float32) -> "StepVideoModel":
+        """Build from a config dict (upstream's config.json); keys such as `_class_name` are ignored."""
+        keys = cls.config_keys()
+        return cls(**{k: v for k, v in config.items() if k in keys}, dtype=dtype)
+
+    def num_parameters(self) -> int:
+        return count_parameters(self)
+
+    # ---- forward, in three parts ---------------------------------------------------------
+    def embed(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+              encoder_attention_mask: Tensor, encoder_hidden_states_2: Optional[Tensor] = None,
+              condition_hidden_states: Optional[Tensor] = None,
+              motion_score: Optional[float] = None) -> DiTInputs:
+        if hidden_states.ndim != 5:
+            raise ValueError(f"hidden_states must be (batch, frames, channels, height, width), got {hidden_states.shape}")
+        b, f, _, hh, ww = hidden_states.shape
+        p = self.patch_size
+        x = hidden_states.astype(self.dtype)
+        if self.use_additional_conditions:
+            if condition_hidden_states is None:
+                raise ValueError("this model was built with use_additional_conditions=True: pass condition_hidden_states")
+            x = mint.cat([x, condition_hidden_states.astype(self.dtype)], dim=2)
+        x = self.pos_embed(x.reshape(b * f, x.shape[2], hh, ww))  # (b f) l d
+        tokens = x.reshape(b, f * x.shape[1], self.inner_dim)
+
+        motion = None
+        if self.use_additional_conditions:
+            if motion_score is None:
+                raise ValueError("this model was built with use_additional_conditions=True: pass motion_score")
+            motion = Tensor(np.full((b,), motion_score, dtype=np.float32)).astype(self.dtype)
+        t6, embedded = self.adaln_single(timestep.astype(self.dtype), motion)
+
+        context = self.caption_projection(self.caption_norm(encoder_hidden_states.astype(self.dtype)))
+        if encoder_hidden_states_2 is not None and self.clip_projection is not None:
+            clip = self.clip_projection(encoder_hidden_states_2.astype(self.dtype))
+            context = mint.cat([clip, context], dim=1)
+        context, key_mask = text_key_mask(context, encoder_attention_mask)
+        return DiTInputs(tokens, t6, embedded, context, key_mask, (f, hh // p, ww // p))
+
+    def rope_for(self, grid: Tuple[int, int, int], start: int = 0, stop: Optional[int] = None) -> Rope3D:
+        """RoPE tables of tokens start..stop of the flattened grid."""
+        return Rope3D.for_grid(*grid, self.attention_head_dim, start, stop, dtype=self.dtype)
+
+    def run_blocks(self, x: Tensor, inputs: DiTInputs, rope: Rope3D, layers: Optional[range] = None,
+                   core: Optional[AttentionCore] = None) -> Tensor:
+        for i in layers if layers is not None else range(self.num_layers):
+            x = self.transformer_blocks[i](x, inputs.context, inputs.t6, inputs.key_mask, rope, core)
+        return x
+
+    def finish(self, x: Tensor, inputs: DiTInputs) -> Tensor:
+        f, h, w = inputs.grid
+        b = x.shape[0]
+        p, c = self.patch_size, self.out_channels
+        x = x.reshape(b * f, h * w, self.inner_dim)
+        emb = inputs.embedded_timestep.reshape(b, 1, -1).broadcast_to((b, f, self.inner_dim)).reshape(b * f, -1)
+        shift, scale = mint.chunk(self.scale_shift_table[None] + emb[:, None], 2, dim=1)
+        x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)
+        x = x.reshape(b * f, h, w, p, p, c)
+        x = mint.permute(x, (0, 5, 1, 3, 2, 4)).reshape(b, f, c, h * p, w * p)
+        return x
+
+    def construct(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                  encoder_attention_mask: Tensor, encoder_hidden_states_2: Optional[Tensor] = None,
+                  condition_hidden_states: Optional[Tensor] = None, motion_score: Optional[float] = None) -> Tensor:
+        inputs = self.embed(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                            encoder_hidden_states_2, condition_hidden_states, motion_score)
+        x = self.run_blocks(inputs.tokens, inputs, self.rope_for(inputs.grid))
+        return self.finish(x, inputs)
+
+
+def text_key_mask(context: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """Upstream's text mask: sample i attends its first sum(mask[i]) text tokens; the text is cut
+    to the longest valid length of the batch."""
+    lengths = mask.asnumpy().astype(bool).sum(axis=1)
+    if lengths.min() < 1:
+        raise ValueError("encoder_attention_mask: every sample needs at least one valid text token")
+    longest = int(lengths.max())
+    keep = np.arange(longest)[None, :] < lengths[:, None]
+    return context[:, :longest], Tensor(keep)

@@ -1,0 +1,125 @@
+"""The DiT's transformer block: self-attention with 3D RoPE, cross-attention, feed-forward.
+
+Self-attention takes its attention core as an argument (`core(q, k, v) -> out`, all
+(b, n, heads, head_dim)): the plain one by default, the Ulysses sequence-parallel one when the
+tokens are split over ranks. Nothing else in the block knows about parallelism.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn
+
+from .. import ops
+from .common import LayerNorm, Linear, RMSNorm, new_param
+from .rope import Rope3D
+
+AttentionCore = Callable[[Tensor, Tensor, Tensor], Tensor]
+BLOCK_NORM_EPS = 1e-5  # upstream's block layer norms keep their own default, not the model's norm_eps
+
+
+def plain_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return ops.attention(q, k, v)
+
+
+class SelfAttention(nn.Cell):
+    def __init__(self, dim: int, head_dim: int, dtype=ms.float32):
+        super().__init__()
+        self.head_dim = head_dim
+        self.n_heads = dim // head_dim
+        self.wqkv = Linear(dim, 3 * dim, bias=False, dtype=dtype)
+        self.wo = Linear(dim, dim, bias=False, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, dtype=dtype)
+        self.k_norm = RMSNorm(head_dim, dtype=dtype)
+
+    def construct(self, x: Tensor, rope: Rope3D, core: Optional[AttentionCore] = None) -> Tensor:
+        b, n, _ = x.shape
+        qkv = self.wqkv(x).reshape(b, n, self.n_heads, 3 * self.head_dim)
+        q, k, v = mint.split(qkv, [self.head_dim] * 3, dim=-1)
+        q = rope.apply(self.q_norm(q))
+        k = rope.apply(self.k_norm(k))
+        out = (core or plain_attention)(q, k, v)
+        return self.wo(out.reshape(b, n, self.n_heads * self.head_dim))
+
+
+class CrossAttention(nn.Cell):
+    def __init__(self, dim: int, head_dim: int, dtype=ms.float32):
+        super().__init__()
+        self.head_dim = head_dim
+        self.n_heads = dim // head_dim
+        self.wq = Linear(dim, dim, bias=False, dtype=dtype)
+        self.wkv = Linear(dim, 2 * dim, bias=False, dtype=dtype)
+        self.wo = Linear(dim, dim, bias=False, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, dtype=dtype)
+        self.k_norm = RMSNorm(head_dim, dtype=dtype)
+
+    def construct(self, x: Tensor, context: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+        b, n, _ = x.shape
+        q = self.q_norm(self.wq(x).reshape(b, n, self.n_heads, self.head_dim))
+        kv = self.wkv(context).reshape(b, context.shape[1], self.n_heads, 2 * self.head_dim)
+        k, v = mint.split(kv, [self.head_dim] * 2, dim=-1)
+        out = ops.attention(q, self.k_norm(k), v, key_mask=key_mask)
+        return self.wo(out.reshape(b, n, self.n_heads * self.head_dim))
+
+
+class GELUProj(nn.Cell):
+    def __init__(self, dim_in: int, dim_out: int, dtype=ms.float32):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out, bias=False, dtype=dtype)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.gelu_tanh(self.proj(x))
+
+
+class FeedForward(nn.Cell):
+    """net.0 = tanh-GELU projection, net.1 = identity (kept for the upstream indices), net.2 = output."""
+
+    def __init__(self, dim: int, mult: int = 4, dtype=ms.float32):
+        super().__init__()
+        self.net = nn.CellList([GELUProj(dim, dim * mult, dtype), nn.Identity(), Linear(dim * mult, dim, bias=False, dtype=dtype)])
+
+    def construct(self, x: Tensor) -> Tensor:
+        for cell in self.net:
+            x = cell(x)
+        return x
+
+
+class StepVideoTransformerBlock(nn.Cell):
+    def __init__(self, dim: int, head_dim: int, dtype=ms.float32):
+        super().__init__()
+        self.dim = dim
+        self.norm1 = LayerNorm(dim, eps=BLOCK_NORM_EPS, dtype=dtype)
+        self.attn1 = SelfAttention(dim, head_dim, dtype)
+        self.norm2 = LayerNorm(dim, eps=BLOCK_NORM_EPS, dtype=dtype)
+        self.attn2 = CrossAttention(dim, head_dim, dtype)
+        self.ff = FeedForward(dim, dtype=dtype)
+        self.scale_shift_table = new_param((6, dim), dtype)
+
+    def construct(self, x: Tensor, context: Tensor, t6: Tensor, key_mask: Optional[Tensor],
+                  rope: Rope3D, core: Optional[AttentionCore] = None) -> Tensor:
+        mods = self.scale_shift_table[None] + t6.reshape(-1, 6, self.dim)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mint.chunk(mods, 6, dim=1)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        x = gate_msa * self.attn1(h, rope, core) + x
+        x = self.attn2(x, context, key_mask) + x
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        return gate_mlp * self.ff(h) + x
+
+
+class PatchEmbed(nn.Cell):
+    """Conv2d(kernel=stride=patch) from latent channels to the model width, as `proj`."""
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dim: int, dtype=ms.float32):
+        super().__init__()
+        self.proj = _ConvParams(embed_dim, in_channels, patch_size, dtype)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.patch_embed(x, self.proj.weight, self.proj.bias)
+
+
+class _ConvParams(nn.Cell):
+    def __init__(self, out_ch: int, in_ch: int, k: int, dtype):
+        super().__init__()
+        self.weight = new_param((out_ch, in_ch, k, k), dtype)
+        self.bias = new_param((out_ch,), dtype)

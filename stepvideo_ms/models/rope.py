@@ -1,0 +1,67 @@
+"""3D rotary position embedding of Step-Video's DiT.
+
+The head dimension is split into (frame, height, width) parts; each part is rotated by the
+standard 1D RoPE (rotate-half form, base 1e4) of its own axis position. Tables are built in
+numpy for any slice of the flattened (f, h, w) token grid, so a sequence-parallel rank gets the
+positions of exactly the tokens it holds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint
+
+ROPE_BASE = 1e4
+
+
+def rope_channel_split(head_dim: int) -> Tuple[int, int, int]:
+    """(frame, height, width) channels of a head: half for time, a quarter each for space (64/32/32 at 128)."""
+    if head_dim % 8:
+        raise ValueError(f"attention_head_dim={head_dim} must be a multiple of 8 for the 3D RoPE split")
+    return head_dim // 2, head_dim // 4, head_dim // 4
+
+
+def grid_positions(f: int, h: int, w: int, start: int = 0, stop: int = None) -> np.ndarray:
+    """(n, 3) integer (frame, row, column) of tokens start..stop of the flattened f*h*w grid."""
+    stop = f * h * w if stop is None else stop
+    idx = np.arange(start, stop, dtype=np.int64)
+    return np.stack([idx // (h * w), (idx // w) % h, idx % w], axis=1)
+
+
+def _axis_angles(dim: int, pos: np.ndarray) -> np.ndarray:
+    inv_freq = (1.0 / (np.float32(ROPE_BASE) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+    freqs = pos.astype(np.float32)[:, None] * inv_freq[None, :]
+    return np.concatenate([freqs, freqs], axis=-1)  # (n, dim)
+
+
+@dataclass
+class Rope3D:
+    """cos/sin tables (n, 1, head_dim) for a set of token positions, and how to apply them."""
+
+    cos: Tensor
+    sin: Tensor
+    split: Tuple[int, int, int]
+
+    @classmethod
+    def for_positions(cls, positions: np.ndarray, head_dim: int, dtype=ms.float32) -> "Rope3D":
+        split = rope_channel_split(head_dim)
+        angles = np.concatenate([_axis_angles(d, positions[:, i]) for i, d in enumerate(split)], axis=-1)
+        cos = Tensor(np.cos(angles)[:, None, :], dtype)
+        sin = Tensor(np.sin(angles)[:, None, :], dtype)
+        return cls(cos=cos, sin=sin, split=split)
+
+    @classmethod
+    def for_grid(cls, f: int, h: int, w: int, head_dim: int, start: int = 0, stop: int = None, dtype=ms.float32):
+        return cls.for_positions(grid_positions(f, h, w, start, stop), head_dim, dtype)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Rotate x (b, n, heads, head_dim); n must equal the table length."""
+        parts = mint.split(x, list(self.split), dim=-1)
+        rotated = []
+        for part in parts:
+            a, b = mint.chunk(part, 2, dim=-1)
+            rotated.append(mint.cat([-b, a], dim=-1))
+        return x * self.cos + mint.cat(rotated, dim=-1) * self.sin

@@ -1,0 +1,21 @@
+"""Backend-dependent primitives, in one place.
+
+Each function has a CPU implementation that runs on MindSpore's CPU backend and an Ascend branch
+with the fused kernel; callers never test the backend themselves.
+"""
+from .attention import attention
+from .embedding import embedding
+from .norms import group_norm, layer_norm, rms_norm
+from .activations import gelu_tanh, silu
+from .patch import patch_embed
+
+__all__ = [
+    "attention",
+    "embedding",
+    "gelu_tanh",
+    "group_norm",
+    "layer_norm",
+    "patch_embed",
+    "rms_norm",
+    "silu",
+]

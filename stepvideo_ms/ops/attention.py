@@ -1,0 +1,110 @@
+"""Scaled dot-product attention over (batch, seq, heads, head_dim) tensors.
+
+CPU: computed in blocks of queries so that at most `max_score_bytes` of scores exist at once
+(never seq x seq for long sequences). Ascend: the fused `flash_attention_score` kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint, ops
+
+from ..runtime import is_ascend
+
+# Upper bound on the score block held at once on CPU (float32 bytes).
+DEFAULT_MAX_SCORE_BYTES = 128 * 1024 * 1024
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES,
+) -> Tensor:
+    """softmax(q k^T * scale + bias, masked) v.
+
+    q: (b, sq, h, d); k, v: (b, sk, h, d).
+    key_mask: bool (b, sk), True where the key may be attended.
+    bias: float, broadcastable to (b, h, sq, sk), added to the scores (ALiBi and friends).
+    causal: query i sees keys j <= i (sq == sk).
+    Returns (b, sq, h, d) in q's dtype.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention takes (batch, seq, heads, head_dim) tensors, got q{q.shape} k{k.shape} v{v.shape}")
+    if causal and q.shape[1] != k.shape[1]:
+        raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if is_ascend():
+        return _attention_ascend(q, k, v, key_mask, bias, causal, scale)
+    return _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes)
+
+
+def query_block_size(batch: int, heads: int, sq: int, sk: int, max_score_bytes: int) -> int:
+    """How many queries one block holds so that batch*heads*block*sk float32 scores fit the bound."""
+    per_query = max(1, batch * heads * sk * 4)
+    return int(max(1, min(sq, max_score_bytes // per_query)))
+
+
+def _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes):
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
+    out_dtype = q.dtype
+    qh = mint.permute(q, (0, 2, 1, 3)).astype(ms.float32)  # b h sq d
+    kt = mint.permute(k, (0, 2, 3, 1)).astype(ms.float32)  # b h d sk
+    vh = mint.permute(v, (0, 2, 1, 3)).astype(ms.float32)  # b h sk d
+    drop = None
+    if key_mask is not None:
+        drop = mint.logical_not(key_mask.astype(ms.bool_)).reshape(b, 1, 1, sk)
+    if bias is not None:
+        bias = bias.astype(ms.float32)
+        while bias.ndim < 4:
+            bias = bias.expand_dims(0)
+    block = query_block_size(b, h, sq, sk, max_score_bytes)
+    neg = Tensor(np.finfo(np.float32).min, ms.float32)
+    outs = []
+    for start in range(0, sq, block):
+        stop = min(sq, start + block)
+        scores = mint.matmul(qh[:, :, start:stop], kt) * scale  # b h n sk
+        if bias is not None:
+            scores = scores + (bias[:, :, start:stop] if bias.shape[2] != 1 else bias)
+        block_drop = drop
+        if causal:
+            rows = np.arange(start, stop)[:, None]
+            cols = np.arange(sk)[None, :]
+            future = Tensor(cols > rows).reshape(1, 1, stop - start, sk)
+            block_drop = future if block_drop is None else mint.logical_or(block_drop, future)
+        if block_drop is not None:
+            scores = scores.masked_fill(block_drop, neg)
+        probs = mint.softmax(scores, dim=-1)
+        outs.append(mint.matmul(probs, vh))  # b h n d
+    out = outs[0] if len(outs) == 1 else mint.cat(outs, dim=2)
+    return mint.permute(out, (0, 2, 1, 3)).astype(out_dtype)
+
+
+def _attention_ascend(q, k, v, key_mask, bias, causal, scale):  # pragma: no cover - needs an NPU
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
+    drop = None  # flash_attention_score: 1 = masked out
+    if key_mask is not None:
+        drop = mint.logical_not(key_mask.astype(ms.bool_)).reshape(b, 1, 1, sk)
+        drop = drop.broadcast_to((b, 1, sq, sk))
+    if causal:
+        future = Tensor(np.triu(np.ones((sq, sk), dtype=np.bool_), k=1)).reshape(1, 1, sq, sk)
+        drop = future.broadcast_to((b, 1, sq, sk)) if drop is None else mint.logical_or(drop, future)
+    pse = None
+    if bias is not None:
+        pse = bias.astype(q.dtype)
+        while pse.ndim < 4:
+            pse = pse.expand_dims(0)
+        pse = pse.broadcast_to((b, h, sq, sk))
+    return ops.flash_attention_score(
+        q, k, v, head_num=h, pse=pse, attn_mask=None if drop is None else drop.astype(ms.uint8),
+        scalar_value=scale, input_layout="BSND",
+    )

@@ -1,0 +1,84 @@
+"""Device selection and the dtype policy.
+
+One place decides where we run and in which dtype we compute:
+- Ascend when an Ascend device is usable, else CPU (an explicit choice always wins);
+- bfloat16 compute on Ascend, float32 on CPU (MindSpore's CPU matmul, softmax and norms have
+  no bfloat16 kernels).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import mindspore as ms
+
+DEVICES = ("Ascend", "CPU")
+ENV_DEVICE = "STEPVIDEO_DEVICE"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str
+    device_id: int
+    compute_dtype: ms.dtype
+
+    @property
+    def is_ascend(self) -> bool:
+        return self.device == "Ascend"
+
+
+def _ascend_available() -> bool:
+    # Probe only where CANN is installed: asking MindSpore elsewhere prints plugin warnings.
+    if not any(os.environ.get(v) for v in ("ASCEND_HOME_PATH", "ASCEND_TOOLKIT_HOME", "ASCEND_OPP_PATH")) \
+            and not os.path.isdir("/usr/local/Ascend"):
+        return False
+    try:
+        from mindspore import hal  # noqa: F401
+
+        return ms.hal.is_available("Ascend")
+    except Exception:  # pragma: no cover - depends on the installed wheel
+        return False
+
+
+def pick_device(override: Optional[str] = None) -> str:
+    """The device to run on: `override`, else $STEPVIDEO_DEVICE, else Ascend if present, else CPU."""
+    choice = override or os.environ.get(ENV_DEVICE)
+    if choice:
+        for name in DEVICES:
+            if choice.lower() == name.lower():
+                return name
+        raise ValueError(f"device={choice!r} is not supported: use one of {', '.join(DEVICES)}")
+    return "Ascend" if _ascend_available() else "CPU"
+
+
+def dtype_for(device: str) -> ms.dtype:
+    """The compute dtype of the policy: bf16 on Ascend, float32 on CPU."""
+    return ms.bfloat16 if device == "Ascend" else ms.float32
+
+
+def init(device: Optional[str] = None, device_id: Optional[int] = None) -> Runtime:
+    """Set MindSpore up for inference on the chosen device (PyNative mode) and return the policy."""
+    name = pick_device(device)
+    if device_id is None:
+        device_id = int(os.environ.get("DEVICE_ID", "0"))
+    if name == "Ascend":
+        ms.set_device(name, device_id)
+    else:
+        ms.set_device(name)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    return Runtime(device=name, device_id=device_id, compute_dtype=dtype_for(name))
+
+
+def current_device() -> str:
+    """The device MindSpore is set to now ("Ascend" or "CPU")."""
+    target = ms.get_context("device_target")
+    return "Ascend" if target == "Ascend" else "CPU"
+
+
+def is_ascend() -> bool:
+    return current_device() == "Ascend"
+
+
+def compute_dtype() -> ms.dtype:
+    return dtype_for(current_device())
