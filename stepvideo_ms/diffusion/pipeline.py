@@ -1,0 +1,187 @@
+"""StepVideoPipeline: prompt (and first image) in, video out, for T2V and TI2V.
+
+The steps are separate so that a multi-rank run can place them: `encode_conditions` (text and
+image embeddings, rank 0), `initial_noise` (every rank, from the seed), `denoise` (every rank;
+a parallel run passes its own `denoise_fn`), `decode` and `save` (rank 0). `__call__` chains them
+in one process. The pipeline talks to the text encoders and the VAE through two small
+interfaces, implemented both by the HTTP client and by in-process models.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Protocol
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor
+
+from ..models.dit import StepVideoModel
+from .. import video as video_io
+from .sampling import denoise
+from .scheduler import FlowMatchScheduler
+from .settings import GenerationSettings
+
+
+class TextEncoder(Protocol):
+    def caption(self, prompts) -> Dict[str, np.ndarray]: ...  # y, y_mask, clip_embedding
+
+
+class VideoVAE(Protocol):
+    def vae_decode(self, latents: np.ndarray) -> np.ndarray: ...
+    def vae_encode(self, frames: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class Conditions:
+    """Everything the denoising loop needs besides the noise; plain numpy, so it can be broadcast."""
+
+    y: np.ndarray                 # (2, Lt, C_llm) [cond, uncond]
+    y_mask: np.ndarray            # (2, Lclip + Lt)
+    clip_embedding: np.ndarray    # (2, Lclip, C_clip)
+    condition: Optional[np.ndarray] = None  # TI2V: (2, f_lat, C, h, w), image latent at frame 0
+    motion_score: Optional[float] = None
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        out = {"y": self.y, "y_mask": self.y_mask, "clip_embedding": self.clip_embedding}
+        if self.condition is not None:
+            out["condition"] = self.condition
+        return out
+
+
+DenoiseFn = Callable[[StepVideoModel, Conditions, np.ndarray, GenerationSettings, FlowMatchScheduler], np.ndarray]
+
+
+def single_process_denoise(model: StepVideoModel, cond: Conditions, noise: np.ndarray,
+                           settings: GenerationSettings, scheduler: FlowMatchScheduler, progress: bool = True) -> np.ndarray:
+    dtype = model.dtype
+    y, mask, clip = Tensor(cond.y, dtype), Tensor(cond.y_mask), Tensor(cond.clip_embedding, dtype)
+    condition = None if cond.condition is None else Tensor(cond.condition, dtype)
+
+    def predict(latents: Tensor, timestep: Tensor) -> Tensor:
+        return model(latents, timestep, y, mask, clip, condition, cond.motion_score)
+
+    out = denoise(predict, Tensor(noise), scheduler, settings.infer_steps, settings.time_shift,
+                  settings.cfg_scale, model_dtype=dtype, progress=progress)
+    return out.asnumpy()
+
+
+@dataclass
+class GenerationResult:
+    latents: np.ndarray
+    video_path: Optional[str] = None
+    json_path: Optional[str] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+class StepVideoPipeline:
+    def __init__(self, transformer: StepVideoModel, scheduler: FlowMatchScheduler,
+                 text_encoder: Optional[TextEncoder] = None, vae: Optional[VideoVAE] = None,
+                 denoise_fn: Optional[DenoiseFn] = None, progress: bool = True):
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.denoise_fn = denoise_fn
+        self.progress = progress
+
+    @property
+    def task(self) -> str:
+        return "ti2v" if self.transformer.use_additional_conditions else "t2v"
+
+    # ---- the steps ---------------------------------------------------------------------
+    def encode_conditions(self, s: GenerationSettings) -> Conditions:
+        if self.text_encoder is None:
+            raise RuntimeError("this pipeline has no text encoder: give it a caption client or a CaptionEncoder")
+        data = self.text_encoder.caption([s.prompt + s.pos_magic, s.neg_magic])
+        cond = Conditions(np.asarray(data["y"], np.float32), np.asarray(data["y_mask"]),
+                          np.asarray(data["clip_embedding"], np.float32))
+        if s.task == "ti2v":
+            if self.vae is None:
+                raise RuntimeError("TI2V needs a VAE to encode the first image: give the pipeline a VAE client")
+            image = video_io.image_to_condition(video_io.load_image(s.first_image_path), s.height, s.width)
+            latent = np.asarray(self.vae.vae_encode(image), np.float32)  # (1, 1, C, h, w)
+            shape = s.latent_shape(self.transformer.in_channels)
+            if latent.shape[2:] != shape[2:]:
+                raise RuntimeError(f"the VAE encoded the first image to {latent.shape}, expected (1, 1) + {shape[2:]}")
+            condition = np.zeros(shape, np.float32)
+            condition[:, :1] = latent[:, :1]
+            cond.condition = np.concatenate([condition, condition], axis=0)  # the same for cond and uncond
+            cond.motion_score = float(s.motion_score)
+        return cond
+
+    def initial_noise(self, s: GenerationSettings) -> np.ndarray:
+        """Standard normal latents from the seed: identical on every rank."""
+        rng = np.random.default_rng(s.seed)
+        return rng.standard_normal(s.latent_shape(self.transformer.in_channels), dtype=np.float32)
+
+    def denoise(self, s: GenerationSettings, cond: Conditions, noise: np.ndarray) -> np.ndarray:
+        if self.denoise_fn is not None:
+            return self.denoise_fn(self.transformer, cond, noise, s, self.scheduler)
+        return single_process_denoise(self.transformer, cond, noise, s, self.scheduler, self.progress)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        if self.vae is None:
+            raise RuntimeError("this pipeline has no VAE: give it a VAE client or an in-process VAE")
+        return np.asarray(self.vae.vae_decode(latents), np.float32)
+
+    def save(self, frames: np.ndarray, s: GenerationSettings, save_path: str, output_file_name: str = "",
+             name_suffix: str = "", extra: Optional[dict] = None) -> (str, str):
+        """Write the MP4 (uint8, 540p centre crop when larger, 25 fps) and a JSON of the run beside it."""
+        clip = video_io.crop_to_540p(video_io.frames_to_uint8(frames[0]))
+        stem = output_file_name or safe_stem(s.prompt)
+        if name_suffix:
+            stem = f"{stem}-{name_suffix}"
+        mp4 = video_io.write_mp4(clip, os.path.join(save_path, f"{stem}.mp4"))
+        record = {"settings": s.to_dict(), "video": os.path.basename(mp4), "frames": int(clip.shape[0]),
+                  "size": [int(clip.shape[1]), int(clip.shape[2])]}
+        record.update(extra or {})
+        json_path = os.path.join(save_path, f"{stem}.json")
+        write_json_atomic(record, json_path)
+        return mp4, json_path
+
+    def __call__(self, settings: GenerationSettings, save_path: Optional[str] = None, output_file_name: str = "",
+                 name_suffix: str = "", extra: Optional[dict] = None) -> GenerationResult:
+        s = settings.resolved()
+        if s.task != self.task:
+            raise ValueError(f"task={s.task!r} does not fit this transformer ({self.task}): "
+                             f"use_additional_conditions={self.transformer.use_additional_conditions}")
+        timings = {}
+        t0 = time.perf_counter()
+        cond = self.encode_conditions(s)
+        timings["encode_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        latents = self.denoise(s, cond, self.initial_noise(s))
+        timings["denoise_s"] = time.perf_counter() - t0
+        result = GenerationResult(latents=latents, timings=timings)
+        if save_path is not None:
+            t0 = time.perf_counter()
+            frames = self.decode(latents)
+            timings["decode_s"] = time.perf_counter() - t0
+            info = dict(extra or {}, timings=timings)
+            result.video_path, result.json_path = self.save(frames, s, save_path, output_file_name, name_suffix, info)
+        return result
+
+
+def safe_stem(prompt: str, limit: int = 50) -> str:
+    """A file name from a prompt: its first characters, path separators and control characters removed."""
+    stem = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "_", prompt.strip())[:limit].strip(" ._")
+    return stem or "video"
+
+
+def write_json_atomic(obj: dict, path: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, ensure_ascii=False, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
