@@ -136,16 +136,21 @@ class StepVideoModel(nn.Cell):
         return x
 
     def finish(self, x: Tensor, inputs: DiTInputs) -> Tensor:
-        f, h, w = inputs.grid
-        b = x.shape[0]
+        return self.unpatchify(self.project_out(x, inputs), inputs.grid)
+
+    def project_out(self, x: Tensor, inputs: DiTInputs) -> Tensor:
+        """Final modulation and projection, token by token: (b, n, D) -> (b, n, p*p*out_channels) for any
+        n tokens of the grid (a sequence-parallel rank projects its own slice before gathering)."""
+        shift, scale = mint.chunk(self.scale_shift_table[None] + inputs.embedded_timestep[:, None], 2, dim=1)
+        return self.proj_out(self.norm_out(x) * (1 + scale) + shift)
+
+    def unpatchify(self, y: Tensor, grid: Tuple[int, int, int]) -> Tensor:
+        """(b, f*h*w, p*p*c) projected tokens -> (b, f, c, h*p, w*p) latents."""
+        f, h, w = grid
+        b = y.shape[0]
         p, c = self.patch_size, self.out_channels
-        x = x.reshape(b * f, h * w, self.inner_dim)
-        emb = inputs.embedded_timestep.reshape(b, 1, -1).broadcast_to((b, f, self.inner_dim)).reshape(b * f, -1)
-        shift, scale = mint.chunk(self.scale_shift_table[None] + emb[:, None], 2, dim=1)
-        x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)
-        x = x.reshape(b * f, h, w, p, p, c)
-        x = mint.permute(x, (0, 5, 1, 3, 2, 4)).reshape(b, f, c, h * p, w * p)
-        return x
+        y = y.reshape(b * f, h, w, p, p, c)
+        return mint.permute(y, (0, 5, 1, 3, 2, 4)).reshape(b, f, c, h * p, w * p)
 
     def construct(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                   encoder_attention_mask: Tensor, encoder_hidden_states_2: Optional[Tensor] = None,
