@@ -51,6 +51,17 @@ class RMSNorm(nn.Cell):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+class EmbeddingTable(nn.Cell):
+    """A lookup table with PyTorch's parameter name `weight` (vocab, dim)."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype=ms.float32):
+        super().__init__()
+        self.weight = new_param((vocab_size, dim), dtype)
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return ops.embedding(ids.astype(ms.int32), self.weight)
+
+
 def count_parameters(cell: nn.Cell) -> int:
     total = 0
     for _, p in cell.parameters_and_names():

@@ -21,8 +21,7 @@ from mindspore import ops as msops
 
 from .. import checkpoint, ops
 from ..safetensors_io import SafetensorsFile
-from .common import LayerNorm, Linear
-from .step_llm import EmbeddingTable
+from .common import EmbeddingTable, LayerNorm, Linear
 
 CLIP_ENCODER_DIR = "clip_text_encoder"
 CLIP_TOKENIZER_DIR = "tokenizer"

@@ -26,7 +26,7 @@ from mindspore import Tensor, mint, nn
 
 from .. import checkpoint, ops
 from ..runtime import compute_dtype
-from .common import Linear, RMSNorm, count_parameters, new_param
+from .common import EmbeddingTable, Linear, RMSNorm, count_parameters, new_param
 from .step_tokenizer import STEP_MAX_LENGTH, STEP_TOKENIZER_FILE, StepTokenizer
 
 FFN_MULTIPLE = 256
@@ -129,17 +129,6 @@ class Transformer(nn.Cell):
         for layer in self.layers:
             x = layer(x, alibi)
         return x
-
-
-class EmbeddingTable(nn.Cell):
-    """A lookup table with PyTorch's parameter name `weight` (vocab, dim)."""
-
-    def __init__(self, vocab_size: int, dim: int, dtype=ms.float32):
-        super().__init__()
-        self.weight = new_param((vocab_size, dim), dtype)
-
-    def construct(self, ids: Tensor) -> Tensor:
-        return ops.embedding(ids.astype(ms.int32), self.weight)
 
 
 class LLaMaEmbedding(nn.Cell):
