@@ -26,7 +26,7 @@ from mindspore import Tensor, mint, nn
 
 from .. import checkpoint, ops
 from ..runtime import compute_dtype
-from .common import EmbeddingTable, Linear, RMSNorm, count_parameters, new_param
+from .common import EmbeddingTable, Linear, RMSNorm, count_parameters
 from .step_tokenizer import STEP_MAX_LENGTH, STEP_TOKENIZER_FILE, StepTokenizer
 
 FFN_MULTIPLE = 256
