@@ -4,6 +4,7 @@ Each function has a CPU implementation that runs on MindSpore's CPU backend and 
 with the fused kernel; callers never test the backend themselves.
 """
 from .attention import attention
+from .conv import conv2d, conv3d, conv3d_native
 from .embedding import embedding
 from .norms import group_norm, layer_norm, rms_norm
 from .activations import gelu_tanh, silu

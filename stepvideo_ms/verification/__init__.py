@@ -67,4 +67,5 @@ def kind_of(name: str) -> Optional[CaseKind]:
 def load_all_kinds():
     """Import the modules that register case kinds."""
     from . import dit_cases  # noqa: F401
+    from . import vae_case  # noqa: F401
     from . import text_cases  # noqa: F401
