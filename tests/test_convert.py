@@ -278,6 +278,7 @@ def test_argument_errors_name_the_argument(golden_bin, tmp_path, capsys):
     assert run_cli() == 2
     assert "--pt_filename" in capsys.readouterr().err
     assert run_cli("--pt_filename", golden_bin, "--pt_dir", str(tmp_path)) == 2
+    assert "either --pt_filename" in capsys.readouterr().err
     assert run_cli("--pt_filename", golden_bin, "--sf_filename", str(tmp_path / "x.bin")) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert run_cli("--pt_dir", str(tmp_path), "--sf_filename", str(tmp_path / "x.safetensors")) == 2
@@ -367,6 +368,22 @@ def test_sharded_directory_with_a_wrong_index_writes_nothing(tmp_path, capsys):
     assert run_cli("--pt_dir", str(tmp_path / "pt")) == 2
     assert "does not match" in capsys.readouterr().err
     assert not any(f.endswith(".safetensors") or f.endswith(".partial") for f in leftovers(tmp_path / "pt"))
+
+
+def test_sharded_directory_failing_late_leaves_no_shard(tmp_path, capsys):
+    _sharded(tmp_path / "pt")
+    second = tmp_path / "pt" / "pytorch_model-00002-of-00002.bin"
+    data = bytearray(second.read_bytes())
+    with zipfile.ZipFile(second) as zf:
+        info = zf.getinfo("pytorch_model-00002-of-00002/data/0")
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra)] ^= 0xFF
+    second.write_bytes(bytes(data))
+    assert run_cli("--pt_dir", str(tmp_path / "pt"), "--sf_dir", str(tmp_path / "sf" / "deep")) == 1
+    assert "CRC-32" in capsys.readouterr().err
+    assert not (tmp_path / "sf").exists()
+    inputs = leftovers(tmp_path / "pt")
+    assert run_cli("--pt_dir", str(tmp_path / "pt")) == 1
+    assert leftovers(tmp_path / "pt") == inputs
 
 
 def test_directory_without_index_converts_each_bin_beside_it(golden_bin, tmp_path):
