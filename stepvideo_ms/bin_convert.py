@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .safetensors_io import SafetensorsError, SafetensorsFile
 from .torch_bin import DType, TorchCheckpoint
-from .torch_bin_writer import temp_path_beside
+from .atomic import temp_path_beside
 
 METADATA = {"format": "pt"}  # what transformers expects of a safetensors file converted from torch
 VERIFY_CHUNK = 16 << 20

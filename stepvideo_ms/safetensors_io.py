@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
+
+from .atomic import atomic_output
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -120,15 +121,6 @@ def save_file_atomic(tensors: Mapping[str, np.ndarray], path: str, metadata: Opt
     """Write with the safetensors package to a temporary file beside `path`, then rename."""
     from safetensors.numpy import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
                   metadata=dict(metadata) if metadata else None)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -13,27 +13,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from typing import Iterable, List, Sequence
 
+from .atomic import write_bytes
 from .models.step_tokenizer import BOS_ID, EOS_ID, STEP_CONTROL_TOKENS, STEP_MASK_TOKENS
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MIN_STEP_VOCAB = 16
-
-
-def _write_atomic(path: str, data: bytes):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def train_step1_sentencepiece(out_path: str, corpus_lines: Sequence[str], vocab_size: int) -> str:
@@ -66,7 +52,7 @@ def train_step1_sentencepiece(out_path: str, corpus_lines: Sequence[str], vocab_
         minloglevel=2,
         num_threads=1,
     )
-    _write_atomic(out_path, model.getvalue())
+    write_bytes(out_path, model.getvalue())
     return out_path
 
 
@@ -82,9 +68,9 @@ def write_bert_vocab(folder: str, words: Iterable[str]) -> str:
             seen.add(word)
             vocab.append(word)
     os.makedirs(folder, exist_ok=True)
-    _write_atomic(os.path.join(folder, "vocab.txt"), ("\n".join(vocab) + "\n").encode("utf-8"))
+    write_bytes(os.path.join(folder, "vocab.txt"), ("\n".join(vocab) + "\n").encode("utf-8"))
     config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
               "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
               "mask_token": "[MASK]"}
-    _write_atomic(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=2).encode("utf-8"))
+    write_bytes(os.path.join(folder, "tokenizer_config.json"), json.dumps(config, indent=2).encode("utf-8"))
     return folder

@@ -9,13 +9,13 @@ per tensor, 64-byte aligned as torch does) and the version records. torch.load r
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 import zipfile
 from typing import Mapping, Optional
 
 import numpy as np
 
+from .atomic import atomic_output
 from .torch_pickle import DTYPES, STORAGE_CLASSES
 
 ALIGNMENT = 64
@@ -24,21 +24,6 @@ _ZIP_LOCAL_HEADER = 30
 _ZIP64_EXTRA = 20  # zipfile adds this to the local header of an entry it writes as zip64
 _STORAGE_OF = {dtype: cls for cls, dtype in STORAGE_CLASSES.items() if cls != "UntypedStorage"}
 _NAME_OF_NUMPY = {np.dtype(d.numpy): name for name, d in DTYPES.items() if name != "bfloat16"}
-
-
-def temp_path_beside(dest: str) -> str:
-    """Create an empty, hidden temporary file next to `dest` (same file system, so a rename is atomic).
-
-    Made with the usual permissions (0666 less the umask), as the final file should have.
-    """
-    folder = os.path.dirname(os.path.abspath(dest))
-    while True:
-        tmp = os.path.join(folder, f".{os.path.basename(dest)}.{secrets.token_hex(6)}.partial")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
 
 
 def _global(module: str, name: str) -> bytes:
@@ -126,8 +111,7 @@ def save_bin(path: str, tensors: Mapping[str, np.ndarray], dtypes: Optional[Mapp
         arr = tensors[name]
         specs.append((name, _torch_dtype(name, arr, dtypes), tuple(int(n) for n in arr.shape)))
     stem = os.path.splitext(os.path.basename(path))[0] or "archive"
-    tmp = temp_path_beside(path)
-    try:
+    with atomic_output(path) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             payload = _state_dict_pickle(specs)
             _add_record(zf, f"{stem}/data.pkl", payload, len(payload))
@@ -141,8 +125,3 @@ def save_bin(path: str, tensors: Mapping[str, np.ndarray], dtypes: Optional[Mapp
                 _add_record(zf, f"{stem}/data/{key}", data, len(data))
                 del arr, data
             _add_record(zf, f"{stem}/version", b"3\n", 2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

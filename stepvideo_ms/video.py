@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Tuple
 
 import numpy as np
 
+from .atomic import atomic_output
 from .diffusion.settings import FPS
 
 
@@ -73,21 +73,12 @@ def write_mp4(video: np.ndarray, path: str, fps: int = FPS) -> str:
     """Write (f, h, w, 3) uint8 frames to an H.264 MP4 atomically (temporary file, then rename)."""
     import imageio.v2 as imageio
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         # macro_block_size=1 keeps odd small sizes as they are (no silent resize)
         with imageio.get_writer(tmp, fps=fps, codec="libx264", format="FFMPEG", macro_block_size=1,
                                 ffmpeg_log_level="error", pixelformat="yuv420p" if _even(video) else "yuv444p") as w:
             for frame in video:
                 w.append_data(frame)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 

@@ -8,10 +8,8 @@ interfaces, implemented both by the HTTP client and by in-process models.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Protocol
@@ -20,6 +18,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from ..atomic import write_json
 from ..models.dit import StepVideoModel
 from .. import video as video_io
 from .sampling import denoise
@@ -141,7 +140,7 @@ class StepVideoPipeline:
                   "size": [int(clip.shape[1]), int(clip.shape[2])]}
         record.update(extra or {})
         json_path = os.path.join(save_path, f"{stem}.json")
-        write_json_atomic(record, json_path)
+        write_json(json_path, record)
         return mp4, json_path
 
     def __call__(self, settings: GenerationSettings, save_path: Optional[str] = None, output_file_name: str = "",
@@ -171,17 +170,3 @@ def safe_stem(prompt: str, limit: int = 50) -> str:
     """A file name from a prompt: its first characters, path separators and control characters removed."""
     stem = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "_", prompt.strip())[:limit].strip(" ._")
     return stem or "video"
-
-
-def write_json_atomic(obj: dict, path: str):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
