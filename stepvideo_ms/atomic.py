@@ -15,8 +15,9 @@ from typing import Iterator
 def temp_path_beside(dest: str) -> str:
     """Create an empty hidden temporary file next to `dest` (same file system, so the rename is atomic)."""
     folder = os.path.dirname(os.path.abspath(dest))
+    ext = os.path.splitext(dest)[1]  # kept last: writers such as ffmpeg choose the format by it
     while True:
-        tmp = os.path.join(folder, f".{os.path.basename(dest)}.{secrets.token_hex(6)}.partial")
+        tmp = os.path.join(folder, f".{os.path.basename(dest)}.{secrets.token_hex(6)}.partial{ext}")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return tmp
