@@ -13,6 +13,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from mindspore import Tensor
 
+from ..models.vae_config import (
+    FRAMES_PER_CHUNK, IMAGE_FRAMES, LATENT_FRAMES_PER_CHUNK, LATENT_SCALE_FACTOR, SPATIAL_COMPRESSION,
+)
 from . import protocol
 from .limits import Limits, check_bool, check_choice, check_fields, check_float_tensor, check_int, check_prompts
 from .protocol import Message, RequestError
@@ -85,22 +88,17 @@ class VaeService:
 
     @property
     def z_channels(self) -> int:
-        return int(self.vae.z_channels)
-
-    @property
-    def spatial_factor(self) -> int:
-        return int(self.vae.spatial_compression)
+        return int(self.vae.config.z_channels)
 
     def paths(self) -> List[str]:
         return [protocol.VAE_DECODE_PATH, protocol.VAE_ENCODE_PATH]
 
     def describe(self) -> dict:
-        return {**self.where, "z_channels": self.z_channels, "spatial_compression": self.spatial_factor,
-                "latent_frames_per_chunk": int(self.vae.latent_frames_per_chunk),
-                "frames_per_chunk": int(self.vae.frames_per_chunk)}
+        return {**self.where, "z_channels": self.z_channels, "spatial_compression": SPATIAL_COMPRESSION,
+                "latent_frames_per_chunk": LATENT_FRAMES_PER_CHUNK, "frames_per_chunk": FRAMES_PER_CHUNK}
 
     def endpoints(self, limits: Limits) -> Endpoints:
-        z, sf = self.z_channels, self.spatial_factor
+        z, sf = self.z_channels, SPATIAL_COMPRESSION
 
         def parse_decode(msg: Message):
             check_fields(msg, optional=("response_dtype",), tensors=("latents",))
@@ -109,12 +107,12 @@ class VaeService:
                 msg, "latents", ("batch", "frames", "channels", "height", "width"),
                 {"batch": (1, limits.max_batch), "frames": (1, limits.max_latent_frames), "channels": (z, z),
                  "height": (1, limits.max_latent_side), "width": (1, limits.max_latent_side)},
-                {"frames": int(self.vae.latent_frames_per_chunk)})
+                {"frames": LATENT_FRAMES_PER_CHUNK})
             return latents, out_dtype
 
         def run_decode(job) -> Result:
             latents, out_dtype = job
-            frames = self.vae.decode(Tensor(latents))
+            frames = self.vae.decode(Tensor(latents / LATENT_SCALE_FACTOR), progress=False)
             frames = _check_output("frames", _to_numpy(frames))
             return {"api": "vae"}, {"frames": frames}, ("frames",) if out_dtype == "bfloat16" else ()
 
@@ -133,17 +131,18 @@ class VaeService:
 
         def run_encode(job) -> Result:
             frames, seed, sample, out_dtype = job
-            latents = self.vae.encode(Tensor(frames), seed=seed, sample=sample)
-            latents = _check_output("latents", _to_numpy(latents))
+            latents = self.vae.encode(Tensor(frames), seed=seed, sample=sample, progress=False)
+            latents = _check_output("latents", _to_numpy(latents) * LATENT_SCALE_FACTOR)
             return {"api": "vae-encode"}, {"latents": latents}, ("latents",) if out_dtype == "bfloat16" else ()
 
         return {protocol.VAE_DECODE_PATH: (parse_decode, run_decode),
                 protocol.VAE_ENCODE_PATH: (parse_encode, run_encode)}
 
-    def check_frame_count(self, n: int):
-        per = int(self.vae.frames_per_chunk)
-        if n != 1 and n % per:
-            raise RequestError(f"frames: frames={n} must be 1 (an image) or a multiple of {per}", "frames", 422)
+    @staticmethod
+    def check_frame_count(n: int):
+        if n != IMAGE_FRAMES and n % FRAMES_PER_CHUNK:
+            raise RequestError(f"frames: frames={n} must be {IMAGE_FRAMES} (an image) or a multiple of "
+                               f"{FRAMES_PER_CHUNK}", "frames", 422)
 
 
 def _to_numpy(x) -> np.ndarray:
