@@ -18,6 +18,7 @@ from typing import Optional, Union
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
+from mindspore.nn.utils import no_init_parameters
 from tqdm.auto import tqdm
 
 from .. import checkpoint, runtime
@@ -163,8 +164,10 @@ class AutoencoderKL(nn.Cell):
             with open(cfg_path, "r", encoding="utf-8") as fh:
                 cfg = json.load(fh)
         dtype = runtime.compute_dtype() if dtype is None else dtype
-        model = cls.from_config(cfg, dtype)
+        with no_init_parameters():  # shapes only: the checkpoint supplies every value
+            model = cls.from_config(cfg, dtype)
         checkpoint.load_into(model, weights, dtype=dtype, progress=progress)
+        model.set_train(False)
         return model
 
     def save_config(self, folder: str) -> str:

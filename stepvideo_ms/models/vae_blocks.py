@@ -18,6 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 
 from .. import ops
+from ..ops.frame_norm import frame_group_norm
 from .common import new_param
 from .vae_config import NORM_EPS, NORM_GROUPS
 
@@ -85,18 +86,8 @@ class FrameGroupNorm(nn.Cell):
         self.bias = new_param((channels,), dtype)
 
     def construct(self, x: Tensor, silu: bool = False) -> Tensor:
-        b, c, t, h, w = x.shape
-        dtype = x.dtype
-        xg = x.astype(ms.float32).reshape(b, self.groups, c // self.groups, t, h * w)
-        mean = mint.mean(xg, dim=(2, 4), keepdim=True)
-        centred = xg - mean
-        var = mint.mean(centred * centred, dim=(2, 4), keepdim=True)
-        out = (centred * mint.rsqrt(var + self.eps)).reshape(b, c, t, h, w)
-        out = out * self.weight.astype(ms.float32).reshape(1, c, 1, 1, 1) \
-            + self.bias.astype(ms.float32).reshape(1, c, 1, 1, 1)
-        if silu:
-            out = ops.silu(out)
-        return out.astype(dtype)
+        out = frame_group_norm(x, self.groups, self.weight, self.bias, self.eps)
+        return ops.silu(out) if silu else out
 
 
 def repeat_axis(x: Tensor, axis: int, times: int) -> Tensor:

@@ -1,26 +1,26 @@
-"""3D and 2D convolution: the native kernel on Ascend, matmul-based on CPU.
+"""3D and 2D convolution: the native kernel on Ascend, im2col + matmul on CPU.
 
 MindSpore's CPU `ops.conv3d` runs at about 1 GFLOP/s (see the CPU notes), so the CPU path
-rewrites a convolution as matrix products:
+rewrites a convolution as a matrix product:
 
-- the input goes channels-last and zero-padded, then flattened to rows (frames*rows*cols, C);
-- in that flat layout every kernel tap (a, b, c) is ONE contiguous row offset
-  a*Hp*Wp + b*Wp + c, so the im2col matrix is a concatenation of contiguous row slices
-  (cheap memory copies, unlike strided slicing) and the convolution is one matmul per tile;
-- outputs are computed on the padded grid (Hp x Wp) and the columns past the valid width/height
-  are cropped once at the end;
-- a strided convolution is first turned into a stride-1 one by splitting the input into its
-  stride phases (space-to-depth): kernel k with stride s becomes kernel ceil(k/s) over s^3*C
-  channels, the weight rearranged with zeros where the phase has no tap;
-- the im2col matrix is built in tiles of rows so it never exceeds `max_cols_bytes`.
+- the input goes channels-last and is flattened to rows (n*T*H*W, C), with one zero row after;
+- the im2col matrix is ONE gather of those rows: for each output position and kernel tap the
+  index (built in numpy) names the input row it reads, or the zero row when the tap falls in
+  the padding. Zero padding, strides and the output size all live in the index, so there is no
+  padded copy, no strided slicing and no cropping (MindSpore's CPU slicing and padding kernels
+  are slow; its gather moves memory several times faster than concatenating shifted slices);
+- one matmul by the weight laid out (taps*C, Co), per tile of output positions (whole frames,
+  or bands of rows of one frame), the tiles sized so one im2col matrix never exceeds
+  `max_cols_bytes`.
 
 Padding is explicit zero padding per side, so causal (front-only) temporal padding is one
 call: padding=((2, 0), (1, 1), (1, 1)).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, ops
 
@@ -135,7 +135,7 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], ndim: int, strides
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: matmul over flat channels-last rows
+# CPU: one gather (im2col) and one matmul per tile of output positions
 
 
 def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pads, max_cols_bytes: int) -> Tensor:
@@ -151,87 +151,64 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
         if bias is not None:
             out = out + bias.reshape(co, 1)
         return out.reshape(n, co, *out_sizes).astype(dtype)
-    coarse_kernel = [-(-k // s) for k, s in zip(kernel, strides)]
-    wmat = _weight_matrix(weight, kernel, strides, coarse_kernel)  # (K, Co)
-    outs = []
-    for i in range(n):
-        xcl = _phase_split(_pad_channels_last(mint.permute(x[i], (1, 2, 3, 0)), pads, kernel, strides, out_sizes),
-                           strides)
-        outs.append(_flat_conv(xcl, wmat, bias, coarse_kernel, out_sizes, max_cols_bytes))
-    out = outs[0].expand_dims(0) if n == 1 else ops.stack(outs, axis=0)
-    return out.astype(dtype)
-
-
-def _weight_matrix(weight: Tensor, kernel, strides, coarse_kernel) -> Tensor:
-    """(Co, C, kt, kh, kw) -> (K, Co), rows ordered (coarse tap t,h,w, phase t,h,w, channel)."""
-    co, c = weight.shape[:2]
-    grow = [ck * s - k for ck, s, k in zip(coarse_kernel, strides, kernel)]
-    if any(grow):
-        weight = ops.pad(weight, (0, grow[2], 0, grow[1], 0, grow[0]))  # taps no phase reaches are zero
-    (kt, kh, kw), (st, sh, sw) = coarse_kernel, strides
-    w = weight.reshape(co, c, kt, st, kh, sh, kw, sw)
-    w = mint.permute(w, (2, 4, 6, 3, 5, 7, 1, 0))  # kt kh kw st sh sw c co
-    return w.reshape(kt * kh * kw * st * sh * sw * c, co)
-
-
-def _pad_channels_last(x: Tensor, pads: Pairs, kernel, strides, out_sizes) -> Tensor:
-    """Zero-pad (T, H, W, C) and cut or extend each axis to exactly what the strided taps read."""
-    for axis in (2, 1, 0):  # width first: the smallest copies first
-        lo, hi = pads[axis]
-        s, k, o = strides[axis], kernel[axis], out_sizes[axis]
-        needed = (o - 1 + -(-k // s)) * s  # whole stride phases covering every tap
-        hi = needed - lo - x.shape[axis]
-        if hi < 0:
-            index = [slice(None)] * x.ndim
-            index[axis] = slice(0, x.shape[axis] + hi)
-            x = x[tuple(index)]
-            hi = 0
-        parts = []
-        for amount in (lo, None, hi):
-            if amount is None:
-                parts.append(x)
-            elif amount:
-                shape = list(x.shape)
-                shape[axis] = amount
-                parts.append(mint.zeros(tuple(shape), dtype=x.dtype))
-        if len(parts) > 1:
-            x = mint.cat(parts, dim=axis)
-    return x
-
-
-def _phase_split(x: Tensor, strides) -> Tensor:
-    """(T, H, W, C) -> (T/st, H/sh, W/sw, st*sh*sw*C): space-to-depth by the strides."""
-    if all(s == 1 for s in strides):
-        return x
-    (t, h, w, c), (st, sh, sw) = x.shape, strides
-    x = x.reshape(t // st, st, h // sh, sh, w // sw, sw, c)
-    x = mint.permute(x, (0, 2, 4, 1, 3, 5, 6))
-    return x.reshape(t // st, h // sh, w // sw, st * sh * sw * c)
-
-
-def _flat_conv(x: Tensor, wmat: Tensor, bias: Optional[Tensor], kernel, out_sizes, max_cols_bytes: int) -> Tensor:
-    """Stride-1, unpadded conv of channels-last x (T, H, W, C) -> (Co, To, Ho, Wo)."""
-    t, h, w, c = x.shape
-    kt, kh, kw = kernel
-    to, ho, wo = out_sizes
-    co = wmat.shape[1]
-    rows = to * h * w  # outputs on the full h x w grid; the invalid border is cropped below
-    tail = (kh - 1) * w + (kw - 1)
-    flat = x.reshape(t * h * w, c)
-    if tail:
-        flat = mint.cat([flat, mint.zeros((tail, c), dtype=flat.dtype)], dim=0)
-    offsets = [a * h * w + b * w + d for a in range(kt) for b in range(kh) for d in range(kw)]
-    tile = max(1, min(rows, max_cols_bytes // (4 * c * len(offsets))))
+    taps = kernel[0] * kernel[1] * kernel[2]
+    # channels-last rows, plus one zero row that every padded tap reads
+    rows_in = mint.permute(x, (0, 2, 3, 4, 1)).reshape(-1, c)
+    rows_in = mint.cat([rows_in, mint.zeros((1, c), dtype=rows_in.dtype)], dim=0)
+    wmat = mint.permute(weight, (2, 3, 4, 1, 0)).reshape(taps * c, co)  # rows ordered (tap, channel)
+    zero_row = n * sizes[0] * sizes[1] * sizes[2]
     tiles = []
-    for start in range(0, rows, tile):
-        size = min(tile, rows - start)
-        slices = [flat[start + off:start + off + size] for off in offsets]
-        cols = slices[0] if len(slices) == 1 else mint.cat(slices, dim=1)
+    for block in output_blocks(n, out_sizes, 4 * c * taps, max_cols_bytes):
+        index = Tensor(tap_index(block, sizes, kernel, strides, pads, zero_row))
+        cols = rows_in[index].reshape(index.shape[0], taps * c)
         tiles.append(mint.matmul(cols, wmat))
     out = tiles[0] if len(tiles) == 1 else mint.cat(tiles, dim=0)
     if bias is not None:
-        out = out + bias
-    out = out.reshape(to, h, w, co)
-    if ho != h or wo != w:
-        out = out[:, :ho, :wo]
-    return mint.permute(out, (3, 0, 1, 2))
+        out = ops.bias_add(out, bias)  # its kernel is much faster than a broadcast add on CPU
+    out = mint.permute(out.reshape(n, *out_sizes, co), (0, 4, 1, 2, 3))
+    return out.astype(dtype)
+
+
+Block = Tuple[int, int, int, int, int]  # sample, first and end output frame, first and end output row
+
+
+def output_blocks(n: int, out_sizes, bytes_per_position: int, max_bytes: int) -> List[Block]:
+    """Output positions in tiles whose im2col matrix fits `max_bytes`: whole frames when a frame
+    fits, else bands of rows of one frame; in (sample, frame, row) order."""
+    to, ho, wo = out_sizes
+    frame_bytes = ho * wo * bytes_per_position
+    blocks = []
+    for i in range(n):
+        if frame_bytes <= max_bytes:
+            step = max(1, max_bytes // frame_bytes)
+            blocks += [(i, t, min(to, t + step), 0, ho) for t in range(0, to, step)]
+        else:
+            step = max(1, max_bytes // (wo * bytes_per_position))
+            blocks += [(i, t, t + 1, h, min(ho, h + step)) for t in range(to) for h in range(0, ho, step)]
+    return blocks
+
+
+def tap_index(block: Block, sizes, kernel, strides, pads, zero_row: int) -> np.ndarray:
+    """Input row read by every tap of every output position of `block`: int32 (positions, taps).
+
+    Rows are those of the channels-last input flattened to (n*T*H*W, C); a tap that falls in the
+    padding reads the zero row after them. Built per axis and summed (the index is separable).
+    """
+    sample, t0, t1, h0, h1 = block
+    t_in, h_in, w_in = sizes
+    wo = output_size(w_in, kernel[2], strides[2], pads[2])
+    invalid = -(1 << 40)  # any sum holding one of these stays negative (and in int64 range)
+
+    def axis_rows(first: int, end: int, axis: int, row_stride: int) -> np.ndarray:  # (outputs, taps)
+        pos = np.arange(first, end)[:, None] * strides[axis] - pads[axis][0] + np.arange(kernel[axis])[None, :]
+        return np.where((pos >= 0) & (pos < sizes[axis]), pos * row_stride, invalid)
+
+    t_rows = axis_rows(t0, t1, 0, h_in * w_in)
+    h_rows = axis_rows(h0, h1, 1, w_in)
+    w_rows = axis_rows(0, wo, 2, 1)
+    index = (sample * t_in * h_in * w_in
+             + t_rows[:, None, None, :, None, None]
+             + h_rows[None, :, None, None, :, None]
+             + w_rows[None, None, :, None, None, :])
+    index = np.where(index < 0, zero_row, index)
+    return index.reshape((t1 - t0) * (h1 - h0) * wo, -1).astype(np.int32)

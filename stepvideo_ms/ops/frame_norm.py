@@ -1,0 +1,58 @@
+"""Group norm of video tensors with statistics per frame (the VAE's "spatial" group norm).
+
+For x (b, c, t, h, w) it equals torch's group_norm of the frames as a batch, (b*t, c, h, w).
+
+Ascend: the native group norm between two transposes. CPU: MindSpore's CPU broadcasting
+arithmetic and multi-axis reductions are slow, so every (sample, channel, frame) plane becomes one
+channel of an inference-mode batch norm (one fast kernel that centres and scales): per-plane sums
+come from one last-axis reduction, the group statistics are combined on the host (a few numbers
+per frame, in float64), and two batch-norm calls centre, then scale and shift (two passes over
+the data, as an exact two-pass variance).
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint, ops
+
+from ..runtime import is_ascend
+from .norms import group_norm
+
+# Below float32 resolution next to 1: batch norm with variance 1 and this eps only subtracts.
+_NO_EPS = 1e-10
+
+
+def frame_group_norm(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """x (b, c, t, h, w) normalised per (sample, group, frame), then scaled by weight, shifted by bias (c,)."""
+    if x.ndim != 5:
+        raise ValueError(f"frame_group_norm takes (batch, channels, frames, height, width), got {tuple(x.shape)}")
+    b, c, t, h, w = x.shape
+    if c % num_groups:
+        raise ValueError(f"frame_group_norm: {c} channels do not split into {num_groups} groups")
+    if is_ascend():  # pragma: no cover - needs an NPU
+        frames = mint.permute(x, (0, 2, 1, 3, 4)).reshape(b * t, c, h, w)
+        out = group_norm(frames, num_groups, weight, bias, eps).reshape(b, t, c, h, w)
+        return mint.permute(out, (0, 2, 1, 3, 4))
+    return _frame_group_norm_cpu(x, num_groups, weight, bias, eps)
+
+
+def _frame_group_norm_cpu(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    b, c, t, h, w = x.shape
+    planes, per_group = b * c * t, c // groups
+    dtype = x.dtype
+    flat = x.astype(ms.float32).reshape(1, planes, h, w)
+
+    def group_mean(values: Tensor) -> np.ndarray:  # per-plane sums -> the group's mean, per plane
+        sums = mint.sum(values.reshape(planes, h * w), dim=-1).asnumpy().astype(np.float64)
+        means = sums.reshape(b, groups, per_group, t).sum(axis=2) / (per_group * h * w)
+        return np.repeat(means, per_group, axis=1).reshape(planes).astype(np.float32)
+
+    def per_plane(values: Tensor) -> Tensor:  # (c,) -> (b*c*t,)
+        arr = values.asnumpy().astype(np.float32).reshape(1, c, 1)
+        return Tensor(np.ascontiguousarray(np.broadcast_to(arr, (b, c, t)).reshape(planes)))
+
+    ones, zeros = Tensor(np.ones(planes, np.float32)), Tensor(np.zeros(planes, np.float32))
+    centred = ops.batch_norm(flat, Tensor(group_mean(flat)), ones, ones, zeros, False, 0.0, _NO_EPS)
+    var = Tensor(group_mean(centred * centred))
+    out = ops.batch_norm(centred, zeros, var, per_plane(weight), per_plane(bias), False, 0.0, eps)
+    return out.reshape(b, c, t, h, w).astype(dtype)

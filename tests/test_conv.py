@@ -1,0 +1,90 @@
+"""The matmul-based CPU convolution against MindSpore's own conv3d/conv2d."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from stepvideo_ms.ops import conv as conv_mod
+from stepvideo_ms.ops.conv import conv2d, conv3d, conv3d_native
+
+CAUSAL3 = ((2, 0), (1, 1), (1, 1))
+
+CASES_3D = [
+    # x shape, weight shape, stride, padding
+    ((1, 4, 5, 6, 7), (3, 4, 3, 3, 3), 1, CAUSAL3),            # causal k3 (the VAE's CausalConv)
+    ((2, 4, 17, 8, 10), (5, 4, 3, 3, 3), 2, CAUSAL3),          # Downsample3D: causal, stride 2, batch 2
+    ((1, 3, 4, 9, 8), (6, 3, 1, 3, 3), (1, 2, 2), ((0, 0), (0, 1), (0, 1))),  # Downsample2D per frame
+    ((1, 4, 3, 5, 5), (4, 4, 1, 1, 1), 1, 0),                  # pointwise (attention projections)
+    ((2, 6, 3, 5, 4), (8, 6, 1, 1, 1), 1, 0),                  # pointwise, batch 2, widening
+    ((1, 4, 6, 5, 7), (2, 4, 2, 3, 1), (2, 1, 3), ((1, 0), (0, 2), (1, 1))),  # odd kernel/stride mix
+    ((1, 8, 5, 4, 6), (8, 8, 3, 3, 3), 1, 1),                  # symmetric padding
+    ((1, 5, 3, 6, 6), (4, 5, 1, 1, 1), 2, 0),                  # strided pointwise
+]
+
+
+def _rand(shape, seed):
+    return Tensor(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("xs,ws,stride,padding", CASES_3D)
+def test_conv3d_matches_native(xs, ws, stride, padding):
+    x, w, b = _rand(xs, 1), _rand(ws, 2), _rand(ws[:1], 3)
+    ref = conv3d_native(x, w, b, stride, padding).asnumpy()
+    ours = conv3d(x, w, b, stride, padding).asnumpy()
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * (1 + np.abs(ref).max()))
+
+
+def test_native_reference_is_ops_conv3d_with_explicit_zero_padding():
+    """The reference itself: asymmetric (causal) padding = ops.pad with zeros + an unpadded ops.conv3d."""
+    x, w = _rand((1, 3, 4, 5, 6), 4), _rand((2, 3, 3, 3, 3), 5)
+    direct = ops.conv3d(ops.pad(x, (1, 1, 1, 1, 2, 0)), w, None)
+    np.testing.assert_allclose(conv3d_native(x, w, None, 1, CAUSAL3).asnumpy(), direct.asnumpy(), atol=1e-6)
+
+
+def test_conv3d_tiles_give_the_same_result():
+    """A tiny im2col budget forces many row tiles: same numbers as one tile."""
+    x, w, b = _rand((1, 6, 4, 7, 9), 6), _rand((5, 6, 3, 3, 3), 7), _rand((5,), 8)
+    whole = conv3d(x, w, b, 1, CAUSAL3).asnumpy()
+    tiled = conv3d(x, w, b, 1, CAUSAL3, max_cols_bytes=3000).asnumpy()
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+def test_conv3d_without_bias_keeps_a_half_input_dtype():
+    x, w = _rand((1, 4, 3, 4, 4), 9), _rand((4, 4, 3, 3, 3), 10)
+    ref = conv3d_native(x, w, None, 1, CAUSAL3).asnumpy()
+    half = conv3d(x.astype(ms.float16), w.astype(ms.float16), None, 1, CAUSAL3)
+    assert half.dtype == ms.float16
+    np.testing.assert_allclose(half.asnumpy().astype(np.float32), ref, atol=1e-2 * (1 + np.abs(ref).max()))
+
+
+def test_conv2d_matches_native():
+    x, w, b = _rand((3, 4, 9, 8), 11), _rand((5, 4, 3, 3), 12), _rand((5,), 13)
+    ref = ops.conv2d(ops.pad(x, (0, 1, 0, 1)), w, b, stride=2).asnumpy()
+    ours = conv2d(x, w, b, 2, ((0, 1), (0, 1))).asnumpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5 * (1 + np.abs(ref).max()))
+    ref1 = ops.conv2d(x, w, b, pad_mode="pad", padding=1).asnumpy()
+    np.testing.assert_allclose(conv2d(x, w, b, 1, 1).asnumpy(), ref1, atol=1e-5 * (1 + np.abs(ref1).max()))
+
+
+def test_conv_rejects_bad_arguments():
+    x = _rand((1, 4, 3, 4, 4), 14)
+    with pytest.raises(ValueError, match="channels"):
+        conv3d(x, _rand((2, 3, 3, 3, 3), 15))
+    with pytest.raises(ValueError, match="5-D"):
+        conv3d(x[0], _rand((2, 4, 3, 3, 3), 15))
+    with pytest.raises(ValueError, match="padding"):
+        conv3d(x, _rand((2, 4, 3, 3, 3), 15), padding=(1, 1))
+    with pytest.raises(ValueError, match="stride"):
+        conv3d(x, _rand((2, 4, 3, 3, 3), 15), stride=0)
+    with pytest.raises(ValueError, match="smaller than kernel"):
+        conv3d(x, _rand((2, 4, 5, 3, 3), 15))
+    with pytest.raises(ValueError, match="bias"):
+        conv3d(x, _rand((2, 4, 3, 3, 3), 15), _rand((3,), 16))
+
+
+def test_cpu_path_is_the_default_off_ascend(monkeypatch):
+    """On CPU, conv3d must not fall back to the slow native kernel."""
+    monkeypatch.setattr(conv_mod.ops, "conv3d", None)  # any native call would now fail
+    x, w = _rand((1, 4, 3, 4, 4), 17), _rand((4, 4, 3, 3, 3), 18)
+    assert conv3d(x, w, None, 1, CAUSAL3).shape == (1, 4, 3, 4, 4)
