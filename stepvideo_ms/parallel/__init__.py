@@ -1,0 +1,13 @@
+"""Ulysses sequence parallelism x pipeline parallelism for the DiT (see mesh.py for the layout)."""
+from .comm import Communicator, LocalCommunicator, init_world, launched_distributed, make_communicator
+from .dit_forward import (Conditioning, ParallelDiT, load_stage_model, parallel_denoise, stage_param_filter)
+from .mesh import Mesh, layer_partition, parse_pp_split
+from .pipeline import Schedule, micro_batch_count
+from .ulysses import TokenShard, UlyssesAttention
+
+__all__ = [
+    "Communicator", "LocalCommunicator", "init_world", "launched_distributed", "make_communicator",
+    "Conditioning", "ParallelDiT", "load_stage_model", "parallel_denoise", "stage_param_filter",
+    "Mesh", "layer_partition", "parse_pp_split", "Schedule", "micro_batch_count",
+    "TokenShard", "UlyssesAttention",
+]

@@ -1,0 +1,116 @@
+"""msrun worker of tests/test_parallel_msrun.py (one process per rank):
+
+    python tests/parallel_worker.py CASES_JSON MODELS_DIR OUT_DIR
+
+1. checks the communicator's operations against numpy on every layout of this world size and
+   writes the failures (if any) to OUT_DIR/comm.rank<R>.json;
+2. for every case of this world size: loads only this rank's stage of MODELS_DIR/<kind>, checks
+   that the other stages' layers stayed unloaded, runs `parallel_denoise` and saves the final
+   latents to OUT_DIR/<case>.rank<R>.npy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import List
+
+import numpy as np
+
+from parallel_cases import GUIDANCE, STEPS, TIME_SHIFT, case_inputs, conditioning, load_cases, output_path
+
+
+def _pattern(rank: int, shape) -> np.ndarray:
+    return (np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + 1000.0 * rank)
+
+
+def comm_checks(world: int, rank: int) -> List[str]:
+    import mindspore as ms
+    from mindspore import Tensor
+    from stepvideo_ms.parallel import Mesh, make_communicator
+
+    failures = []
+
+    def expect(what, got, want):
+        if got is None or tuple(got.shape) != tuple(want.shape) or not np.array_equal(got, want):
+            failures.append(f"{what}: got {None if got is None else got.shape}, want {want.shape}")
+
+    for u in [d for d in range(1, world + 1) if world % d == 0]:
+        mesh = Mesh.create(world, rank, u, world // u)
+        comm = make_communicator(mesh)
+        tag = f"(ulysses {u}, pp {world // u})"
+        shape = (1, 2, 4, 3)  # (b, local tokens, heads, d)
+        xs = {r: _pattern(r, shape) for r in range(world)}
+        got = comm.all_to_all(Tensor(xs[rank]), mesh.sp_group, scatter_axis=2, gather_axis=1).asnumpy()
+        share = 4 // u
+        want = np.concatenate([xs[r][:, :, mesh.sp_rank * share:(mesh.sp_rank + 1) * share] for r in mesh.sp_group], 1)
+        expect(f"all_to_all heads->tokens {tag}", got, want)
+        back = comm.all_to_all(Tensor(want), mesh.sp_group, scatter_axis=1, gather_axis=2).asnumpy()
+        expect(f"all_to_all tokens->heads {tag}", back, xs[rank])
+        got = comm.all_gather(Tensor(xs[rank]), mesh.sp_group, axis=1).asnumpy()
+        expect(f"all_gather SP group {tag}", got, np.concatenate([xs[r] for r in mesh.sp_group], 1))
+        got = comm.all_gather(Tensor(xs[rank]), mesh.column, axis=0).asnumpy()
+        expect(f"all_gather column {tag}", got, np.concatenate([xs[r] for r in mesh.column], 0))
+        if mesh.pp_degree > 1:
+            s = mesh.stage
+            send = Tensor(xs[rank]) if s < mesh.pp_degree - 1 else None
+            got = comm.shift(send, mesh.column[s + 1] if send is not None else None,
+                             mesh.column[s - 1] if s > 0 else None, shape, ms.float32)
+            if s > 0:
+                expect(f"shift from stage {s - 1} {tag}", got.asnumpy(), xs[mesh.column[s - 1]])
+            elif got is not None:
+                failures.append(f"shift {tag}: stage 0 received {got.shape}")
+        root = world - 1
+        floats = _pattern(root, (2, 3))
+        flags = np.array([True, False, True])
+        got_f = comm.broadcast(Tensor(floats) if rank == root else None, root).asnumpy()
+        got_b = comm.broadcast(Tensor(flags) if rank == root else None, root).asnumpy()
+        expect(f"broadcast float {tag}", got_f, floats)
+        expect(f"broadcast bool {tag}", got_b, flags)
+    return failures
+
+
+def stage_loading_failures(model, mesh) -> List[str]:
+    mine = set(mesh.stage_layers(model.num_layers))
+    failures = []
+    for name, param in model.parameters_and_names():
+        if name.startswith("transformer_blocks."):
+            layer = int(name.split(".")[1])
+            if (layer in mine) == param.has_init:  # has_init: never given data
+                failures.append(f"{name}: stage {mesh.stage} holds layers {sorted(mine)} but loaded={not param.has_init}")
+        elif param.has_init:
+            failures.append(f"{name}: shared parameter not loaded")
+    return failures
+
+
+def main(argv: List[str]) -> int:
+    cases_json, models_dir, out_dir = argv
+    from mindspore import Tensor
+    from stepvideo_ms import runtime
+
+    runtime.init("CPU")
+    from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
+    from stepvideo_ms.parallel import Mesh, init_world, load_stage_model, make_communicator, parallel_denoise
+
+    world, rank = init_world()
+    start = time.perf_counter()
+    report = {"comm": comm_checks(world, rank), "loading": {}}
+    print(f"rank {rank}: communicator checks took {time.perf_counter() - start:.1f} s", flush=True)
+    for case in [c for c in load_cases(cases_json) if c.world == world]:
+        mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split)
+        model = load_stage_model(os.path.join(models_dir, case.kind), mesh, progress=False)
+        report["loading"][case.name] = stage_loading_failures(model, mesh)
+        inputs = case_inputs(case)
+        latents = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),
+                                   conditioning(inputs, case.kind), FlowMatchScheduler(), STEPS, TIME_SHIFT,
+                                   GUIDANCE, progress=False)
+        np.save(output_path(out_dir, case, rank), latents.asnumpy())
+        print(f"rank {rank}: {case.name} done at {time.perf_counter() - start:.1f} s", flush=True)
+    with open(os.path.join(out_dir, f"report.rank{rank}.json"), "w", encoding="utf-8") as fh:
+        json.dump(report, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""Ulysses x pipeline parallel denoising under real `msrun` workers on CPU equals one process.
+
+One msrun launch per world size (2 and 4 ranks) runs every case of that size; each case's final
+latents (2 denoising steps, CFG batch as two micro-batches) must match the single-process loop
+within 1e-4 x (1 + max|x|) on every rank, and be identical across ranks. Grids of 27 and 5 tokens
+make the sequence split uneven (padding, and at 4-way a rank with no real token).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from parallel_cases import (KINDS, Case, case_inputs, output_path, reference_latents, save_cases, tolerance,
+                            write_model)
+from stepvideo_ms.parallel.msrun import run_msrun
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
+LAUNCH_TIMEOUT = 420
+ODD = (3, 3, 3)  # 27 tokens
+EVEN = (2, 2, 4)  # 16 tokens
+CASES = (
+    # world 2: sequence-parallel only; pipeline only (one with an explicit, unbalanced split)
+    [Case(kind, ODD, 2, 1) for kind in KINDS]
+    + [Case("t2v", ODD, 1, 2, pp_split="3"), Case("ti2v", ODD, 1, 2)]
+    # world 4: both at once (an even grid: no padding; an odd one with a 1/3 split); 4-way SP over
+    # 5 tokens leaves one rank with padding only; 4 stages have middle stages that receive and send
+    + [Case("t2v", EVEN, 2, 2), Case("ti2v", ODD, 2, 2, pp_split="1"), Case("t2v", (1, 1, 5), 4, 1),
+       Case("ti2v", ODD, 1, 4)]
+)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel_models")
+    for kind in KINDS:
+        write_model(str(root / kind), kind, seed=3)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def references(models_dir):
+    """(kind, grid) -> single-process final latents, computed once (the inputs depend on nothing else)."""
+    done = {}
+
+    def reference(case: Case) -> np.ndarray:
+        key = (case.kind, case.grid)
+        if key not in done:
+            done[key] = reference_latents(os.path.join(models_dir, case.kind), case)
+        return done[key]
+
+    return reference
+
+
+@pytest.fixture(scope="module")
+def launches(models_dir, tmp_path_factory):
+    """world size -> (output dir, msrun result), each world launched once on first use."""
+    done = {}
+
+    def launch(world: int):
+        if world not in done:
+            out = tmp_path_factory.mktemp(f"parallel_world{world}")
+            cases_json = str(out / "cases.json")
+            save_cases([c for c in CASES if c.world == world], cases_json)
+            result = run_msrun(WORKER, [cases_json, models_dir, str(out)], workers=world,
+                               log_dir=str(out / "logs"), timeout=LAUNCH_TIMEOUT)
+            done[world] = (str(out), result)
+        out, result = done[world]
+        if not result.ok:
+            pytest.fail(f"msrun with {world} workers failed\n{result.logs()}")
+        return out, result
+
+    return launch
+
+
+def _reports(out: str, world: int):
+    reports = []
+    for rank in range(world):
+        with open(os.path.join(out, f"report.rank{rank}.json"), "r", encoding="utf-8") as fh:
+            reports.append(json.load(fh))
+    return reports
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 120)
+@pytest.mark.parametrize("world", [2, 4])
+def test_communicator_operations_match_numpy(launches, world):
+    out, result = launches(world)
+    failures = [f"rank {r}: {msg}" for r, rep in enumerate(_reports(out, world)) for msg in rep["comm"]]
+    assert not failures, "\n".join(failures) + "\n" + result.logs()
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 120)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_parallel_latents_equal_single_process(launches, references, case):
+    out, result = launches(case.world)
+    loading = [f"rank {r}: {m}" for r, rep in enumerate(_reports(out, case.world)) for m in rep["loading"][case.name]]
+    assert not loading, "a rank loaded other stages' layers (or missed its own):\n" + "\n".join(loading)
+    ranks = [np.load(output_path(out, case, r)) for r in range(case.world)]
+    for r, got in enumerate(ranks[1:], start=1):
+        assert np.array_equal(got, ranks[0]), f"rank {r} took a different scheduler step than rank 0"
+    want = references(case)
+    assert ranks[0].shape == want.shape
+    err = float(np.abs(ranks[0] - want).max())
+    assert err <= tolerance(want), f"{case.name}: max |parallel - single| = {err:.3g} > {tolerance(want):.3g}"
+    assert float(np.abs(want - case_inputs(case)["latents"]).max()) > 1e-2  # the loop did move the latents
