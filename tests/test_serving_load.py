@@ -15,6 +15,7 @@ CLIENTS = 8
 REQUESTS_PER_CLIENT = 25
 LOAD_DEADLINE_S = 300
 VAE_AT = 12  # the 13th request of even-numbered clients is a VAE decode (1.5-3 s on a busy 2-core host)
+MAX_CONNECTIONS = 8
 HEAVY = ["一只熊猫在竹林里吃竹子。" * 40] * 16  # a caption job long enough for requests to pile up
 
 
@@ -95,7 +96,8 @@ def test_concurrent_clients_all_answered_correctly(both_server):
 @pytest.fixture(scope="module")
 def caption_server(tiny_dir, tmp_path_factory):
     srv = ServerProcess(tiny_dir, str(tmp_path_factory.mktemp("logs")), "caption", "--port", 0,
-                        "--enable_llm", "True", "--enable_vae", "false", "--queue_size", 1).start()
+                        "--enable_llm", "True", "--enable_vae", "false", "--queue_size", 1,
+                        "--max_connections", MAX_CONNECTIONS).start()
     yield srv
     srv.stop()
 
@@ -144,6 +146,34 @@ def test_full_queue_answers_503_with_retry_after_and_the_client_retries(caption_
     for t in threads:
         t.join(300)
     assert results == [len(HEAVY)] * 3
+
+
+def _get(url):
+    with requests.Session() as s:
+        s.trust_env = False  # straight to loopback, whatever proxy the environment names
+        return s.get(url, timeout=(5, 10))
+
+
+def test_connections_beyond_the_bound_get_503_and_slots_come_back(caption_server):
+    """Idle connections hold every handler thread: the next one is refused at once, not queued."""
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            idle.append(socket.create_connection(("127.0.0.1", caption_server.port), timeout=5))
+        time.sleep(0.3)  # let the server hand each to a handler thread
+        r = _get(caption_server.url + protocol.HEALTH_PATH)
+        assert r.status_code == 503 and "too many connections" in r.json()["error"]
+        assert r.headers.get("Retry-After") == "1"
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10
+    while True:
+        r = _get(caption_server.url + protocol.HEALTH_PATH)
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert r.status_code == 200
 
 
 # ---- faults ----------------------------------------------------------------------------------------------

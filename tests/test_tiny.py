@@ -107,9 +107,9 @@ def test_every_part_loads_and_the_chain_gives_finite_varied_outputs(tiny_t2v):
     v = dit(x, t, Tensor(emb["y"]), Tensor(emb["y_mask"]), Tensor(emb["clip_embedding"])).asnumpy()
     assert v.shape == x.shape and np.isfinite(v).all() and v.std() > 0.05
 
-    frames = vae.decode(Tensor(v[:1])).asnumpy()
+    frames = vae.decode(Tensor(v[:1]), progress=False).asnumpy()
     assert frames.ndim == 5 and frames.shape[2] == 3 and np.isfinite(frames).all() and frames.std() > 1e-3
-    back = vae.encode(Tensor(np.clip(frames, -1, 1)), seed=0, sample=False).asnumpy()
+    back = vae.encode(Tensor(np.clip(frames, -1, 1)), seed=0, sample=False, progress=False).asnumpy()
     assert back.shape == v[:1].shape and np.isfinite(back).all()
 
 

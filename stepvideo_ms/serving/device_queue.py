@@ -45,6 +45,7 @@ class DeviceQueue:
         self.completed = 0
         self.failed = 0
         self.rejected = 0
+        self.busy_s = 0.0
         self._thread = threading.Thread(target=self._work, name=f"{name}-worker", daemon=True)
         self._thread.start()
 
@@ -59,7 +60,7 @@ class DeviceQueue:
         with self._cond:
             return {"waiting": len(self._waiting), "running": self._running, "capacity": self.queue_size,
                     "completed": self.completed, "failed": self.failed, "rejected": self.rejected,
-                    "mean_job_s": round(self._mean_duration(), 4)}
+                    "mean_job_s": round(self._mean_duration(), 4), "busy_s": round(self.busy_s, 3)}
 
     def _mean_duration(self) -> float:
         return sum(self._durations) / len(self._durations) if self._durations else 0.0
@@ -112,6 +113,7 @@ class DeviceQueue:
             with self._cond:
                 self._running = False
                 self._durations.append(elapsed)
+                self.busy_s += elapsed
                 if job.error is None:
                     self.completed += 1
                 else:

@@ -98,6 +98,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_port_free(host: str, port: int) -> None:
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise SystemExit(f"call_remote_server: --host {host} does not resolve: {exc}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise SystemExit(f"call_remote_server: cannot listen on {host}:{port} ({exc.strerror}): "
+                             "another server may hold it; pick another --port") from None
+
+
 def public_url(host: str, port: int) -> str:
     """The URL clients should use: the listening address, or this machine's name for a wildcard."""
     if host in ("0.0.0.0", "::", ""):
@@ -123,6 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.warning("listening on %s without a token: anyone who reaches this port can use the device; "
                     "pass --auth_token or set %s", args.host, protocol.AUTH_ENV)
 
+    check_port_free(args.host, args.port)  # before minutes of model loading, not after
     from .. import runtime
     from .device_queue import DeviceQueue
     from .server import ServerState, make_server

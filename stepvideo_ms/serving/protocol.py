@@ -16,6 +16,14 @@ reader can open a captured message. Decoding never executes anything from the bo
 JSON and views bytes as numbers, after checking every length, offset, dtype and shape against
 the body. Errors are answered as JSON, `{"error": message, "field": name, "status": code}`.
 
+Endpoints (POST, both ways this format; GET /health answers JSON):
+    /caption-api     fields {"prompts": [str, ...]}  ->  y (BF16, b x 320 x C_llm), y_mask (I64, b x (77 + 320)),
+                     clip_embedding (BF16, b x 77 x C_clip); the BF16 values are exactly the model's.
+    /vae-api         tensor latents (b, f_lat, z, h, w) F32/F16/BF16, f_lat a multiple of 3;
+                     field response_dtype "float32" (default) or "bfloat16"  ->  frames (b, f_lat/3*17, 3, 16h, 16w)
+    /vae-encode-api  tensor frames (b, f, 3, H, W) in [-1, 1], f = 1 or a multiple of 17, H and W multiples of
+                     16; fields seed (int, 0), sample (bool, true), response_dtype  ->  latents
+
 Status codes: 400 the body is not a well-formed message or misses a field; 422 well-formed but a
 value is unacceptable (dtype, rank, shape, limits, non-finite numbers, prompts); 401 missing or
 wrong token; 404 endpoint not served here; 411 no Content-Length; 413 body over the cap; 415 wrong

@@ -53,7 +53,8 @@ class CaptionService:
         return [protocol.CAPTION_PATH]
 
     def describe(self) -> dict:
-        return {**self.where, "caption_channels": self.encoder.caption_channels,
+        return {**self.where, "llm_dtype": _dtype_name(self.encoder.llm.model.dtype),
+                "caption_channels": self.encoder.caption_channels,
                 "llm_length": self.encoder.llm_length, "clip_length": self.encoder.clip_length}
 
     def endpoints(self, limits: Limits) -> Endpoints:
@@ -94,7 +95,8 @@ class VaeService:
         return [protocol.VAE_DECODE_PATH, protocol.VAE_ENCODE_PATH]
 
     def describe(self) -> dict:
-        return {**self.where, "z_channels": self.z_channels, "spatial_compression": SPATIAL_COMPRESSION,
+        return {**self.where, "dtype": _dtype_name(self.vae.dtype), "z_channels": self.z_channels,
+                "spatial_compression": SPATIAL_COMPRESSION,
                 "latent_frames_per_chunk": LATENT_FRAMES_PER_CHUNK, "frames_per_chunk": FRAMES_PER_CHUNK}
 
     def endpoints(self, limits: Limits) -> Endpoints:
@@ -143,6 +145,10 @@ class VaeService:
         if n != IMAGE_FRAMES and n % FRAMES_PER_CHUNK:
             raise RequestError(f"frames: frames={n} must be {IMAGE_FRAMES} (an image) or a multiple of "
                                f"{FRAMES_PER_CHUNK}", "frames", 422)
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).lower()
 
 
 def _to_numpy(x) -> np.ndarray:
