@@ -8,7 +8,9 @@ With neither flag both models load (upstream's behaviour); `--enable_X True/Fals
 in one process share one device, one queue and one port (5000 unless --port): the printed
 --caption_url and --vae_url are then the same address. When ready the server prints the exact
 arguments to pass to run_parallel.py. It listens on 127.0.0.1 unless --host says otherwise; give
---auth_token (or set STEPVIDEO_AUTH_TOKEN) before listening on other interfaces.
+--auth_token (or set STEPVIDEO_AUTH_TOKEN) before listening on other interfaces: every request,
+/health included, must then carry `Authorization: Bearer TOKEN` (the client reads the same variable).
+Stop it with Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
 
