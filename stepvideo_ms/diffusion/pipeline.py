@@ -32,7 +32,7 @@ class TextEncoder(Protocol):
 
 class VideoVAE(Protocol):
     def vae_decode(self, latents: np.ndarray) -> np.ndarray: ...
-    def vae_encode(self, frames: np.ndarray) -> np.ndarray: ...
+    def vae_encode(self, frames: np.ndarray, seed: int = 0) -> np.ndarray: ...
 
 
 @dataclass
@@ -103,7 +103,7 @@ class StepVideoPipeline:
             if self.vae is None:
                 raise RuntimeError("TI2V needs a VAE to encode the first image: give the pipeline a VAE client")
             image = video_io.image_to_condition(video_io.load_image(s.first_image_path), s.height, s.width)
-            latent = np.asarray(self.vae.vae_encode(image), np.float32)  # (1, 1, C, h, w)
+            latent = np.asarray(self.vae.vae_encode(image, seed=s.seed), np.float32)  # (1, 1, C, h, w)
             shape = s.latent_shape(self.transformer.in_channels)
             if latent.shape[2:] != shape[2:]:
                 raise RuntimeError(f"the VAE encoded the first image to {latent.shape}, expected (1, 1) + {shape[2:]}")

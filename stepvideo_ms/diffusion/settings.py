@@ -12,9 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-FRAMES_PER_CHUNK = 17       # video frames per VAE chunk
-LATENT_FRAMES_PER_CHUNK = 3  # latent frames per VAE chunk
-SPATIAL_FACTOR = 16          # pixels per latent cell
+from ..models.vae_config import FRAMES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION
+
 FPS = 25
 
 T2V_POS_MAGIC = "超高清、HDR 视频、环境光、杜比全景声、画面稳定、流畅动作、逼真的细节、专业级构图、超现实主义、自然、生动、超细节、清晰。"
@@ -62,8 +61,8 @@ class GenerationSettings:
         s.notes = []
         s._check()
         s.num_frames = s._round("num_frames", s.num_frames, FRAMES_PER_CHUNK)
-        s.height = s._round("height", s.height, SPATIAL_FACTOR)
-        s.width = s._round("width", s.width, SPATIAL_FACTOR)
+        s.height = s._round("height", s.height, SPATIAL_COMPRESSION)
+        s.width = s._round("width", s.width, SPATIAL_COMPRESSION)
         return s
 
     def _round(self, name: str, value: int, multiple: int) -> int:
@@ -96,7 +95,7 @@ class GenerationSettings:
     def latent_shape(self, channels: int, batch: int = 1):
         """(batch, latent frames, channels, height/16, width/16) of a resolved request."""
         return (batch, self.num_frames // FRAMES_PER_CHUNK * LATENT_FRAMES_PER_CHUNK, channels,
-                self.height // SPATIAL_FACTOR, self.width // SPATIAL_FACTOR)
+                self.height // SPATIAL_COMPRESSION, self.width // SPATIAL_COMPRESSION)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

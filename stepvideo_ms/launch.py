@@ -1,0 +1,237 @@
+"""The generation command line (run_parallel.py), for one process or an msrun world.
+
+Order of work, so that a mistake costs seconds, not a weight load:
+1. parse and validate every argument (sizes, image, parallel layout against the transformer's
+   config.json, servers reachable) before any weight is read;
+2. every rank reads only its pipeline stage of the DiT;
+3. rank 0 asks the caption server (and, for TI2V, the VAE server) for the conditions and
+   broadcasts them; every rank draws the same noise from the seed;
+4. the denoising loop runs on the (ulysses x pp) mesh;
+5. rank 0 writes --save_latents, asks the VAE server for the frames, writes the MP4 and its JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+
+from .diffusion.settings import TASK_DEFAULTS, GenerationSettings
+
+TRANSFORMER_DIR = "transformer"
+SCHEDULER_DIR = "scheduler"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_parallel.py",
+        description="Step-Video T2V / TI2V generation on MindSpore; run under msrun for ulysses x pp parallelism.",
+        epilog="Defaults marked 'task' come from the task of the transformer (T2V: 204 frames, TI2V: 102 frames, "
+               "motion 5; both 544x992, 50 steps, cfg 9, shift 13, the upstream magic prompts).")
+    g = p.add_argument_group("model and servers")
+    g.add_argument("--model_dir", required=True, help="the downloaded model directory (transformer/, scheduler/, ...)")
+    g.add_argument("--transformer_dir", default=TRANSFORMER_DIR, help="sub-folder of the DiT (default: transformer)")
+    g.add_argument("--caption_url", default="127.0.0.1", help="caption server, http://HOST:PORT (host alone: port 5000)")
+    g.add_argument("--vae_url", default="127.0.0.1", help="VAE server, http://HOST:PORT (host alone: port 5001)")
+    g.add_argument("--auth_token", default=None, help="token of the servers (default: $STEPVIDEO_AUTH_TOKEN)")
+    g.add_argument("--device", default=None, help="Ascend or CPU (default: Ascend when present)")
+    g = p.add_argument_group("what to make")
+    g.add_argument("--prompt", required=True, help="the text prompt")
+    g.add_argument("--first_image_path", default=None, help="TI2V: the first frame (PNG/JPEG)")
+    g.add_argument("--motion_score", type=float, default=None, help="TI2V: 2 steady, 5 default, 10/20 lively")
+    g.add_argument("--num_frames", type=int, default=None, help="frames, rounded down to a multiple of 17 (task)")
+    g.add_argument("--height", type=int, default=None, help="pixels, rounded down to a multiple of 16 (544)")
+    g.add_argument("--width", type=int, default=None, help="pixels, rounded down to a multiple of 16 (992)")
+    g.add_argument("--infer_steps", type=int, default=None, help="denoising steps (50; Turbo 10-15)")
+    g.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance (9.0; Turbo 5.0)")
+    g.add_argument("--time_shift", type=float, default=None, help="flow-matching time shift (13.0; Turbo 17.0)")
+    g.add_argument("--pos_magic", default=None, help="appended to the prompt (task default)")
+    g.add_argument("--neg_magic", default=None, help="the negative prompt (task default)")
+    g.add_argument("--seed", type=int, default=1234, help="seed of the initial noise (and of the image latent sample)")
+    g = p.add_argument_group("output")
+    g.add_argument("--save_path", default="./results", help="folder of the MP4 and its JSON")
+    g.add_argument("--output_file_name", default="", help="file name without extension (default: the prompt's start)")
+    g.add_argument("--name_suffix", default="", help="appended to the file name")
+    g.add_argument("--save_latents", default=None, metavar="PATH",
+                   help="also write the final latents to PATH (safetensors, key 'latents')")
+    g.add_argument("--no_video", action="store_true", help="stop after the latents (no VAE decode, no MP4)")
+    g = p.add_argument_group("parallelism (world size = ulysses_degree x pp_degree msrun workers)")
+    g.add_argument("--ulysses_degree", type=int, default=1, help="sequence-parallel ranks per pipeline stage")
+    g.add_argument("--pp_degree", type=int, default=1, help="pipeline stages")
+    g.add_argument("--pp_split", default=None, help="stage boundaries as layer indices, e.g. 24 or 12,24,36 (balanced)")
+    g.add_argument("--ring_degree", type=int, default=1, help="must be 1: ring attention is not supported")
+    g.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def settings_from(args, task: str) -> GenerationSettings:
+    return GenerationSettings(
+        prompt=args.prompt, task=task, first_image_path=args.first_image_path, num_frames=args.num_frames,
+        height=args.height, width=args.width, infer_steps=args.infer_steps, cfg_scale=args.cfg_scale,
+        time_shift=args.time_shift, motion_score=args.motion_score, pos_magic=args.pos_magic,
+        neg_magic=args.neg_magic, seed=args.seed).resolved()
+
+
+def validate(args, world_size: int):
+    """Every check that needs no weights: -> (settings, transformer config, transformer path)."""
+    from . import checkpoint, video
+    from .parallel import Mesh
+
+    if not os.path.isdir(args.model_dir):
+        raise ValueError(f"--model_dir {args.model_dir}: no such directory")
+    transformer = os.path.join(args.model_dir, args.transformer_dir)
+    config = checkpoint.read_config(transformer)
+    checkpoint.checkpoint_files(transformer)  # the shards are all there
+    task = "ti2v" if config.get("use_additional_conditions") else "t2v"
+    if task == "t2v" and args.first_image_path:
+        raise ValueError(f"--first_image_path is for TI2V, but {transformer} is a T2V model "
+                         "(use_additional_conditions is false): drop the image or use the TI2V weights")
+    settings = settings_from(args, task)
+    if task == "ti2v":
+        video.load_image(settings.first_image_path)  # readable, before anything else
+    mesh = Mesh.create(world_size, 0, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
+    mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
+    if args.save_latents and not args.save_latents.endswith(".safetensors"):
+        raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
+    return settings, transformer
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("MS_WORKER_NUM", "1"))
+
+
+class PeerFailed(RuntimeError):
+    """Rank 0 failed; the other ranks stop instead of waiting for it."""
+
+
+def agree(comm, ok: bool, rank: int):
+    """Rank 0 tells every rank whether it succeeded (so no rank waits forever in a collective)."""
+    from mindspore import Tensor
+
+    flag = comm.broadcast(Tensor(np.array([1.0 if ok else 0.0], np.float32)) if rank == 0 else None)
+    if not ok:
+        return
+    if float(flag.asnumpy()[0]) != 1.0:
+        raise PeerFailed("rank 0 failed (see its log); stopping this rank")
+
+
+def broadcast_conditions(comm, cond, rank: int):
+    """Rank 0's Conditions on every rank (the others pass None)."""
+    from mindspore import Tensor
+    from .diffusion.pipeline import Conditions
+
+    names = ("y", "y_mask", "clip_embedding", "condition")
+    flags = np.zeros(2, np.float32)
+    if rank == 0:
+        flags[:] = [cond.condition is not None, -1.0 if cond.motion_score is None else cond.motion_score]
+    flags = comm.broadcast(Tensor(flags) if rank == 0 else None).asnumpy()
+    has_condition, motion = bool(flags[0]), (None if flags[1] < 0 else float(flags[1]))
+    arrays = {}
+    for name in names:
+        if name == "condition" and not has_condition:
+            continue
+        local = Tensor(cond.arrays()[name]) if rank == 0 else None
+        arrays[name] = comm.broadcast(local).asnumpy()
+    return Conditions(arrays["y"], arrays["y_mask"], arrays["clip_embedding"], arrays.get("condition"), motion)
+
+
+def run(args) -> int:
+    from . import runtime
+    from .diffusion.pipeline import StepVideoPipeline
+    from .diffusion.scheduler import FlowMatchScheduler
+    from .parallel import Conditioning, Mesh, init_world, load_stage_model, make_communicator, parallel_denoise
+    from .safetensors_io import save_file_atomic
+    from .serving.client import RemoteClient
+    from mindspore import Tensor
+
+    timings = {}
+    t_start = time.perf_counter()
+    settings, transformer = validate(args, world_size_from_env())
+    rt = runtime.init(args.device)
+    world_size, rank = init_world()
+    mesh = Mesh.create(world_size, rank, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
+    comm = make_communicator(mesh)
+    progress = not args.no_progress and rank == 0
+    caption = vae = None
+    if rank == 0:
+        caption = RemoteClient.for_caption(args.caption_url, token=args.auth_token)
+        vae = RemoteClient.for_vae(args.vae_url, token=args.auth_token)
+        try:
+            caption.health()
+            if settings.task == "ti2v" or not args.no_video:
+                vae.health()
+        except BaseException:
+            agree(comm, False, rank)
+            raise
+    agree(comm, True, rank)
+    if rank == 0:
+        for note in settings.notes:
+            print(f"[run_parallel] {note}", flush=True)
+        print(f"[run_parallel] {settings.task}: {settings.num_frames} frames {settings.height}x{settings.width}, "
+              f"{settings.infer_steps} steps, cfg {settings.cfg_scale}, shift {settings.time_shift}; "
+              f"world {world_size} = ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}", flush=True)
+
+    t0 = time.perf_counter()
+    model = load_stage_model(transformer, mesh, dtype=rt.compute_dtype, progress=progress)
+    timings["load_s"] = time.perf_counter() - t0
+    scheduler = FlowMatchScheduler.from_dir(os.path.join(args.model_dir, SCHEDULER_DIR))
+    pipe = StepVideoPipeline(model, scheduler, text_encoder=caption, vae=vae, progress=progress)
+
+    t0 = time.perf_counter()
+    cond = None
+    if rank == 0:
+        try:
+            cond = pipe.encode_conditions(settings)
+        except BaseException:
+            agree(comm, False, rank)
+            raise
+    agree(comm, True, rank)
+    cond = broadcast_conditions(comm, cond, rank)
+    timings["encode_s"] = time.perf_counter() - t0
+
+    dtype = rt.compute_dtype
+    conditioning = Conditioning(
+        Tensor(cond.y, dtype), Tensor(cond.y_mask), Tensor(cond.clip_embedding, dtype),
+        None if cond.condition is None else Tensor(cond.condition, dtype), cond.motion_score)
+    t0 = time.perf_counter()
+    latents = parallel_denoise(mesh, comm, model, Tensor(pipe.initial_noise(settings)), conditioning, scheduler,
+                               settings.infer_steps, settings.time_shift, settings.cfg_scale, progress=progress)
+    latents = latents.asnumpy()
+    timings["denoise_s"] = time.perf_counter() - t0
+    if rank != 0:
+        return 0
+    if args.save_latents:
+        save_file_atomic({"latents": latents}, args.save_latents)
+        print(f"[run_parallel] latents: {args.save_latents}", flush=True)
+    if args.no_video:
+        return 0
+    t0 = time.perf_counter()
+    frames = pipe.decode(latents)
+    timings["decode_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    extra = {"model_dir": os.path.abspath(args.model_dir), "arguments": vars(args), "timings": timings,
+             "parallel": {"world_size": world_size, "ulysses_degree": mesh.ulysses_degree,
+                          "pp_degree": mesh.pp_degree, "stages": [str(r) for r in mesh.partition(model.num_layers)]},
+             "device": rt.device}
+    mp4, js = pipe.save(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra)
+    print(f"[run_parallel] video: {mp4}\n[run_parallel] record: {js}", flush=True)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .serving.client import RemoteServerError
+
+    try:
+        return run(args)
+    except (ValueError, CheckpointError) as exc:  # bad input: say what to change, no traceback
+        print(f"run_parallel.py: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except (RemoteServerError, PeerFailed) as exc:
+        print(f"run_parallel.py: error: {exc}", file=sys.stderr, flush=True)
+        return 1

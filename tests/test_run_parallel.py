@@ -1,0 +1,143 @@
+"""run_parallel.py end to end: real model servers, real msrun workers, the tiny model.
+
+The parallel run's final latents (--save_latents) must equal a single process's within
+1e-4 x (1 + max|x|), for T2V and TI2V, on a latent grid whose token count 2 does not divide
+(3 latent frames x 3 x 5 = 45 tokens). The validation errors come before any weight is read.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from serving_support import ServerProcess
+from stepvideo_ms import launch
+from stepvideo_ms.parallel.msrun import run_msrun
+from stepvideo_ms.safetensors_io import load_file
+
+LAUNCH_TIMEOUT = 420
+ODD_GRID = ["--num_frames", "17", "--height", "48", "--width", "80"]  # latents 3 x 3 x 5: 45 tokens
+LAYOUTS_DEFAULT = [(2, 2)]           # world 4: both kinds of parallelism at once
+LAYOUTS_SLOW = [(2, 1), (1, 2)]
+
+
+def _make_model(tmp_path_factory, task):
+    out = tmp_path_factory.mktemp(f"tiny_{task}") / "model"
+    subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(out), "--task", task, "--seed", "3"],
+                   check=True, cwd=REPO, capture_output=True, env={**os.environ, "GLOG_v": "3"})
+    return str(out)
+
+
+@pytest.fixture(scope="module", params=["t2v", "ti2v"])
+def served(request, tmp_path_factory):
+    """(task, model dir, server url) with a caption+VAE server running on the tiny model."""
+    model = _make_model(tmp_path_factory, request.param)
+    srv = ServerProcess(model, str(tmp_path_factory.mktemp("logs")), request.param, "--port", 0).start()
+    yield request.param, model, srv.url
+    srv.stop()
+
+
+def _args(task, model, url, out_dir, extra=()):
+    args = ["--model_dir", model, "--caption_url", url, "--vae_url", url, "--prompt", "a red house under the sun",
+            "--infer_steps", "2", "--seed", "11", *ODD_GRID, "--save_path", str(out_dir),
+            "--save_latents", str(out_dir / "latents.safetensors"), "--no_progress", *extra]
+    if task == "ti2v":
+        args += ["--first_image_path", os.path.join(REPO, "assets", "demo.png"), "--motion_score", "7"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def single(served, tmp_path_factory):
+    task, model, url = served
+    out = tmp_path_factory.mktemp(f"single_{task}")
+    assert launch.main(_args(task, model, url, out)) == 0
+    return load_file(str(out / "latents.safetensors"))["latents"], out
+
+
+def _parallel_equals_single(served, single, tmp_path, layout):
+    task, model, url = served
+    ulysses, pp = layout
+    reference, _ = single
+    out = tmp_path / f"u{ulysses}p{pp}"
+    result = run_msrun("run_parallel.py", _args(task, model, url, out, ["--ulysses_degree", str(ulysses),
+                       "--pp_degree", str(pp), "--no_video"]), ulysses * pp, str(out / "logs"), LAUNCH_TIMEOUT)
+    assert result.ok, result.logs()
+    latents = load_file(str(out / "latents.safetensors"))["latents"]
+    assert latents.shape == reference.shape == (1, 3, 8, 3, 5)
+    tol = 1e-4 * (1 + np.abs(reference).max())
+    assert np.abs(latents - reference).max() <= tol
+
+
+def test_single_process_writes_video_json_and_latents(served, single):
+    import imageio.v3 as iio
+    import json
+    latents, out = single
+    assert np.isfinite(latents).all() and latents.std() > 0
+    mp4 = [p for p in out.iterdir() if p.suffix == ".mp4"]
+    assert len(mp4) == 1
+    frames = np.stack(list(iio.imiter(str(mp4[0]))))
+    assert frames.shape == (17, 48, 80, 3)
+    record = json.loads(mp4[0].with_suffix(".json").read_text())
+    assert record["settings"]["seed"] == 11 and record["settings"]["task"] == served[0]
+    assert set(record["timings"]) >= {"load_s", "encode_s", "denoise_s", "decode_s"}
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("layout", LAYOUTS_DEFAULT)
+def test_msrun_latents_equal_single_process(served, single, tmp_path, layout):
+    _parallel_equals_single(served, single, tmp_path, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("layout", LAYOUTS_SLOW)
+def test_msrun_latents_equal_single_process_more_layouts(served, single, tmp_path, layout):
+    _parallel_equals_single(served, single, tmp_path, layout)
+
+
+# ---- validation: clear errors naming the argument, before any weight or server is touched ----------
+DEAD = "http://127.0.0.1:9"  # nothing listens: reaching a server would be a different error
+
+
+@pytest.fixture(scope="module")
+def t2v_model(tmp_path_factory):
+    return _make_model(tmp_path_factory, "t2v")
+
+
+@pytest.mark.parametrize("world,extra,message", [
+    ("4", ["--ulysses_degree", "2", "--pp_degree", "1"], "must equal the world size 4"),
+    ("4", ["--ulysses_degree", "4"], "num_attention_heads"),
+    ("4", ["--ulysses_degree", "1", "--pp_degree", "4"], "num_layers"),
+    ("2", ["--ulysses_degree", "2", "--ring_degree", "2"], "ring_degree=2 is not supported"),
+    ("2", ["--pp_degree", "2", "--pp_split", "5"], "pp_split"),
+    ("1", ["--first_image_path", "x.png"], "first_image_path is for TI2V"),
+    ("1", ["--height", "0"], "height=0"),
+    ("1", ["--save_latents", "out.npy"], "--save_latents"),
+])
+def test_validation_errors_name_the_argument(t2v_model, tmp_path, monkeypatch, capsys, world, extra, message):
+    monkeypatch.setenv("MS_WORKER_NUM", world)
+    args = ["--model_dir", t2v_model, "--caption_url", DEAD, "--vae_url", DEAD, "--prompt", "x",
+            "--save_path", str(tmp_path), *extra]
+    assert launch.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_model_dir_and_shard(t2v_model, tmp_path, capsys):
+    assert launch.main(["--model_dir", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "--model_dir" in capsys.readouterr().err
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(t2v_model, broken)
+    (broken / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
+    assert launch.main(["--model_dir", str(broken), "--prompt", "x", "--caption_url", DEAD]) == 2
+    assert "missing shard" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_named(t2v_model, tmp_path, capsys):
+    assert launch.main(["--model_dir", t2v_model, "--prompt", "x", "--caption_url", DEAD, "--vae_url", DEAD,
+                        "--save_path", str(tmp_path)]) == 1
+    assert "127.0.0.1:9" in capsys.readouterr().err
