@@ -13,7 +13,7 @@ The mesh is a frozen value passed to whatever needs it; nothing here is global.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union
 
 SplitSpec = Union[None, int, str, Sequence[int]]
 

@@ -3,15 +3,18 @@
 Each rank of an SP group of size P holds n = ceil(N / P) consecutive tokens of the N video tokens
 (the last ranks pad with zero tokens when P does not divide N). Self-attention swaps the split:
 an all-to-all turns (b, n, heads, d) into (b, P*n, heads/P, d) (all tokens, a share of the heads),
-every rank attends its heads over all tokens with the padding masked out as keys, and a second
-all-to-all restores (b, n, heads, d). Cross-attention and everything token-local needs no
-communication. RoPE tables cover each rank's own real positions; padding rows get the identity
-rotation (they are never attended and are dropped at the end).
+every rank attends its heads over all tokens, and a second all-to-all restores (b, n, heads, d).
+After the first all-to-all the padding rows are exactly the last P*n - N of the sequence, so
+they are kept out of the keys and values by attending to the first N only: the effect of a key
+mask, without building one (the fused Ascend kernel would need it as a (b, 1, P*n, P*n) tensor).
+Padding rows still run as queries and are dropped at the end. Cross-attention and everything
+token-local needs no communication. RoPE tables cover each rank's own real positions; padding
+rows get the identity rotation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -69,13 +72,6 @@ class TokenShard:
         zeros = mint.zeros((tokens.shape[0], pad) + tuple(tokens.shape[2:]), dtype=tokens.dtype)
         return zeros if own is None else mint.cat([own, zeros], dim=1)
 
-    def key_mask(self, batch: int) -> Optional[Tensor]:
-        """(batch, padded_total) bool, False on padding keys; None when nothing is padded."""
-        if not self.has_padding:
-            return None
-        keep = np.arange(self.padded_total) < self.total
-        return Tensor(np.broadcast_to(keep, (batch, self.padded_total)).copy())
-
     def rope(self, model, grid: Tuple[int, int, int]) -> Rope3D:
         """RoPE tables of this rank's rows: its real grid positions, then identity rows for padding."""
         if not self.has_padding or self.real == self.local:
@@ -105,16 +101,17 @@ class UlyssesAttention:
         if heads % shard.degree:
             raise ValueError(f"{heads} heads cannot be split over ulysses_degree={shard.degree}")
         self.batch, self.heads, self.head_dim, self.dtype = batch, heads, head_dim, dtype
-        self.key_mask = shard.key_mask(batch)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if len(self.group) == 1:
-            return ops.attention(q, k, v, key_mask=self.key_mask)
+            return ops.attention(q, k, v)
         d = q.shape[-1]
         qkv = mint.cat([q, k, v], dim=-1)  # one exchange for the three
-        full = self.comm.all_to_all(qkv, self.group, scatter_axis=2, gather_axis=1)  # (b, N, heads/P, 3d)
+        full = self.comm.all_to_all(qkv, self.group, scatter_axis=2, gather_axis=1)  # (b, P*n, heads/P, 3d)
         q, k, v = mint.split(full, [d, d, d], dim=-1)
-        out = ops.attention(q, k, v, key_mask=self.key_mask)
+        if self.shard.has_padding:  # the padding is the tail: attend to the N real keys only
+            k, v = k[:, :self.shard.total], v[:, :self.shard.total]
+        out = ops.attention(q, k, v)
         return self.comm.all_to_all(out, self.group, scatter_axis=1, gather_axis=2)  # (b, local, heads, d)
 
     def idle(self) -> None:
