@@ -278,7 +278,8 @@ class NativeCommunicator(Communicator):  # pragma: no cover - needs Ascend NPUs 
     def __init__(self, mesh: Mesh, timed: bool = False):
         super().__init__(mesh, timed)
         self._groups: Dict[Tuple[int, ...], str] = {mesh.world_ranks: _world_group()}
-        self._group(mesh.sp_group)  # every rank creates its own SP group at start-up
+        if len(mesh.sp_group) > 1:
+            self._group(mesh.sp_group)  # every rank creates its own SP group at start-up
 
     def _group(self, ranks: Tuple[int, ...]) -> str:
         """The HCCL group of these ranks, created on first use (all members must ask together)."""
