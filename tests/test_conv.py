@@ -19,6 +19,7 @@ CASES_3D = [
     ((1, 4, 6, 5, 7), (2, 4, 2, 3, 1), (2, 1, 3), ((1, 0), (0, 2), (1, 1))),  # odd kernel/stride mix
     ((1, 8, 5, 4, 6), (8, 8, 3, 3, 3), 1, 1),                  # symmetric padding
     ((1, 5, 3, 6, 6), (4, 5, 1, 1, 1), 2, 0),                  # strided pointwise
+    ((1, 4, 2, 2, 2), (40, 4, 3, 3, 3), 1, CAUSAL3),           # more output channels than positions
 ]
 
 
@@ -84,7 +85,8 @@ def test_conv_rejects_bad_arguments():
 
 
 def test_cpu_path_is_the_default_off_ascend(monkeypatch):
-    """On CPU, conv3d must not fall back to the slow native kernel."""
+    """On CPU, a 3x3x3 conv must not fall back to the slow native kernel (pointwise ones may)."""
     monkeypatch.setattr(conv_mod.ops, "conv3d", None)  # any native call would now fail
     x, w = _rand((1, 4, 3, 4, 4), 17), _rand((4, 4, 3, 3, 3), 18)
     assert conv3d(x, w, None, 1, CAUSAL3).shape == (1, 4, 3, 4, 4)
+    assert conv3d(x, w, None, 2, CAUSAL3).shape == (1, 4, 2, 2, 2)

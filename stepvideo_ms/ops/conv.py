@@ -9,6 +9,7 @@ rewrites a convolution as a matrix product:
   the padding. Zero padding, strides and the output size all live in the index, so there is no
   padded copy, no strided slicing and no cropping (MindSpore's CPU slicing and padding kernels
   are slow; its gather moves memory several times faster than concatenating shifted slices);
+- pointwise (1x1x1, unpadded, stride 1) convolutions keep the native kernel, which is fast there;
 - one matmul by the weight laid out (taps*C, Co), per tile of output positions (whole frames,
   or bands of rows of one frame), the tiles sized so one im2col matrix never exceeds
   `max_cols_bytes`.
@@ -147,21 +148,30 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
     co, _, *kernel = weight.shape
     out_sizes = [output_size(s, k, st, p) for s, k, st, p in zip(sizes, kernel, strides, pads)]
     if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and all(p == (0, 0) for p in pads):
-        out = mint.matmul(weight.reshape(co, c), x.reshape(n, c, -1))  # pointwise: no layout change
-        if bias is not None:
-            out = out + bias.reshape(co, 1)
-        return out.reshape(n, co, *out_sizes).astype(dtype)
+        # pointwise: the native CPU kernel handles 1x1x1 well (faster than a matmul here)
+        return ops.conv3d(x, weight, bias, pad_mode="valid").astype(dtype)
     taps = kernel[0] * kernel[1] * kernel[2]
     # channels-last rows, plus one zero row that every padded tap reads
     rows_in = mint.permute(x, (0, 2, 3, 4, 1)).reshape(-1, c)
     rows_in = mint.cat([rows_in, mint.zeros((1, c), dtype=rows_in.dtype)], dim=0)
-    wmat = mint.permute(weight, (2, 3, 4, 1, 0)).reshape(taps * c, co)  # rows ordered (tap, channel)
+    # The gathered columns come ordered (tap, channel) and the weight (channel, tap): reorder
+    # whichever is smaller (a big kernel applied at few positions must not copy its weight).
+    total = n * out_sizes[0] * out_sizes[1] * out_sizes[2]
+    reorder_cols = total < co
+    if reorder_cols:
+        wmat = weight.reshape(co, c * taps)
+    else:
+        wmat = mint.permute(weight, (2, 3, 4, 1, 0)).reshape(taps * c, co)
     zero_row = n * sizes[0] * sizes[1] * sizes[2]
     tiles = []
     for block in output_blocks(n, out_sizes, 4 * c * taps, max_cols_bytes):
         index = Tensor(tap_index(block, sizes, kernel, strides, pads, zero_row))
-        cols = rows_in[index].reshape(index.shape[0], taps * c)
-        tiles.append(mint.matmul(cols, wmat))
+        cols = rows_in[index]  # (positions, taps, C)
+        if reorder_cols:  # weight (Co, C*taps) @ columns (C*taps, positions); the output is small
+            cols = mint.permute(cols, (2, 1, 0)).reshape(c * taps, index.shape[0])
+            tiles.append(mint.permute(mint.matmul(wmat, cols), (1, 0)))
+        else:
+            tiles.append(mint.matmul(cols.reshape(index.shape[0], taps * c), wmat))
     out = tiles[0] if len(tiles) == 1 else mint.cat(tiles, dim=0)
     if bias is not None:
         out = ops.bias_add(out, bias)  # its kernel is much faster than a broadcast add on CPU
