@@ -50,11 +50,6 @@ def init_world() -> Tuple[int, int]:
         return 1, 0
     from mindspore.communication import get_group_size, get_rank, init
 
-    if not is_ascend():
-        # PyNative's asynchronous launch makes the Python thread busy-wait at every sync point, so a
-        # rank waiting for its peers in a collective burns the CPU they need (measured: ~50% of a
-        # core over a 5 s wait, against ~0 with blocking launch, and 4x less time per small op).
-        ms.runtime.launch_blocking()
     init()
     if is_ascend():  # pragma: no cover - needs NPUs; send/recv live in mint.distributed
         from mindspore.mint import distributed as dist
