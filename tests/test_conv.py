@@ -43,12 +43,24 @@ def test_native_reference_is_ops_conv3d_with_explicit_zero_padding():
     np.testing.assert_allclose(conv3d_native(x, w, None, 1, CAUSAL3).asnumpy(), direct.asnumpy(), atol=1e-6)
 
 
-def test_conv3d_tiles_give_the_same_result():
-    """A tiny im2col budget forces many row tiles: same numbers as one tile."""
-    x, w, b = _rand((1, 6, 4, 7, 9), 6), _rand((5, 6, 3, 3, 3), 7), _rand((5,), 8)
-    whole = conv3d(x, w, b, 1, CAUSAL3).asnumpy()
-    tiled = conv3d(x, w, b, 1, CAUSAL3, max_cols_bytes=3000).asnumpy()
+@pytest.mark.parametrize("budget", [3000, 2 * 7 * 9 * 4 * 6 * 27, 3 * 2 * 4 * 5 * 4 * 6 * 27])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv3d_tiles_give_the_same_result(budget, stride):
+    """Small im2col budgets force row bands (3000 bytes) or blocks of 2-3 frames: same numbers."""
+    x, w, b = _rand((2, 6, 5, 7, 9), 6), _rand((5, 6, 3, 3, 3), 7), _rand((5,), 8)
+    whole = conv3d(x, w, b, stride, CAUSAL3).asnumpy()
+    tiled = conv3d(x, w, b, stride, CAUSAL3, max_cols_bytes=budget).asnumpy()
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    np.testing.assert_allclose(whole, conv3d_native(x, w, b, stride, CAUSAL3).asnumpy(), atol=1e-4)
+
+
+def test_output_blocks_cover_every_position_once():
+    for budget in (1, 500, 5000, 10 ** 9):
+        blocks = conv_mod.output_blocks((4, 5, 6), 100, budget)
+        seen = np.zeros((4, 5), int)
+        for t0, t1, h0, h1 in blocks:
+            seen[t0:t1, h0:h1] += 1
+        assert (seen == 1).all()
 
 
 def test_conv3d_without_bias_keeps_a_half_input_dtype():

@@ -3,7 +3,8 @@
 MindSpore's CPU `ops.conv3d` runs at about 1 GFLOP/s (see the CPU notes), so the CPU path
 rewrites a convolution as a matrix product:
 
-- the input goes channels-last and is flattened to rows (n*T*H*W, C), with one zero row after;
+- the input frames a tile reads go channels-last, flattened to rows (T*H*W, C), with one zero row
+  after;
 - the im2col matrix is ONE gather of those rows: for each output position and kernel tap the
   index (built in numpy) names the input row it reads, or the zero row when the tap falls in
   the padding. Zero padding, strides and the output size all live in the index, so there is no
@@ -12,7 +13,8 @@ rewrites a convolution as a matrix product:
 - pointwise (1x1x1, unpadded, stride 1) convolutions keep the native kernel, which is fast there;
 - one matmul by the weight laid out (taps*C, Co), per tile of output positions (whole frames,
   or bands of rows of one frame), the tiles sized so one im2col matrix never exceeds
-  `max_cols_bytes`.
+  `max_cols_bytes`; each tile reads only its input frames, so beyond input and output the
+  memory held is one tile's worth.
 
 Padding is explicit zero padding per side, so causal (front-only) temporal padding is one
 call: padding=((2, 0), (1, 1), (1, 1)).
@@ -151,74 +153,102 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
         # pointwise: the native CPU kernel handles 1x1x1 well (faster than a matmul here)
         return ops.conv3d(x, weight, bias, pad_mode="valid").astype(dtype)
     taps = kernel[0] * kernel[1] * kernel[2]
-    # channels-last rows, plus one zero row that every padded tap reads
-    rows_in = mint.permute(x, (0, 2, 3, 4, 1)).reshape(-1, c)
-    rows_in = mint.cat([rows_in, mint.zeros((1, c), dtype=rows_in.dtype)], dim=0)
     # The gathered columns come ordered (tap, channel) and the weight (channel, tap): reorder
     # whichever is smaller (a big kernel applied at few positions must not copy its weight).
-    total = n * out_sizes[0] * out_sizes[1] * out_sizes[2]
-    reorder_cols = total < co
+    reorder_cols = out_sizes[0] * out_sizes[1] * out_sizes[2] < co
     if reorder_cols:
         wmat = weight.reshape(co, c * taps)
     else:
         wmat = mint.permute(weight, (2, 3, 4, 1, 0)).reshape(taps * c, co)
-    zero_row = n * sizes[0] * sizes[1] * sizes[2]
-    tiles = []
-    for block in output_blocks(n, out_sizes, 4 * c * taps, max_cols_bytes):
-        index = Tensor(tap_index(block, sizes, kernel, strides, pads, zero_row))
-        cols = rows_in[index]  # (positions, taps, C)
-        if reorder_cols:  # weight (Co, C*taps) @ columns (C*taps, positions); the output is small
-            cols = mint.permute(cols, (2, 1, 0)).reshape(c * taps, index.shape[0])
-            tiles.append(mint.permute(mint.matmul(wmat, cols), (1, 0)))
-        else:
-            tiles.append(mint.matmul(cols.reshape(index.shape[0], taps * c), wmat))
-    out = tiles[0] if len(tiles) == 1 else mint.cat(tiles, dim=0)
-    if bias is not None:
-        out = ops.bias_add(out, bias)  # its kernel is much faster than a broadcast add on CPU
-    out = mint.permute(out.reshape(n, *out_sizes, co), (0, 4, 1, 2, 3))
+    samples = []
+    for i in range(n):
+        pieces, rows, rows_span = [], None, None  # pieces: (Co, frames, rows, Wo) per block
+        for block in output_blocks(out_sizes, 4 * c * taps, max_cols_bytes):
+            first, end = input_frames(block, sizes[0], kernel[0], strides[0], pads[0])
+            if (first, end) != rows_span:  # bands of one frame share their input rows
+                rows_span = (first, end)
+                rows = _channels_last_rows(x[i] if rows_span == (0, sizes[0]) else x[i, :, first:end], c)
+            index = Tensor(tap_index(block, sizes, kernel, strides, pads, first, end))
+            cols = rows[index]  # (positions, taps, C)
+            if reorder_cols:  # weight (Co, C*taps) @ columns (C*taps, positions); the output is small
+                cols = mint.permute(cols, (2, 1, 0)).reshape(c * taps, index.shape[0])
+                out = mint.permute(mint.matmul(wmat, cols), (1, 0))
+            else:
+                out = mint.matmul(cols.reshape(index.shape[0], taps * c), wmat)
+            if bias is not None:
+                out = ops.bias_add(out, bias)  # its kernel is much faster than a broadcast add on CPU
+            t0, t1, h0, h1 = block
+            pieces.append(mint.permute(out.reshape(t1 - t0, h1 - h0, out_sizes[2], co), (3, 0, 1, 2)))
+        samples.append(_assemble(pieces, out_sizes[1]))
+    out = samples[0].expand_dims(0) if n == 1 else ops.stack(samples, axis=0)
     return out.astype(dtype)
 
 
-Block = Tuple[int, int, int, int, int]  # sample, first and end output frame, first and end output row
+def _channels_last_rows(x: Tensor, c: int) -> Tensor:
+    """(C, T, H, W) -> (T*H*W + 1, C): channels-last rows and one zero row for padded taps."""
+    zero = mint.zeros((1, c), dtype=x.dtype)
+    if x.shape[1] == 0:
+        return zero
+    return mint.cat([mint.permute(x, (1, 2, 3, 0)).reshape(-1, c), zero], dim=0)
 
 
-def output_blocks(n: int, out_sizes, bytes_per_position: int, max_bytes: int) -> List[Block]:
-    """Output positions in tiles whose im2col matrix fits `max_bytes`: whole frames when a frame
-    fits, else bands of rows of one frame; in (sample, frame, row) order."""
+def _assemble(pieces: List[Tensor], rows: int) -> Tensor:
+    """Blocks of (Co, frames, some rows, Wo), in order, -> (Co, To, Ho, Wo)."""
+    frames, band = [], []
+    for piece in pieces:
+        if piece.shape[2] == rows:
+            frames.append(piece)
+            continue
+        band.append(piece)
+        if sum(p.shape[2] for p in band) == rows:
+            frames.append(mint.cat(band, dim=2))
+            band = []
+    return frames[0] if len(frames) == 1 else mint.cat(frames, dim=1)
+
+
+Block = Tuple[int, int, int, int]  # first and end output frame, first and end output row
+
+
+def output_blocks(out_sizes, bytes_per_position: int, max_bytes: int) -> List[Block]:
+    """One sample's output positions in tiles whose im2col matrix fits `max_bytes`: whole frames
+    when a frame fits, else bands of rows of one frame; in (frame, row) order."""
     to, ho, wo = out_sizes
     frame_bytes = ho * wo * bytes_per_position
-    blocks = []
-    for i in range(n):
-        if frame_bytes <= max_bytes:
-            step = max(1, max_bytes // frame_bytes)
-            blocks += [(i, t, min(to, t + step), 0, ho) for t in range(0, to, step)]
-        else:
-            step = max(1, max_bytes // (wo * bytes_per_position))
-            blocks += [(i, t, t + 1, h, min(ho, h + step)) for t in range(to) for h in range(0, ho, step)]
-    return blocks
+    if frame_bytes <= max_bytes:
+        step = max(1, max_bytes // frame_bytes)
+        return [(t, min(to, t + step), 0, ho) for t in range(0, to, step)]
+    step = max(1, max_bytes // (wo * bytes_per_position))
+    return [(t, t + 1, h, min(ho, h + step)) for t in range(to) for h in range(0, ho, step)]
 
 
-def tap_index(block: Block, sizes, kernel, strides, pads, zero_row: int) -> np.ndarray:
-    """Input row read by every tap of every output position of `block`: int32 (positions, taps).
+def input_frames(block: Block, frames: int, kernel: int, stride: int, pad: Tuple[int, int]) -> Tuple[int, int]:
+    """The input frames [first, end) that the output frames of `block` read (padding excluded)."""
+    t0, t1 = block[:2]
+    first = min(frames, max(0, t0 * stride - pad[0]))
+    return first, max(first, min(frames, (t1 - 1) * stride - pad[0] + kernel))
 
-    Rows are those of the channels-last input flattened to (n*T*H*W, C); a tap that falls in the
-    padding reads the zero row after them. Built per axis and summed (the index is separable).
+
+def tap_index(block: Block, sizes, kernel, strides, pads, first: int, end: int) -> np.ndarray:
+    """Row read by every tap of every output position of `block`: int32 (positions, taps).
+
+    Rows are those of input frames [first, end), channels-last, flattened to ((end-first)*H*W, C);
+    a tap that falls in the padding reads the zero row after them. Built per axis and summed (the
+    index is separable).
     """
-    sample, t0, t1, h0, h1 = block
-    t_in, h_in, w_in = sizes
+    t0, t1, h0, h1 = block
+    _, h_in, w_in = sizes
     wo = output_size(w_in, kernel[2], strides[2], pads[2])
     invalid = -(1 << 40)  # any sum holding one of these stays negative (and in int64 range)
 
-    def axis_rows(first: int, end: int, axis: int, row_stride: int) -> np.ndarray:  # (outputs, taps)
-        pos = np.arange(first, end)[:, None] * strides[axis] - pads[axis][0] + np.arange(kernel[axis])[None, :]
-        return np.where((pos >= 0) & (pos < sizes[axis]), pos * row_stride, invalid)
+    def axis_rows(lo: int, hi: int, axis: int, valid_from: int, valid_to: int, row_stride: int) -> np.ndarray:
+        pos = np.arange(lo, hi)[:, None] * strides[axis] - pads[axis][0] + np.arange(kernel[axis])[None, :]
+        return np.where((pos >= valid_from) & (pos < valid_to), (pos - valid_from) * row_stride, invalid)
 
-    t_rows = axis_rows(t0, t1, 0, h_in * w_in)
-    h_rows = axis_rows(h0, h1, 1, w_in)
-    w_rows = axis_rows(0, wo, 2, 1)
-    index = (sample * t_in * h_in * w_in
-             + t_rows[:, None, None, :, None, None]
+    t_rows = axis_rows(t0, t1, 0, first, end, h_in * w_in)
+    h_rows = axis_rows(h0, h1, 1, 0, h_in, w_in)
+    w_rows = axis_rows(0, wo, 2, 0, w_in, 1)
+    index = (t_rows[:, None, None, :, None, None]
              + h_rows[None, :, None, None, :, None]
              + w_rows[None, None, :, None, None, :])
-    index = np.where(index < 0, zero_row, index)
+    index = np.where(index < 0, (end - first) * h_in * w_in, index)
     return index.reshape((t1 - t0) * (h1 - h0) * wo, -1).astype(np.int32)
