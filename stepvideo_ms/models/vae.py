@@ -29,7 +29,7 @@ from .vae_blocks import (
 from .vae_config import (
     CHECKPOINT_FILE, CHUNK_BLEND_KEEP, CONFIG_FILE, DECODER_CROPPED_FRAMES, DECODER_TEMPORAL_UP_LEVELS,
     ENCODER_TEMPORAL_DOWN_LEVELS, FRAMES_PER_CHUNK, IMAGE_FRAMES, LATENT_FRAMES_PER_CHUNK, PATCH_FACTOR,
-    SPATIAL_COMPRESSION, VAEConfig, latent_frames, video_frames,
+    SPATIAL_COMPRESSION, VAEConfig, latent_frames, video_frames, LATENT_SCALE_FACTOR,
 )
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -254,3 +254,15 @@ class AutoencoderKL(nn.Cell):
     def decode(self, latents: ArrayLike, progress: bool = True) -> Tensor:
         """latents (b, f_lat, z, h, w) -> frames (b, f_lat/3*17, 3, 16h, 16w), roughly in [-1, 1]."""
         return blend_chunks(self.decode_chunks(latents, progress))
+
+    # ---- numpy in, numpy out: what the VAE server and the in-process backend serve ---------------
+    def decode_numpy(self, latents: np.ndarray, progress: bool = True) -> np.ndarray:
+        """DiT latents -> float32 frames, with the serving scale (latents / LATENT_SCALE_FACTOR)."""
+        frames = self.decode(Tensor(np.asarray(latents, np.float32) / LATENT_SCALE_FACTOR), progress=progress)
+        return frames.astype(ms.float32).asnumpy()
+
+    def encode_numpy(self, frames: np.ndarray, seed: int = 0, sample: bool = True,
+                     progress: bool = True) -> np.ndarray:
+        """float32 frames in [-1, 1] -> DiT latents (the sample or mean, times LATENT_SCALE_FACTOR)."""
+        latents = self.encode(Tensor(np.asarray(frames, np.float32)), seed=seed, sample=sample, progress=progress)
+        return latents.astype(ms.float32).asnumpy() * LATENT_SCALE_FACTOR

@@ -11,10 +11,9 @@ import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-from mindspore import Tensor
 
 from ..models.vae_config import (
-    FRAMES_PER_CHUNK, IMAGE_FRAMES, LATENT_FRAMES_PER_CHUNK, LATENT_SCALE_FACTOR, SPATIAL_COMPRESSION,
+    FRAMES_PER_CHUNK, IMAGE_FRAMES, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION,
 )
 from . import protocol
 from .limits import Limits, check_bool, check_choice, check_fields, check_float_tensor, check_int, check_prompts
@@ -114,8 +113,7 @@ class VaeService:
 
         def run_decode(job) -> Result:
             latents, out_dtype = job
-            frames = self.vae.decode(Tensor(latents / LATENT_SCALE_FACTOR), progress=False)
-            frames = _check_output("frames", _to_numpy(frames))
+            frames = _check_output("frames", self.vae.decode_numpy(latents, progress=False))
             return {"api": "vae"}, {"frames": frames}, ("frames",) if out_dtype == "bfloat16" else ()
 
         def parse_encode(msg: Message):
@@ -133,8 +131,7 @@ class VaeService:
 
         def run_encode(job) -> Result:
             frames, seed, sample, out_dtype = job
-            latents = self.vae.encode(Tensor(frames), seed=seed, sample=sample, progress=False)
-            latents = _check_output("latents", _to_numpy(latents) * LATENT_SCALE_FACTOR)
+            latents = _check_output("latents", self.vae.encode_numpy(frames, seed=seed, sample=sample, progress=False))
             return {"api": "vae-encode"}, {"latents": latents}, ("latents",) if out_dtype == "bfloat16" else ()
 
         return {protocol.VAE_DECODE_PATH: (parse_decode, run_decode),
@@ -149,11 +146,3 @@ class VaeService:
 
 def _dtype_name(dtype) -> str:
     return str(dtype).lower()
-
-
-def _to_numpy(x) -> np.ndarray:
-    if isinstance(x, Tensor):
-        import mindspore as ms
-
-        return x.astype(ms.float32).asnumpy()
-    return np.asarray(x, dtype=np.float32)
