@@ -19,8 +19,7 @@ from stepvideo_ms.safetensors_io import load_file
 
 LAUNCH_TIMEOUT = 420
 ODD_GRID = ["--num_frames", "17", "--height", "48", "--width", "80"]  # latents 3 x 3 x 5: 45 tokens
-LAYOUTS_DEFAULT = [(2, 2)]           # world 4: both kinds of parallelism at once
-LAYOUTS_SLOW = [(2, 1), (1, 2)]
+LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (ulysses, pp); world 4 uses both kinds of parallelism at once
 
 
 def _make_model(tmp_path_factory, task):
@@ -56,20 +55,6 @@ def single(served, tmp_path_factory):
     return load_file(str(out / "latents.safetensors"))["latents"], out
 
 
-def _parallel_equals_single(served, single, tmp_path, layout):
-    task, model, url = served
-    ulysses, pp = layout
-    reference, _ = single
-    out = tmp_path / f"u{ulysses}p{pp}"
-    result = run_msrun("run_parallel.py", _args(task, model, url, out, ["--ulysses_degree", str(ulysses),
-                       "--pp_degree", str(pp), "--no_video"]), ulysses * pp, str(out / "logs"), LAUNCH_TIMEOUT)
-    assert result.ok, result.logs()
-    latents = load_file(str(out / "latents.safetensors"))["latents"]
-    assert latents.shape == reference.shape == (1, 3, 8, 3, 5)
-    tol = 1e-4 * (1 + np.abs(reference).max())
-    assert np.abs(latents - reference).max() <= tol
-
-
 def test_single_process_writes_video_json_and_latents(served, single):
     import imageio.v3 as iio
     import json
@@ -85,16 +70,19 @@ def test_single_process_writes_video_json_and_latents(served, single):
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
-@pytest.mark.parametrize("layout", LAYOUTS_DEFAULT)
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"ulysses{l[0]}-pp{l[1]}")
 def test_msrun_latents_equal_single_process(served, single, tmp_path, layout):
-    _parallel_equals_single(served, single, tmp_path, layout)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
-@pytest.mark.parametrize("layout", LAYOUTS_SLOW)
-def test_msrun_latents_equal_single_process_more_layouts(served, single, tmp_path, layout):
-    _parallel_equals_single(served, single, tmp_path, layout)
+    task, model, url = served
+    ulysses, pp = layout
+    reference, _ = single
+    out = tmp_path / f"u{ulysses}p{pp}"
+    result = run_msrun("run_parallel.py", _args(task, model, url, out, ["--ulysses_degree", str(ulysses),
+                       "--pp_degree", str(pp), "--no_video"]), ulysses * pp, str(out / "logs"), LAUNCH_TIMEOUT)
+    assert result.ok, result.logs()
+    latents = load_file(str(out / "latents.safetensors"))["latents"]
+    assert latents.shape == reference.shape == (1, 3, 8, 3, 5)
+    tol = 1e-4 * (1 + np.abs(reference).max())
+    assert np.abs(latents - reference).max() <= tol
 
 
 # ---- validation: clear errors naming the argument, before any weight or server is touched ----------
