@@ -14,7 +14,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ] || ! .venv/bin/python -c
   echo "[setup] installing requirements (MindSpore is a large wheel: this takes a few minutes the first time)"
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -r requirements.txt
-  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+  # the editable install's build backend prints beta-configuration notices: keep them in a log
+  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . > .venv/install-package.log 2>&1 \
+    || { cat .venv/install-package.log >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import mindspore, numpy; print("mindspore", mindspore.__version__, "numpy", numpy.__version__)' 2>/dev/null | tail -1)"
