@@ -131,3 +131,21 @@ def load_into(
     for f in files:
         f.close()
     return loaded
+
+
+def build_and_load(
+    build: Callable[[], nn.Cell],
+    path: str,
+    dtype: Optional[ms.dtype] = None,
+    select: Optional[Callable[[str], bool]] = None,
+    progress: bool = True,
+) -> nn.Cell:
+    """`build()` a cell without allocating its weights (shapes only), set them from the checkpoint
+    at `path` through `load_into`, and put the cell in inference mode."""
+    from mindspore.nn.utils import no_init_parameters
+
+    with no_init_parameters():
+        cell = build()
+    load_into(cell, path, dtype=dtype, select=select, progress=progress)
+    cell.set_train(False)
+    return cell

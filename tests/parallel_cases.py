@@ -111,13 +111,11 @@ def conditioning(inputs: Dict[str, np.ndarray], kind: str):
 def reference_latents(model_dir: str, case: Case) -> np.ndarray:
     """The single-process loop: the plain model in `sampling.denoise`."""
     from mindspore import Tensor
-    from stepvideo_ms import checkpoint
     from stepvideo_ms.diffusion.sampling import denoise
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
     from stepvideo_ms.models.dit import StepVideoModel
 
-    model = StepVideoModel.from_config(checkpoint.read_config(model_dir))
-    checkpoint.load_into(model, model_dir, progress=False)
+    model = StepVideoModel.from_pretrained(model_dir, progress=False)
     inputs = case_inputs(case)
     c = conditioning(inputs, case.kind)
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from stepvideo_ms import checkpoint
 from stepvideo_ms.diffusion.backends import InProcessBackends
 from stepvideo_ms.diffusion.pipeline import StepVideoPipeline
 from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
@@ -24,8 +23,7 @@ def pipeline(request, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(model_dir), "--task", request.param],
                    check=True, cwd=REPO, capture_output=True, env={**os.environ, "GLOG_v": "3"})
     transformer = str(model_dir / "transformer")
-    model = StepVideoModel.from_config(checkpoint.read_config(transformer))
-    checkpoint.load_into(model, transformer, progress=False)
+    model = StepVideoModel.from_pretrained(transformer, progress=False)
     backends = InProcessBackends.from_model_dir(str(model_dir), progress=False)
     scheduler = FlowMatchScheduler.from_dir(str(model_dir / "scheduler"))
     return request.param, StepVideoPipeline(model, scheduler, backends, backends, progress=False)

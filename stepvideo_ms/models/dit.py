@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
 
+from .. import checkpoint
 from .common import LayerNorm, Linear, count_parameters, new_param
 from .embeddings import AdaLayerNormSingle, PixArtAlphaTextProjection
 from .layers import AttentionCore, PatchEmbed, StepVideoTransformerBlock
@@ -90,6 +91,15 @@ class StepVideoModel(nn.Cell):
         """Build from a config dict (upstream's config.json); keys such as `_class_name` are ignored."""
         keys = cls.config_keys()
         return cls(**{k: v for k, v in config.items() if k in keys}, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str, config: Optional[dict] = None, dtype=ms.float32,
+                        select: Optional[Callable[[str], bool]] = None, progress: bool = True) -> "StepVideoModel":
+        """The DiT of a transformer directory (config.json + safetensors) or checkpoint file; `config`
+        replaces the config.json; `select` loads only some parameters (a pipeline stage)."""
+        config = checkpoint.read_config(path) if config is None else config
+        return checkpoint.build_and_load(lambda: cls.from_config(config, dtype=dtype), path, dtype=dtype,
+                                         select=select, progress=progress)
 
     def num_parameters(self) -> int:
         return count_parameters(self)

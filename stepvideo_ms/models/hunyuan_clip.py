@@ -185,16 +185,12 @@ class BertModel(nn.Cell):
 
 def load_bert(folder: str, dtype=ms.float32, progress: bool = True) -> BertModel:
     """BertModel from a folder holding config.json and safetensors weights."""
-    from mindspore.nn.utils import no_init_parameters
-
     config = checkpoint.read_config(folder)
     files = checkpoint.checkpoint_files(folder)
     has_pooler = any("pooler.dense.weight" in SafetensorsFile(f).keys() for f in files)
-    with no_init_parameters():
-        model = BertModel.from_config(config, add_pooling_layer=has_pooler, dtype=dtype)
-    checkpoint.load_into(model, folder, dtype=dtype, select=lambda name: name not in BERT_BUFFERS, progress=progress)
-    model.set_train(False)
-    return model
+    return checkpoint.build_and_load(lambda: BertModel.from_config(config, add_pooling_layer=has_pooler, dtype=dtype),
+                                     folder, dtype=dtype, select=lambda name: name not in BERT_BUFFERS,
+                                     progress=progress)
 
 
 class HunyuanClip:

@@ -176,15 +176,10 @@ class Step1Model(nn.Cell):
 
 def load_step1(folder: str, dtype=None, progress: bool = True) -> Step1Model:
     """Step1Model from a step_llm folder (config.json + safetensors)."""
-    from mindspore.nn.utils import no_init_parameters
-
     dtype = compute_dtype() if dtype is None else dtype
     config = checkpoint.read_config(folder)
-    with no_init_parameters():
-        model = Step1Model.from_config(config, dtype=dtype)
-    checkpoint.load_into(model, folder, dtype=dtype, progress=progress)
-    model.set_train(False)
-    return model
+    return checkpoint.build_and_load(lambda: Step1Model.from_config(config, dtype=dtype), folder, dtype=dtype,
+                                     progress=progress)
 
 
 class StepTextEncoder:

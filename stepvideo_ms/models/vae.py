@@ -18,7 +18,6 @@ from typing import Optional, Union
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
-from mindspore.nn.utils import no_init_parameters
 from tqdm.auto import tqdm
 
 from .. import checkpoint, runtime
@@ -164,11 +163,7 @@ class AutoencoderKL(nn.Cell):
             with open(cfg_path, "r", encoding="utf-8") as fh:
                 cfg = json.load(fh)
         dtype = runtime.compute_dtype() if dtype is None else dtype
-        with no_init_parameters():  # shapes only: the checkpoint supplies every value
-            model = cls.from_config(cfg, dtype)
-        checkpoint.load_into(model, weights, dtype=dtype, progress=progress)
-        model.set_train(False)
-        return model
+        return checkpoint.build_and_load(lambda: cls.from_config(cfg, dtype), weights, dtype=dtype, progress=progress)
 
     def save_config(self, folder: str) -> str:
         """Write config.json (atomically) into `folder`; returns its path."""

@@ -56,12 +56,8 @@ def load_stage_model(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = T
     probe = {k: v for k, v in config.items() if k in model_args}
     heads, layers = int(probe.get("num_attention_heads", 48)), int(probe.get("num_layers", 48))
     mesh.check_model(heads, layers)
-    from mindspore.nn.utils import no_init_parameters
-
-    with no_init_parameters():
-        model = StepVideoModel.from_config(config, dtype=dtype)
-    checkpoint.load_into(model, path, dtype=dtype, select=stage_param_filter(mesh, layers), progress=progress)
-    return model
+    return StepVideoModel.from_pretrained(path, config, dtype=dtype, select=stage_param_filter(mesh, layers),
+                                          progress=progress)
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import mindspore as ms
 from mindspore import Tensor
 
-from .. import checkpoint
 from ..diffusion.sampling import denoise
 from ..diffusion.scheduler import FlowMatchScheduler
 from ..models.dit import StepVideoModel
@@ -21,9 +19,7 @@ def _tensor(case: GoldenCase, key: str) -> Optional[Tensor]:
 
 
 def load_dit(case: GoldenCase) -> StepVideoModel:
-    model = StepVideoModel.from_config(case.config)
-    checkpoint.load_into(model, case.weights_path, progress=False)
-    return model
+    return StepVideoModel.from_pretrained(case.weights_path, case.config, progress=False)
 
 
 def _motion(case: GoldenCase) -> Optional[float]:
