@@ -123,18 +123,14 @@ def broadcast_conditions(comm, cond, rank: int):
     from mindspore import Tensor
     from .diffusion.pipeline import Conditions
 
-    names = ("y", "y_mask", "clip_embedding", "condition")
+    local = cond.arrays() if rank == 0 else {}
     flags = np.zeros(2, np.float32)
     if rank == 0:
         flags[:] = [cond.condition is not None, -1.0 if cond.motion_score is None else cond.motion_score]
     flags = comm.broadcast(Tensor(flags) if rank == 0 else None).asnumpy()
     has_condition, motion = bool(flags[0]), (None if flags[1] < 0 else float(flags[1]))
-    arrays = {}
-    for name in names:
-        if name == "condition" and not has_condition:
-            continue
-        local = Tensor(cond.arrays()[name]) if rank == 0 else None
-        arrays[name] = comm.broadcast(local).asnumpy()
+    names = ("y", "y_mask", "clip_embedding") + (("condition",) if has_condition else ())
+    arrays = {name: comm.broadcast(Tensor(local[name]) if rank == 0 else None).asnumpy() for name in names}
     return Conditions(arrays["y"], arrays["y_mask"], arrays["clip_embedding"], arrays.get("condition"), motion)
 
 
@@ -192,10 +188,7 @@ def run(args) -> int:
     cond = broadcast_conditions(comm, cond, rank)
     timings["encode_s"] = time.perf_counter() - t0
 
-    dtype = rt.compute_dtype
-    conditioning = Conditioning(
-        Tensor(cond.y, dtype), Tensor(cond.y_mask), Tensor(cond.clip_embedding, dtype),
-        None if cond.condition is None else Tensor(cond.condition, dtype), cond.motion_score)
+    conditioning = Conditioning(*cond.tensors(rt.compute_dtype), cond.motion_score)
     t0 = time.perf_counter()
     latents = parallel_denoise(mesh, comm, model, Tensor(pipe.initial_noise(settings)), conditioning, scheduler,
                                settings.infer_steps, settings.time_shift, settings.cfg_scale, progress=progress)

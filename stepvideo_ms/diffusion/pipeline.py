@@ -1,8 +1,9 @@
 """StepVideoPipeline: prompt (and first image) in, video out, for T2V and TI2V.
 
 The steps are separate so that a multi-rank run can place them: `encode_conditions` (text and
-image embeddings, rank 0), `initial_noise` (every rank, from the seed), `denoise` (every rank;
-a parallel run passes its own `denoise_fn`), `decode` and `save` (rank 0). `__call__` chains them
+image embeddings, rank 0), `initial_noise` (every rank, from the seed), `denoise` (one
+process; a parallel run calls `parallel.parallel_denoise` with the same Conditions), `decode` and
+`save` (rank 0). `__call__` chains them
 in one process. The pipeline talks to the text encoders and the VAE through two small
 interfaces, implemented both by the HTTP client and by in-process models.
 """
@@ -12,10 +13,9 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Protocol
+from typing import Dict, Optional, Protocol, Tuple
 
 import numpy as np
-import mindspore as ms
 from mindspore import Tensor
 
 from ..atomic import write_json
@@ -45,6 +45,11 @@ class Conditions:
     condition: Optional[np.ndarray] = None  # TI2V: (2, f_lat, C, h, w), image latent at frame 0
     motion_score: Optional[float] = None
 
+    def tensors(self, dtype) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """(y, y_mask, clip_embedding, condition) as the DiT takes them: floats in `dtype`, the mask as is."""
+        condition = None if self.condition is None else Tensor(self.condition, dtype)
+        return Tensor(self.y, dtype), Tensor(self.y_mask), Tensor(self.clip_embedding, dtype), condition
+
     def arrays(self) -> Dict[str, np.ndarray]:
         out = {"y": self.y, "y_mask": self.y_mask, "clip_embedding": self.clip_embedding}
         if self.condition is not None:
@@ -52,20 +57,15 @@ class Conditions:
         return out
 
 
-DenoiseFn = Callable[[StepVideoModel, Conditions, np.ndarray, GenerationSettings, FlowMatchScheduler], np.ndarray]
-
-
 def single_process_denoise(model: StepVideoModel, cond: Conditions, noise: np.ndarray,
                            settings: GenerationSettings, scheduler: FlowMatchScheduler, progress: bool = True) -> np.ndarray:
-    dtype = model.dtype
-    y, mask, clip = Tensor(cond.y, dtype), Tensor(cond.y_mask), Tensor(cond.clip_embedding, dtype)
-    condition = None if cond.condition is None else Tensor(cond.condition, dtype)
+    y, mask, clip, condition = cond.tensors(model.dtype)
 
     def predict(latents: Tensor, timestep: Tensor) -> Tensor:
         return model(latents, timestep, y, mask, clip, condition, cond.motion_score)
 
     out = denoise(predict, Tensor(noise), scheduler, settings.infer_steps, settings.time_shift,
-                  settings.cfg_scale, model_dtype=dtype, progress=progress)
+                  settings.cfg_scale, model_dtype=model.dtype, progress=progress)
     return out.asnumpy()
 
 
@@ -80,12 +80,11 @@ class GenerationResult:
 class StepVideoPipeline:
     def __init__(self, transformer: StepVideoModel, scheduler: FlowMatchScheduler,
                  text_encoder: Optional[TextEncoder] = None, vae: Optional[VideoVAE] = None,
-                 denoise_fn: Optional[DenoiseFn] = None, progress: bool = True):
+                 progress: bool = True):
         self.transformer = transformer
         self.scheduler = scheduler
         self.text_encoder = text_encoder
         self.vae = vae
-        self.denoise_fn = denoise_fn
         self.progress = progress
 
     @property
@@ -119,8 +118,6 @@ class StepVideoPipeline:
         return rng.standard_normal(s.latent_shape(self.transformer.in_channels), dtype=np.float32)
 
     def denoise(self, s: GenerationSettings, cond: Conditions, noise: np.ndarray) -> np.ndarray:
-        if self.denoise_fn is not None:
-            return self.denoise_fn(self.transformer, cond, noise, s, self.scheduler)
         return single_process_denoise(self.transformer, cond, noise, s, self.scheduler, self.progress)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
