@@ -171,7 +171,7 @@ def write_transformer(folder: str, seed: int, task: str, in_channels: int, capti
 
 
 def _make_readable(root: str) -> None:
-    """Temporary files are created private (0600); a model directory is for everyone to read."""
+    """mkdtemp makes the build directory private (0700); a model directory is for everyone to read."""
     for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o755)
         for name in files:
