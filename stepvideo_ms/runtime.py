@@ -4,6 +4,11 @@ One place decides where we run and in which dtype we compute:
 - Ascend when an Ascend device is usable, else CPU (an explicit choice always wins);
 - bfloat16 compute on Ascend, float32 on CPU (MindSpore's CPU matmul, softmax and norms have
   no bfloat16 kernels).
+
+The device `ascend-sim` (tests only) runs the Ascend branches on the CPU backend: MindSpore is set to
+CPU, `is_ascend()` is true, the policy is Ascend's (bf16), and `stepvideo_ms.testing.ascend_sim`
+replaces the NPU-only MindSpore calls with strict emulators. The product code has one Ascend branch
+per primitive; the simulation only changes what those branches call.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ from typing import Optional
 
 import mindspore as ms
 
-DEVICES = ("Ascend", "CPU")
+DEVICES = ("Ascend", "CPU", "ascend-sim")
+SIMULATED_ASCEND = "ascend-sim"
 ENV_DEVICE = "STEPVIDEO_DEVICE"
 
 
@@ -25,7 +31,12 @@ class Runtime:
 
     @property
     def is_ascend(self) -> bool:
-        return self.device == "Ascend"
+        return self.device in ("Ascend", SIMULATED_ASCEND)
+
+
+# Set once by init(): the Ascend simulation is installed in this process. The device itself is
+# MindSpore's context (device_target); this records only that CPU stands in for Ascend.
+_simulating = False
 
 
 def _ascend_available() -> bool:
@@ -53,8 +64,8 @@ def pick_device(override: Optional[str] = None) -> str:
 
 
 def dtype_for(device: str) -> ms.dtype:
-    """The compute dtype of the policy: bf16 on Ascend, float32 on CPU."""
-    return ms.bfloat16 if device == "Ascend" else ms.float32
+    """The compute dtype of the policy: bf16 on Ascend (real or simulated), float32 on CPU."""
+    return ms.bfloat16 if device in ("Ascend", SIMULATED_ASCEND) else ms.float32
 
 
 def init(device: Optional[str] = None, device_id: Optional[int] = None) -> Runtime:
@@ -62,9 +73,19 @@ def init(device: Optional[str] = None, device_id: Optional[int] = None) -> Runti
     name = pick_device(device)
     if device_id is None:
         device_id = int(os.environ.get("DEVICE_ID", "0"))
+    global _simulating
     if name == "Ascend":
         ms.set_device(name, device_id)
+    elif name == SIMULATED_ASCEND:
+        from .testing import ascend_sim
+
+        ms.set_device("CPU")
+        ms.runtime.launch_blocking()
+        ascend_sim.install()
+        _simulating = True
     else:
+        if _simulating:
+            raise RuntimeError("this process already runs the Ascend simulation; start a new process for CPU")
         ms.set_device(name)
         # PyNative's asynchronous launch makes the Python thread busy-wait at every sync point on
         # CPU, taking cycles from the kernels (and from peer ranks in a collective); blocking launch
@@ -75,9 +96,16 @@ def init(device: Optional[str] = None, device_id: Optional[int] = None) -> Runti
 
 
 def current_device() -> str:
-    """The device MindSpore is set to now ("Ascend" or "CPU")."""
+    """The device MindSpore is set to now ("Ascend" or "CPU"); the simulation counts as Ascend."""
+    if _simulating:
+        return "Ascend"
     target = ms.get_context("device_target")
     return "Ascend" if target == "Ascend" else "CPU"
+
+
+def is_simulated() -> bool:
+    """True in a process running the Ascend simulation (device `ascend-sim`)."""
+    return _simulating
 
 
 def is_ascend() -> bool:
