@@ -6,7 +6,8 @@ the key heads; head_dim a multiple of 16, at most 512; `attn_mask` bool or uint8
 shaped (B, N1, S1, S2), (B, 1, S1, S2) or (S1, S2) for sparse_mode 0/1 and exactly the 2048x2048
 compressed causal mask for sparse_mode 2/3; `real_shift` of the query's dtype shaped (B, N1, S1, S2)
 or (1, N1, S1, S2). Computed in float32 (scores, bias, softmax, weighted sum), rounded to the
-query's dtype. A query row whose keys are all discarded is refused: the kernel's output there is
+query's dtype; the softmax probabilities are rounded to the input dtype before they multiply the
+values, as the cube unit takes float16/bfloat16 operands (and upstream's CPU kernel does too). A query row whose keys are all discarded is refused: the kernel's output there is
 not softmax of anything.
 """
 from __future__ import annotations
@@ -175,6 +176,7 @@ def emulator(real):
 def _compute(qh, kh, vh, keep: np.ndarray, shift, scale: float) -> Tensor:
     b, n1, s1, d = qh.shape
     n2, s2 = kh.shape[1], kh.shape[2]
+    in_dtype = qh.dtype
     if n2 != n1:  # grouped heads: query head i reads key head i // (n1 // n2)
         index = Tensor(np.arange(n1, dtype=np.int32) // (n1 // n2))
         kh, vh = kh.astype(ms.float32)[:, index], vh.astype(ms.float32)[:, index]
@@ -190,5 +192,8 @@ def _compute(qh, kh, vh, keep: np.ndarray, shift, scale: float) -> Tensor:
             scores = scores + shift[:, :, start:stop]
         drop = Tensor(~keep[:, :, start:stop])
         scores = mint.where(drop, neg, scores)
-        outs.append(mint.matmul(mint.softmax(scores, dim=-1), vf))
+        probs = mint.softmax(scores, dim=-1)
+        # the cube unit multiplies in the input dtype: the probabilities are rounded before P @ V
+        probs = probs.astype(in_dtype).astype(ms.float32)
+        outs.append(mint.matmul(probs, vf))
     return outs[0] if len(outs) == 1 else mint.cat(outs, dim=2)
