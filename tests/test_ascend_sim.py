@@ -204,3 +204,45 @@ def test_ascend_branches_under_the_simulation():
     proc = run_sim([os.path.join(REPO, "tests", "ascend_sim_checks.py")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all checks passed" in proc.stdout
+
+
+# ---- the caption and VAE servers serve under the simulation ------------------------------------------
+@pytest.fixture(scope="module")
+def sim_server(tmp_path_factory):
+    from serving_support import ServerProcess
+    from stepvideo_ms.tiny import write_tiny_model
+
+    model = write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0, task="t2v")
+    srv = ServerProcess(model, str(tmp_path_factory.mktemp("logs")), "sim", "--port", 0,
+                        env={"STEPVIDEO_DEVICE": "ascend-sim"}).start()
+    yield model, srv
+    srv.stop()
+
+
+def test_servers_serve_under_ascend_sim(sim_server):
+    from stepvideo_ms.models.caption import CaptionEncoder
+    from stepvideo_ms.models.vae import AutoencoderKL
+    from stepvideo_ms.serving.client import RemoteClient
+
+    model, srv = sim_server
+    prompts = ["A paper boat drifts along a rainy harbour.", ""]
+    latents = rand(1, 3, 8, 1, 2, seed=1)
+    image = np.random.default_rng(2).uniform(-1, 1, (1, 1, 3, 16, 32)).astype(np.float32)
+    with RemoteClient(srv.url, read_timeout=120, retries=0) as client:
+        health = client.health()
+        assert health["device"] == "ascend-sim" and health["dtype"] == "bfloat16", health
+        remote = client.caption(prompts)
+        frames = client.vae_decode(latents)
+        latent = client.vae_encode(image, seed=0, sample=False)
+    # against the CPU float32 models in this process: the same answers up to bf16 rounding
+    local = CaptionEncoder.from_model_dir(model, progress=False).encode(prompts)
+    for key in local:
+        assert remote[key].shape == local[key].shape and remote[key].dtype == local[key].dtype, key
+        scale = 1.0 + float(np.abs(local[key]).max())
+        assert np.abs(remote[key].astype(np.float64) - local[key]).max() <= 0.05 * scale, key
+    np.testing.assert_array_equal(remote["y_mask"], local["y_mask"])
+    vae = AutoencoderKL.from_pretrained(f"{model}/vae", progress=False)
+    ref = vae.decode(Tensor(latents), progress=False).asnumpy()
+    assert frames.shape == ref.shape and np.abs(frames - ref).max() <= 0.05 * (1 + np.abs(ref).max())
+    ref = vae.encode(Tensor(image), seed=0, sample=False, progress=False).asnumpy()
+    assert latent.shape == ref.shape and np.abs(latent - ref).max() <= 0.05 * (1 + np.abs(ref).max())
