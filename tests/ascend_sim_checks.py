@@ -80,7 +80,16 @@ close(ops.conv3d(x, w, b, (1, 2, 2), ((2, 0), (0, 1), (0, 1))),
       _conv_matmul(as32(x), as32(w), as32(b), (1, 2, 2), ((2, 0), (0, 1), (0, 1)), 1 << 26).asnumpy(), 0.1,
       "bf16 strided conv3d with uneven padding")
 
+x2, w2 = Tensor(rand(1, 4, 5, 6)).astype(BF16), Tensor(rand(6, 4, 3, 3, seed=1)).astype(BF16)
+close(ops.conv2d(x2, w2, None, 2, ((0, 1), (0, 1))),
+      _conv_matmul(as32(x2).expand_dims(2), as32(w2).expand_dims(2), None, (1, 2, 2), ((0, 0), (0, 1), (0, 1)),
+                   1 << 26).asnumpy()[:, :, 0], 0.1, "bf16 conv2d with uneven padding")
+
 # norms and embedding
+xg = Tensor(rand(2, 8, 3, 4)).astype(BF16)
+xgf = xg.astype(ms.float32).asnumpy().reshape(2, 2, -1)
+ref = ((xgf - xgf.mean(-1, keepdims=True)) / np.sqrt(xgf.var(-1, keepdims=True) + 1e-5)).reshape(2, 8, 3, 4)
+close(ops.group_norm(xg, 2, None, None, 1e-5), ref, 0.05, "group_norm")
 xn = Tensor(rand(2, 3, 32)).astype(BF16)
 g = Tensor(rand(32, seed=3)).astype(BF16)
 xf, gf = xn.astype(ms.float32).asnumpy(), g.astype(ms.float32).asnumpy()

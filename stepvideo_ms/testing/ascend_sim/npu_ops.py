@@ -149,9 +149,6 @@ def embedding_emulator(real):
 # ops.conv3d (P.Conv3D: "input data type only support float16 and float32") and
 # mint.nn.functional.conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
 
-MINT_CONV3D_SIGNATURE = "(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)"
-
-
 def ops_conv3d_emulator(real):
     def conv3d(*args, **kwargs):
         a = bind(real, "ops.conv3d", args, kwargs)
@@ -173,7 +170,7 @@ def _triple(name: str, value, what: str):
 
 def mint_conv3d_emulator(real):
     def conv3d(*args, **kwargs):
-        a = bind(real, "mint.nn.functional.conv3d", args, kwargs, MINT_CONV3D_SIGNATURE)
+        a = bind(real, "mint.nn.functional.conv3d", args, kwargs)
         x = require_tensor("conv3d", "input", a["input"])
         w = require_tensor("conv3d", "weight", a["weight"])
         require_dtype("conv3d", "input", x, FLOATS)
