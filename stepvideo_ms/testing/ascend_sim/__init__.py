@@ -15,6 +15,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    from . import hccl
+
+    hccl.install()  # HCCL across msrun workers, and the host-sync accounting
     _installed = True
 
 
