@@ -106,3 +106,40 @@ def test_simulated_hccl_rules_and_deadlocks(launches, world):
     assert all("sim" in rep for rep in reports), "the simulation's checks did not run"
     failures = [f"rank {r}: {m}" for r, rep in enumerate(reports) for m in rep["sim"]]
     assert not failures, "\n".join(failures)
+
+
+# ---- run_parallel.py itself: the servers and the workers all under ascend-sim --------------------
+@pytest.fixture(scope="module")
+def sim_served(tmp_path_factory):
+    """(tiny TI2V model dir, url of its caption+VAE server running under ascend-sim)."""
+    from serving_support import ServerProcess
+    from test_run_parallel import _make_model
+
+    model = _make_model(tmp_path_factory, "ti2v")
+    srv = ServerProcess(model, str(tmp_path_factory.mktemp("sim_logs")), "ti2v", "--port", 0, env=SIM_ENV).start()
+    yield model, srv.url
+    srv.stop()
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
+def test_run_parallel_under_simulation_equals_single_process(sim_served, tmp_path):
+    """TI2V on 45 tokens, ulysses 2 x pp 2 (AlltoAll on sub-groups, send/recv between stages)."""
+    from stepvideo_ms.safetensors_io import load_file
+    from test_run_parallel import _args
+
+    model, url = sim_served
+    single = tmp_path / "single"
+    done = subprocess.run([sys.executable, "run_parallel.py", *_args("ti2v", model, url, single, ["--no_video"])],
+                          cwd=REPO, env={**os.environ, **SIM_ENV}, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "device ascend-sim, compute dtype BFloat16" in done.stdout, done.stdout
+    reference = load_file(str(single / "latents.safetensors"))["latents"]
+    out = tmp_path / "u2p2"
+    result = run_msrun("run_parallel.py", _args("ti2v", model, url, out, ["--ulysses_degree", "2", "--pp_degree", "2",
+                       "--no_video"]), 4, str(out / "logs"), LAUNCH_TIMEOUT, extra_env=SIM_ENV)
+    assert result.ok, result.logs()
+    assert "world 4 = ulysses 2 x pp 2; device ascend-sim, compute dtype BFloat16" in result.logs()
+    latents = load_file(str(out / "latents.safetensors"))["latents"]
+    assert latents.shape == reference.shape == (1, 3, 8, 3, 5)
+    assert np.isfinite(reference).all() and reference.std() > 0
+    assert np.abs(latents - reference).max() <= 1e-4 * (1 + np.abs(reference).max())
