@@ -17,10 +17,11 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    from . import bf16_cpu, npu_ops
+    from . import bf16_cpu, hccl, npu_ops
 
     npu_ops.install()  # first: its emulators own the NPU-only names that bf16_cpu would also wrap
     bf16_cpu.install()
+    hccl.install()  # HCCL across msrun workers, and the host-sync accounting
     _installed = True
 
 
