@@ -44,11 +44,18 @@ def _axis_angles(dim: int, pos: np.ndarray) -> np.ndarray:
 
 
 def round_to_dtype(values: np.ndarray, dtype) -> np.ndarray:
-    """float32 values rounded to `dtype` (round to nearest even, as a cast), returned as float32."""
-    values = np.asarray(values, dtype=np.float32)
+    """float32 values rounded to `dtype` as a cast does (nearest, ties to even), returned as float32.
+    Done on the host: the tables are host data, so no device round trip."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
     if dtype == ms.float32:
         return values
-    return Tensor(values).astype(dtype).astype(ms.float32).asnumpy()
+    if dtype == ms.float16:
+        return values.astype(np.float16).astype(np.float32)
+    if dtype != ms.bfloat16:
+        raise ValueError(f"RoPE tables in {dtype} are not supported: use float32, float16 or bfloat16")
+    bits = values.view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
 
 
 @dataclass
