@@ -14,7 +14,7 @@ assert rt.device == "ascend-sim" and runtime.is_ascend() and runtime.is_simulate
 assert rt.compute_dtype == ms.bfloat16
 
 from stepvideo_ms import ops  # noqa: E402
-from stepvideo_ms.ops.attention import KeyMask, _attention_blocked  # noqa: E402
+from stepvideo_ms.ops.attention import KeyMask, _attention_blocked, repeat_heads  # noqa: E402
 from stepvideo_ms.ops.conv import _conv_matmul  # noqa: E402
 
 BF16 = ms.bfloat16
@@ -60,6 +60,11 @@ bias = Tensor(-np.abs(rand(1, 2, 6, 6, seed=5)))
 calls.clear()
 close(ops.attention(q, k, v, bias=bias, causal=True), blocked(q, k, v, None, bias, True), 0.05,
       "fused causal attention with a (1, h, s, s) bias")
+assert calls == [(2, (2048, 2048))], calls
+kg, vg = (Tensor(rand(2, 6, 1, 32, seed=7 + i)).astype(BF16) for i in range(2))  # one key/value head for two
+calls.clear()
+close(ops.attention(q, kg, vg, bias=bias, causal=True),
+      blocked(q, repeat_heads(kg, 2), repeat_heads(vg, 2), None, bias, True), 0.05, "fused grouped-query causal attention (key/value heads as they are)")
 assert calls == [(2, (2048, 2048))], calls
 calls.clear()
 q32 = Tensor(rand(1, 5, 2, 24))

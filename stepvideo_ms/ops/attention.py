@@ -67,7 +67,8 @@ def attention(
 ) -> Tensor:
     """softmax(q k^T * scale + bias, masked) v.
 
-    q: (b, sq, h, d); k, v: (b, sk, h, d).
+    q: (b, sq, h, d); k, v: (b, sk, hk, d) with hk dividing h (grouped-query attention: query head i
+        reads key/value head i // (h // hk); the fused kernel takes the groups as they are).
     key_mask: bool (b, sk), True where the key may be attended, or a `KeyMask` (prepared once).
     bias: float, broadcastable to (b, h, sq, sk), added to the scores (ALiBi and friends).
     causal: query i sees keys j <= i (sq == sk).
@@ -77,13 +78,24 @@ def attention(
         raise ValueError(f"attention takes (batch, seq, heads, head_dim) tensors, got q{q.shape} k{k.shape} v{v.shape}")
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: k{k.shape} and v{v.shape} must match q{q.shape} in batch and head_dim, "
+                         f"with key/value heads dividing the query heads")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if is_ascend() and fused_supported(q):
         mask = key_mask if key_mask is None or isinstance(key_mask, KeyMask) else KeyMask(key_mask)
         return _attention_ascend(q, k, v, mask, bias, causal, scale)
     if isinstance(key_mask, KeyMask):
         key_mask = key_mask.keep
+    if k.shape[2] != q.shape[2]:
+        k, v = repeat_heads(k, q.shape[2]), repeat_heads(v, q.shape[2])
     return _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes)
+
+
+def repeat_heads(x: Tensor, heads: int) -> Tensor:
+    """(b, s, hk, d) -> (b, s, heads, d): each key/value head serves heads // hk consecutive query heads."""
+    b, s, hk, d = x.shape
+    return x.reshape(b, s, hk, 1, d).broadcast_to((b, s, hk, heads // hk, d)).reshape(b, s, heads, d)
 
 
 def fused_supported(q: Tensor) -> bool:
