@@ -61,6 +61,10 @@ calls.clear()
 close(ops.attention(q, k, v, bias=bias, causal=True), blocked(q, k, v, None, bias, True), 0.05,
       "fused causal attention with a (1, h, s, s) bias")
 assert calls == [(2, (2048, 2048))], calls
+calls.clear()
+close(ops.attention(q, k, v, key_mask=mask, causal=True), blocked(q, k, v, keep, None, True), 0.05,
+      "fused causal attention with a key mask (one full mask)")
+assert calls == [(0, (2, 1, 6, 6))], calls
 kg, vg = (Tensor(rand(2, 6, 1, 32, seed=7 + i)).astype(BF16) for i in range(2))  # one key/value head for two
 calls.clear()
 close(ops.attention(q, kg, vg, bias=bias, causal=True),

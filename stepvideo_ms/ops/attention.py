@@ -157,9 +157,10 @@ def _attention_ascend(q, k, v, key_mask: Optional[KeyMask], bias, causal, scale)
     b, sq, h, _ = q.shape
     sk = k.shape[1]
     drop, sparse_mode = None, 0
-    if causal:
-        if key_mask is not None:
-            raise ValueError("attention: a key mask with causal=True is not supported on Ascend (one mask per call)")
+    if causal and key_mask is not None:  # no caller does this: one full mask, built per call
+        future = Tensor(np.triu(np.ones((sq, sk), dtype=np.bool_), k=1)).reshape(1, 1, sq, sk)
+        drop = mint.logical_or(key_mask.discard(sq), future)
+    elif causal:
         drop, sparse_mode = compressed_causal_mask(), LEFT_UP_CAUSAL
     elif key_mask is not None:
         drop = key_mask.discard(sq)
