@@ -107,7 +107,7 @@ class StepVideoModel(nn.Cell):
 
     # ---- forward, in three parts ---------------------------------------------------------
     def embed(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
-              encoder_attention_mask: Tensor, encoder_hidden_states_2: Optional[Tensor] = None,
+              encoder_attention_mask: Union[Tensor, np.ndarray], encoder_hidden_states_2: Optional[Tensor] = None,
               condition_hidden_states: Optional[Tensor] = None,
               motion_score: Optional[float] = None) -> DiTInputs:
         if hidden_states.ndim != 5:
@@ -172,10 +172,11 @@ class StepVideoModel(nn.Cell):
         return self.finish(x, inputs)
 
 
-def text_key_mask(context: Tensor, mask: Tensor) -> Tuple[Tensor, KeyMask]:
+def text_key_mask(context: Tensor, mask: Union[Tensor, np.ndarray]) -> Tuple[Tensor, KeyMask]:
     """Upstream's text mask: sample i attends its first sum(mask[i]) text tokens; the text is cut
-    to the longest valid length of the batch."""
-    lengths = mask.asnumpy().astype(bool).sum(axis=1)
+    to the longest valid length of the batch. The lengths are needed on the host: a numpy `mask`
+    (read once by a loop) spares a device read per call."""
+    lengths = (mask if isinstance(mask, np.ndarray) else mask.asnumpy()).astype(bool).sum(axis=1)
     if lengths.min() < 1:
         raise ValueError("encoder_attention_mask: every sample needs at least one valid text token")
     longest = int(lengths.max())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, mint
 
 from .. import checkpoint
@@ -114,7 +115,9 @@ class ParallelDiT:
         self.partition = mesh.partition(model.num_layers)
         self._ropes: Dict[Tuple[int, int, int], Rope3D] = {}
 
-    def forward(self, hidden_states: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    def forward(self, hidden_states: Tensor, timestep: Tensor, cond: Conditioning,
+                text_mask: Optional[np.ndarray] = None) -> Tensor:
+        """`text_mask`: cond.encoder_attention_mask already read to the host (the loop reads it once)."""
         mesh, model = self.mesh, self.model
         batch = int(hidden_states.shape[0])
         if cond.batch != batch:
@@ -122,7 +125,8 @@ class ParallelDiT:
         condition = cond.condition_hidden_states
         if condition is not None and condition.shape[0] == 1 and batch > 1:
             condition = condition.broadcast_to((batch,) + tuple(condition.shape[1:]))
-        inputs = model.embed(hidden_states, timestep, cond.encoder_hidden_states, cond.encoder_attention_mask,
+        mask = cond.encoder_attention_mask if text_mask is None else text_mask
+        inputs = model.embed(hidden_states, timestep, cond.encoder_hidden_states, mask,
                              cond.encoder_hidden_states_2, condition, cond.motion_score)
         f, h, w = inputs.grid
         shard = TokenShard(f * h * w, mesh.ulysses_degree, mesh.sp_rank)
@@ -150,7 +154,9 @@ class ParallelDiT:
     __call__ = forward
 
     def predictor(self, cond: Conditioning) -> Predictor:
-        return lambda latents, timestep: self.forward(latents, timestep, cond)
+        """The loop's model call; the text mask is read to the host once here, not at every step."""
+        text_mask = cond.encoder_attention_mask.asnumpy()
+        return lambda latents, timestep: self.forward(latents, timestep, cond, text_mask)
 
     def _rope(self, shard: TokenShard, grid: Tuple[int, int, int]) -> Rope3D:
         if grid not in self._ropes:
