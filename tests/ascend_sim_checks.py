@@ -1,140 +1,116 @@
-"""Checks of the simulated HCCL, run inside every msrun worker of tests/test_ascend_sim_hccl.py
-(by tests/parallel_worker.py when the device is ascend-sim). Each returns failure messages.
+"""Run under the device ascend-sim (by tests/test_ascend_sim.py): the product's Ascend branches on CPU.
 
-They exercise the MindSpore entry points as the product calls them and as the device would reject
-them: members-only groups, the real signatures, split_count = group size, contiguous inputs,
-global ranks, and the dead-lock timeout of a recv no one sends to and of a collective a rank skips.
+Each check runs an Ascend branch through the simulation's strict emulators and compares it with the
+CPU implementation in float32; prints "all checks passed" at the end.
 """
-from __future__ import annotations
-
-import os
-import time
-from typing import Callable, List
-
 import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops as msops
 
-DEADLOCK_TIMEOUT = 2.0  # seconds: the dead-lock checks lower the timeout to this for their own calls
+from stepvideo_ms import runtime
 
+rt = runtime.init()  # the device comes from $STEPVIDEO_DEVICE
+assert rt.device == "ascend-sim" and runtime.is_ascend() and runtime.is_simulated(), rt
+assert rt.compute_dtype == ms.bfloat16
 
-def _raises(failures: List[str], what: str, exc, needles, fn: Callable) -> None:
-    try:
-        fn()
-    except exc as err:
-        missing = [n for n in needles if n not in str(err)]
-        if missing:
-            failures.append(f"{what}: {type(err).__name__} does not say {missing}: {err}")
-        return
-    except Exception as err:  # noqa: BLE001 - any other error is a failure to report
-        failures.append(f"{what}: expected {exc.__name__}, got {type(err).__name__}: {err}")
-        return
-    failures.append(f"{what}: was accepted, expected {exc.__name__}")
+from stepvideo_ms import ops  # noqa: E402
+from stepvideo_ms.ops.attention import KeyMask, _attention_blocked  # noqa: E402
+from stepvideo_ms.ops.conv import _conv_matmul  # noqa: E402
 
-
-def emulator_checks(world: int, rank: int) -> List[str]:
-    import mindspore as ms
-    from mindspore import Tensor, mint, ops
-    from mindspore.communication import create_group, get_group_size, get_rank
-    from mindspore.mint import distributed as dist
-    from stepvideo_ms.parallel import Mesh, make_communicator
-    from stepvideo_ms.parallel.comm import NativeCommunicator
-
-    failures: List[str] = []
-    comm = make_communicator(Mesh.create(world, rank, world, 1))
-    if not isinstance(comm, NativeCommunicator):
-        failures.append(f"make_communicator under ascend-sim gave {type(comm).__name__}, not NativeCommunicator")
-    if (get_rank(), get_group_size(), dist.get_rank(), dist.get_world_size()) != (rank, world, rank, world):
-        failures.append(f"world rank/size: {get_rank()}/{get_group_size()}, dist {dist.get_rank()}/{dist.get_world_size()}")
-    if not dist.is_initialized():
-        failures.append("mint.distributed.is_initialized() is False after init()")
-    dist.init_process_group()  # after init(): accepted, nothing changes
-    _raises(failures, "init_process_group(world_size=world+1)", ValueError, ["world_size"],
-            lambda: dist.init_process_group(world_size=world + 1))
-
-    # members-only groups: pairs (0,1), (2,3), ... each created and used by its own members only
-    pair = [rank - rank % 2, rank - rank % 2 + 1]
-    name = f"pair_{pair[0]}_{pair[1]}"
-    create_group(name, pair)
-    x = Tensor(np.full((1, 3), rank, np.float32))
-    got = ops.AllGather(group=name)(x).asnumpy()
-    if not np.array_equal(got, np.array([[pair[0]] * 3, [pair[1]] * 3], np.float32)):
-        failures.append(f"AllGather on {name}: {got.tolist()}")
-    if get_rank(name) != rank % 2 or get_group_size(name) != 2:
-        failures.append(f"get_rank/get_group_size({name}) = {get_rank(name)}/{get_group_size(name)}")
-    bf = Tensor(np.arange(4, dtype=np.float32).reshape(2, 2) + 10 * rank).astype(ms.bfloat16)
-    got = ops.AlltoAll(2, 0, 1, group=name)(bf)
-    want = np.concatenate([np.arange(4, dtype=np.float32).reshape(2, 2)[rank % 2:rank % 2 + 1] + 10 * r
-                           for r in pair], 1)
-    if got.dtype != ms.bfloat16 or not np.array_equal(got.astype(ms.float32).asnumpy(), want):
-        failures.append(f"bf16 AlltoAll on {name}: {got.dtype} {got.astype(ms.float32).asnumpy().tolist()}")
-    create_group(name, list(pair))  # the same list again: a no-op, as in MindSpore
-    _raises(failures, "create_group of an existing name with other ranks", ValueError, ["exists"],
-            lambda: create_group(name, pair[::-1]))
-    others = [r for r in range(world) if r not in pair][:2]
-    if others:
-        _raises(failures, "create_group by a non-member", ValueError, ["not in rank_ids", "members"],
-                lambda: create_group("strangers", others))
-    _raises(failures, "AllGather on a group never created", ValueError, ["does not exist"],
-            lambda: ops.AllGather(group="never_made"))
-
-    # the real signatures: unknown keywords fail as on the device
-    _raises(failures, "AlltoAll(..., bogus=1)", TypeError, ["AlltoAll", "bogus"],
-            lambda: ops.AlltoAll(split_count=2, split_dim=0, concat_dim=0, group=name, bogus=1))
-    _raises(failures, "mint.distributed.send(..., bogus=1)", TypeError, ["send", "bogus"],
-            lambda: dist.send(x, dst=(rank + 1) % world, bogus=1))
-    _raises(failures, "create_group(rank_ids=tuple)", TypeError, ["rank_ids"], lambda: create_group("t", tuple(pair)))
-    # argument rules
-    _raises(failures, "AlltoAll with split_count != group size", ValueError, ["split_count=3", "2 ranks"],
-            lambda: ops.AlltoAll(split_count=3, split_dim=0, concat_dim=0, group=name)(Tensor(np.ones((6, 2), np.float32))))
-    view = mint.permute(Tensor(np.ones((2, 4), np.float32)), (1, 0))
-    _raises(failures, "AlltoAll of a non-contiguous view", ValueError, ["contiguous"],
-            lambda: ops.AlltoAll(2, 0, 0, group=name)(view))
-    _raises(failures, "send to itself", ValueError, ["own rank"], lambda: dist.send(x, dst=rank))
-    _raises(failures, "recv from a rank outside the world", ValueError, ["not a member"],
-            lambda: dist.recv(x, src=world + 3))
-    _raises(failures, "Broadcast from a root outside the group", ValueError, ["root_rank"],
-            lambda: ops.Broadcast(others[0] if others else world + 1, group=name))
-
-    # send/recv with global ranks, a bf16 payload, receiving into the given tensor
-    peer = pair[1] if rank == pair[0] else pair[0]
-    payload = Tensor(np.full((2, 3), 100 + rank, np.float32)).astype(ms.bfloat16)
-    buf = mint.zeros((2, 3), dtype=ms.bfloat16)
-    if rank == pair[0]:
-        dist.send(payload, dst=peer)
-        dist.recv(buf, src=peer)
-    else:
-        dist.recv(buf, src=peer)
-        dist.send(payload, dst=peer)
-    if not np.array_equal(buf.astype(ms.float32).asnumpy(), np.full((2, 3), 100 + peer, np.float32)):
-        failures.append(f"send/recv with rank {peer}: {buf.astype(ms.float32).asnumpy().tolist()}")
-    if rank == pair[1]:
-        dist.send(Tensor(np.ones((2, 2), np.float32)), dst=peer)
-    else:
-        _raises(failures, "recv into a tensor of another shape", ValueError, ["(2, 2)", "(2, 3)"],
-                lambda: dist.recv(mint.zeros((2, 3), dtype=ms.float32), src=peer))
-    failures += deadlock_checks(world, rank)
-    return failures
+BF16 = ms.bfloat16
+calls = []
+_fused = msops.flash_attention_score
 
 
-def deadlock_checks(world: int, rank: int) -> List[str]:
-    """Last: after these the ranks' call numbers are out of step on purpose."""
-    import mindspore as ms
-    from mindspore import Tensor, mint, ops
-    from mindspore.mint import distributed as dist
-    from stepvideo_ms.testing.ascend_sim.hccl import ENV_TIMEOUT
-    from stepvideo_ms.testing.ascend_sim.side_channel import DeadlockError
+def recording(*args, **kwargs):
+    mask = kwargs.get("attn_mask")
+    calls.append((kwargs.get("sparse_mode", 0), None if mask is None else tuple(mask.shape)))
+    return _fused(*args, **kwargs)
 
-    failures: List[str] = []
-    os.environ[ENV_TIMEOUT] = str(DEADLOCK_TIMEOUT)
-    start = time.monotonic()
-    if rank == 0:  # a recv rank 1 never answers
-        _raises(failures, "recv with no matching send", DeadlockError,
-                ["recv from rank 1", "rank(s) [1] never arrived", f"{DEADLOCK_TIMEOUT:g} s"],
-                lambda: dist.recv(mint.zeros((2,), dtype=ms.float32), src=1, tag=7))
-    elif rank >= 2:  # ranks 2.. join a world AllGather that ranks 0 and 1 skip
-        _raises(failures, "world AllGather two ranks skip", DeadlockError,
-                ["AllGather", "hccl_world_group", "rank(s) [0, 1] never arrived"],
-                lambda: ops.AllGather()(Tensor(np.ones((1,), np.float32))))
-    elapsed = time.monotonic() - start
-    if elapsed > DEADLOCK_TIMEOUT + 10:
-        failures.append(f"the dead-lock checks took {elapsed:.1f} s with a timeout of {DEADLOCK_TIMEOUT} s")
-    return failures
+
+msops.flash_attention_score = recording
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def close(ours, ref, atol, what):
+    ours = ours.astype(ms.float32).asnumpy()
+    err = float(np.abs(ours - ref).max())
+    assert err <= atol, f"{what}: max error {err} > {atol}"
+    print(f"ok {what} (max error {err:.2e})")
+
+
+def blocked(q, k, v, keep=None, bias=None, causal=False, scale=None):
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    as32 = lambda a: Tensor(a.astype(ms.float32).asnumpy())
+    return _attention_blocked(as32(q), as32(k), as32(v), keep, bias, causal, scale, 1 << 26).asnumpy()
+
+
+# attention: key mask (cross-attention, BERT), bias + causal (Step-1), causal one head (VAE)
+q, k, v = (Tensor(rand(2, 6, 2, 32, seed=i)).astype(BF16) for i in range(3))
+keep = Tensor(np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool))
+mask = KeyMask(keep)
+calls.clear()
+close(ops.attention(q, k, v, key_mask=mask), blocked(q, k, v, keep), 0.05, "fused attention with a key mask")
+assert calls == [(0, (2, 1, 6, 6))], calls
+assert mask.discard(6) is mask.discard(6)
+bias = Tensor(-np.abs(rand(1, 2, 6, 6, seed=5)))
+calls.clear()
+close(ops.attention(q, k, v, bias=bias, causal=True), blocked(q, k, v, None, bias, True), 0.05,
+      "fused causal attention with a (1, h, s, s) bias")
+assert calls == [(2, (2048, 2048))], calls
+calls.clear()
+q32 = Tensor(rand(1, 5, 2, 24))
+out32 = ops.attention(q32, q32, q32, key_mask=Tensor(np.ones((1, 5), bool)))
+assert calls == [] and out32.dtype == ms.float32, "float32 (and head_dim 24) must take the blocked path"
+print("ok float32 attention takes the blocked path")
+
+# conv3d: bf16 through mint's conv3d after the explicit causal pad
+x, w, b = Tensor(rand(1, 4, 3, 5, 6)).astype(BF16), Tensor(rand(6, 4, 3, 3, 3, seed=1)).astype(BF16), \
+    Tensor(rand(6, seed=2)).astype(BF16)
+pads = ((2, 0), (1, 1), (1, 1))
+as32 = lambda a: Tensor(a.astype(ms.float32).asnumpy())
+ref = _conv_matmul(as32(x), as32(w), as32(b), (1, 1, 1), pads, 1 << 26).asnumpy()
+out = ops.conv3d(x, w, b, 1, pads)
+assert out.dtype == BF16 and out.shape == ref.shape
+close(out, ref, 0.1, "bf16 causal conv3d")
+close(ops.conv3d(x, w, b, (1, 2, 2), ((2, 0), (0, 1), (0, 1))),
+      _conv_matmul(as32(x), as32(w), as32(b), (1, 2, 2), ((2, 0), (0, 1), (0, 1)), 1 << 26).asnumpy(), 0.1,
+      "bf16 strided conv3d with uneven padding")
+
+x2, w2 = Tensor(rand(1, 4, 5, 6)).astype(BF16), Tensor(rand(6, 4, 3, 3, seed=1)).astype(BF16)
+close(ops.conv2d(x2, w2, None, 2, ((0, 1), (0, 1))),
+      _conv_matmul(as32(x2).expand_dims(2), as32(w2).expand_dims(2), None, (1, 2, 2), ((0, 0), (0, 1), (0, 1)),
+                   1 << 26).asnumpy()[:, :, 0], 0.1, "bf16 conv2d with uneven padding")
+
+# norms and embedding
+xg = Tensor(rand(2, 8, 3, 4)).astype(BF16)
+xgf = xg.astype(ms.float32).asnumpy().reshape(2, 2, -1)
+ref = ((xgf - xgf.mean(-1, keepdims=True)) / np.sqrt(xgf.var(-1, keepdims=True) + 1e-5)).reshape(2, 8, 3, 4)
+close(ops.group_norm(xg, 2, None, None, 1e-5), ref, 0.05, "group_norm")
+xn = Tensor(rand(2, 3, 32)).astype(BF16)
+g = Tensor(rand(32, seed=3)).astype(BF16)
+xf, gf = xn.astype(ms.float32).asnumpy(), g.astype(ms.float32).asnumpy()
+close(ops.rms_norm(xn, g, 1e-6), xf / np.sqrt((xf ** 2).mean(-1, keepdims=True) + 1e-6) * gf, 0.05, "rms_norm")
+centred = xf - xf.mean(-1, keepdims=True)
+close(ops.layer_norm(xn, g, None, 1e-5), centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * gf,
+      0.05, "layer_norm")
+table = Tensor(rand(10, 16)).astype(BF16)
+close(ops.embedding(Tensor(np.array([[3, 9]], np.int64)), table), table.astype(ms.float32).asnumpy()[[[3, 9]]], 0,
+      "embedding")
+
+# a tiny DiT forward in bf16: the key mask's fused form is built once for all layers
+from stepvideo_ms.models.dit import StepVideoModel  # noqa: E402
+
+dit = StepVideoModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, num_layers=3,
+                     caption_channels=[16, 8], dtype=BF16)
+inputs = dit.embed(Tensor(rand(1, 2, 4, 2, 2)), Tensor(np.array([0.5], np.float32)), Tensor(rand(1, 5, 16)),
+                   Tensor(np.array([[1, 1, 1, 0, 0]], np.int64)), Tensor(rand(1, 3, 8)))
+calls.clear()
+out = dit.finish(dit.run_blocks(inputs.tokens, inputs, dit.rope_for(inputs.grid)), inputs)
+assert out.dtype == BF16 and out.shape == (1, 2, 4, 2, 2)
+assert len(calls) == 6 and len(inputs.key_mask._drop) == 1, (calls, inputs.key_mask._drop)
+print("ok tiny DiT forward: 6 fused attentions, one key mask")
+print("all checks passed")

@@ -5,7 +5,7 @@
         single-process latents of each case, OUT_DIR/<case>.reference.npy)
 
 The device is $STEPVIDEO_DEVICE (CPU when unset; `ascend-sim` runs the native communicator on the
-simulated HCCL, and then also the simulation's own checks, tests/ascend_sim_checks.py, last).
+simulated HCCL, and then also the simulation's own checks, tests/ascend_sim_hccl_checks.py, last).
 1. checks the communicator's operations against numpy on every layout of this world size;
 2. for every case of this world size: loads only this rank's stage of MODELS_DIR/<kind>, checks
    that the other stages' layers stayed unloaded, runs `parallel_denoise` and saves the final
@@ -126,7 +126,7 @@ def main(argv: List[str]) -> int:
         np.save(output_path(out_dir, case, rank), latents.asnumpy())
         print(f"rank {rank}: {case.name} done at {time.perf_counter() - start:.1f} s", flush=True)
     if runtime.is_simulated():  # last: its dead-lock checks leave the ranks' call numbers out of step
-        from ascend_sim_checks import emulator_checks
+        from ascend_sim_hccl_checks import emulator_checks
 
         report["sim"] = emulator_checks(world, rank)
     print(f"rank {rank}: device {rt.device}, all done at {time.perf_counter() - start:.1f} s", flush=True)

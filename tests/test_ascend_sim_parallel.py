@@ -6,7 +6,7 @@ ascend-sim: `init_world` and `make_communicator` take their Ascend branches (HCC
 made with create_group by their members only, AlltoAll / AllGather / Broadcast, mint.distributed
 send/recv), checked against numpy on every layout of the world size; then the layouts (2,1), (1,2),
 (2,2), (4,1), (1,4) denoise T2V and TI2V on 27 tokens (2 does not divide them) and must give the
-single-process simulated latents; last, the simulation's own checks (tests/ascend_sim_checks.py):
+single-process simulated latents; last, the simulation's own checks (tests/ascend_sim_hccl_checks.py):
 real signatures, argument rules (split_count = group size, contiguous inputs, global ranks), and
 dead-locks reported within their timeout.
 """

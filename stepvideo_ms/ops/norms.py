@@ -50,7 +50,10 @@ def _rms_norm_ascend(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """Group norm over (N, C, ...) in float32."""
+    """Group norm over (N, C, ...), computed in float32 (on Ascend inside the kernel, which takes
+    bfloat16 as it is: no float32 copies of the activations)."""
+    if is_ascend():
+        return mint.nn.functional.group_norm(x, num_groups, weight, bias, float(eps))
     dtype = x.dtype
     out = mint.nn.functional.group_norm(
         x.astype(ms.float32), num_groups,

@@ -12,21 +12,15 @@ NotImplementedError rather than emulated loosely.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
-import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from .patching import bind, original, replace
 from . import flash_attention
 
-HALF = (ms.float16, ms.bfloat16)
 FLOATS = (ms.float16, ms.bfloat16, ms.float32)
-
-
-def _dtype_name(t) -> str:
-    return str(t.dtype) if isinstance(t, Tensor) else type(t).__name__
 
 
 def require_tensor(name: str, arg: str, value) -> Tensor:
@@ -48,7 +42,7 @@ def _f32(x: Optional[Tensor]) -> Optional[Tensor]:
 # ---------------------------------------------------------------------------------------------
 # ops.rms_norm(x, gamma, epsilon=1e-6) -> (y, rstd)
 
-def _rms_norm(real):
+def rms_norm_emulator(real):
     def rms_norm(*args, **kwargs):
         a = bind(real, "ops.rms_norm", args, kwargs)
         x = require_tensor("rms_norm", "x", a["x"])
@@ -74,7 +68,7 @@ def _rms_norm(real):
 # ---------------------------------------------------------------------------------------------
 # mint.nn.functional.layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05)
 
-def _layer_norm(real):
+def layer_norm_emulator(real):
     def layer_norm(*args, **kwargs):
         a = bind(real, "mint.nn.functional.layer_norm", args, kwargs)
         x = require_tensor("layer_norm", "input", a["input"])
@@ -107,7 +101,7 @@ def _layer_norm(real):
 # ---------------------------------------------------------------------------------------------
 # mint.nn.functional.group_norm(input, num_groups, weight=None, bias=None, eps=1e-05)
 
-def _group_norm(real):
+def group_norm_emulator(real):
     def group_norm(*args, **kwargs):
         a = bind(real, "mint.nn.functional.group_norm", args, kwargs)
         x = require_tensor("group_norm", "input", a["input"])
@@ -130,7 +124,7 @@ def _group_norm(real):
 # ---------------------------------------------------------------------------------------------
 # mint.nn.functional.embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, ...)
 
-def _embedding(real):
+def embedding_emulator(real):
     def embedding(*args, **kwargs):
         a = bind(real, "mint.nn.functional.embedding", args, kwargs)
         ids = require_tensor("embedding", "input", a["input"])
@@ -155,10 +149,7 @@ def _embedding(real):
 # ops.conv3d (P.Conv3D: "input data type only support float16 and float32") and
 # mint.nn.functional.conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
 
-MINT_CONV3D_SIGNATURE = "(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)"
-
-
-def _ops_conv3d(real):
+def ops_conv3d_emulator(real):
     def conv3d(*args, **kwargs):
         a = bind(real, "ops.conv3d", args, kwargs)
         for arg in ("input", "weight"):
@@ -177,9 +168,9 @@ def _triple(name: str, value, what: str):
     raise TypeError(f"For '{name}', '{what}' must be an int, tuple or list, got {value!r}")
 
 
-def _mint_conv3d(real):
+def mint_conv3d_emulator(real):
     def conv3d(*args, **kwargs):
-        a = bind(real, "mint.nn.functional.conv3d", args, kwargs, MINT_CONV3D_SIGNATURE)
+        a = bind(real, "mint.nn.functional.conv3d", args, kwargs)
         x = require_tensor("conv3d", "input", a["input"])
         w = require_tensor("conv3d", "weight", a["weight"])
         require_dtype("conv3d", "input", x, FLOATS)
@@ -216,11 +207,18 @@ def _mint_conv3d(real):
     return conv3d
 
 
+# (owner, name) -> emulator factory (given the real function)
+EMULATORS = (
+    (ops, "flash_attention_score", flash_attention.emulator),
+    (ops, "rms_norm", rms_norm_emulator),
+    (ops, "conv3d", ops_conv3d_emulator),
+    (mint.nn.functional, "layer_norm", layer_norm_emulator),
+    (mint.nn.functional, "group_norm", group_norm_emulator),
+    (mint.nn.functional, "embedding", embedding_emulator),
+    (mint.nn.functional, "conv3d", mint_conv3d_emulator),
+)
+
+
 def install() -> None:
-    replace(ops, "flash_attention_score", flash_attention.emulator)
-    replace(ops, "rms_norm", _rms_norm)
-    replace(ops, "conv3d", _ops_conv3d)
-    replace(mint.nn.functional, "layer_norm", _layer_norm)
-    replace(mint.nn.functional, "group_norm", _group_norm)
-    replace(mint.nn.functional, "embedding", _embedding)
-    replace(mint.nn.functional, "conv3d", _mint_conv3d)
+    for owner, name, factory in EMULATORS:
+        replace(owner, name, factory)

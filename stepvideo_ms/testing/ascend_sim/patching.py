@@ -7,7 +7,8 @@ it wraps (`__wrapped__`), so installing twice is a no-op and the emulators can c
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Tuple
+import re
+from typing import Callable, Dict
 
 _MARK = "__ascend_sim__"
 
@@ -36,30 +37,35 @@ def is_simulated(fn: Callable) -> bool:
     return bool(getattr(fn, _MARK, False))
 
 
-_SIGNATURES: Dict[Tuple[int, str], inspect.Signature] = {}
+_SIGNATURES: Dict[int, inspect.Signature] = {}
 
 
-def signature_of(fn: Callable, documented: str = "") -> inspect.Signature:
-    """The signature of a real MindSpore function; for an overloaded one (`*args, **kwargs`) the
-    documented one, e.g. "(input, weight, bias=None, stride=1)" (taken from its docstring)."""
-    key = (id(fn), documented)
+def signature_of(fn: Callable) -> inspect.Signature:
+    """The signature of a real MindSpore function; for an overloaded one (`*args, **kwargs`), the one
+    its docstring opens with, e.g. "conv3d(input, weight, bias=None, stride=1, ...) -> Tensor"."""
+    key = id(fn)
     if key not in _SIGNATURES:
         sig = inspect.signature(fn)
-        params = list(sig.parameters.values())
-        overloaded = [p.kind for p in params] == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]
-        if overloaded:
-            if not documented:
-                raise TypeError(f"{fn.__name__} is overloaded: give its documented signature")
-            namespace: dict = {}
-            exec(f"def _f{documented}: pass", {}, namespace)  # noqa: S102 - a literal from this package
-            sig = inspect.signature(namespace["_f"])
+        kinds = [p.kind for p in sig.parameters.values()]
+        if kinds == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]:
+            sig = _documented_signature(fn)
         _SIGNATURES[key] = sig
     return _SIGNATURES[key]
 
 
-def bind(fn: Callable, name: str, args, kwargs, documented: str = "") -> Dict[str, object]:
+def _documented_signature(fn: Callable) -> inspect.Signature:
+    doc = (fn.__doc__ or "").strip()
+    match = re.match(rf"{re.escape(fn.__name__)}(\([^)]*\))", doc)
+    if not match:
+        raise TypeError(f"{fn.__name__} is overloaded and its docstring does not open with its signature")
+    namespace: dict = {}
+    exec(f"def _f{match.group(1)}: pass", {}, namespace)  # noqa: S102 - MindSpore's own docstring
+    return inspect.signature(namespace["_f"])
+
+
+def bind(fn: Callable, name: str, args, kwargs) -> Dict[str, object]:
     """Bind a call as the real function would: an unknown or missing argument raises TypeError."""
-    sig = signature_of(fn, documented)
+    sig = signature_of(fn)
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as exc:
