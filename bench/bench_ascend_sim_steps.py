@@ -72,6 +72,36 @@ def _kernel_counts(folder: str) -> Counter:
     return counts
 
 
+def _count_casts(counts: Counter) -> None:
+    """Tensor.astype to another dtype (one Cast kernel), counted by who asked: the product or the
+    simulation (bf16-on-CPU wrappers, emulators, the HCCL side channel)."""
+    import mindspore as ms
+    from mindspore import Tensor
+    from stepvideo_ms.testing.ascend_sim import accounting
+
+    original = Tensor.astype
+
+    def astype(self, dtype, *rest, **kwargs):
+        if ms.dtype_to_nptype(dtype) != ms.dtype_to_nptype(self.dtype) or dtype != self.dtype:
+            counts["product" if accounting.product_call_site() is not None else "simulation"] += 1
+        return original(self, dtype, *rest, **kwargs)
+
+    Tensor.astype = astype
+
+
+def _count_flash_calls(counts: Counter) -> None:
+    """Calls of the flash-attention emulator (one FlashAttentionScore kernel each on a device)."""
+    from mindspore import ops
+
+    original = ops.flash_attention_score
+
+    def flash(*a, **k):
+        counts["flash_attention_score"] += 1
+        return original(*a, **k)
+
+    ops.flash_attention_score = flash
+
+
 def worker(args) -> int:
     from stepvideo_ms import runtime
 
@@ -95,16 +125,22 @@ def worker(args) -> int:
     cond = Conditioning(Tensor(rng.standard_normal((2, 6, 64)).astype(np.float32)).astype(rt.compute_dtype),
                         Tensor(mask), Tensor(rng.standard_normal((2, 3, 32)).astype(np.float32)).astype(rt.compute_dtype))
     result = {"device": rt.device, "comm": type(comm).__name__}
+    casts, calls = Counter(), Counter()
+    _count_casts(casts)
+    _count_flash_calls(calls)
     parallel_denoise(mesh, comm, model, latents, cond, FlowMatchScheduler(), 1, 13.0, 5.0, progress=False)  # warm-up
     for steps in (1, 3):
         folder = f"{args.out}.prof{steps}"
         accounting.reset()
+        casts.clear()
+        calls.clear()
         if rank == 0:
             with prof.profile(activities=[ProfilerActivity.CPU], on_trace_ready=prof.tensorboard_trace_handler(folder)):
                 parallel_denoise(mesh, comm, model, latents, cond, FlowMatchScheduler(), steps, 13.0, 5.0, progress=False)
         else:
             parallel_denoise(mesh, comm, model, latents, cond, FlowMatchScheduler(), steps, 13.0, 5.0, progress=False)
-        result[f"steps{steps}"] = {"counts": accounting.snapshot(),
+        result[f"steps{steps}"] = {"counts": {**accounting.snapshot(), **{f"cast.{k}": v for k, v in casts.items()},
+                                              **{f"emulated.{k}": v for k, v in calls.items()}},
                                    "kernels": dict(_kernel_counts(folder)) if rank == 0 else {}}
     if rank == 0:
         with open(f"{args.out}.json", "w", encoding="utf-8") as fh:
@@ -136,9 +172,13 @@ def driver(args) -> int:
     counts = _per_step(res["steps1"]["counts"], res["steps3"]["counts"])
     kernels = _per_step(res["steps1"]["kernels"], res["steps3"]["kernels"])
     syncs = sum(v for k, v in counts.items() if k.startswith("sync."))
+    sim_casts, flash = counts.get("cast.simulation", 0), counts.get("emulated.flash_attention_score", 0)
     print(f"device {res['device']}, {res['comm']}, world {world} = ulysses {args.ulysses} x pp {args.pp}, "
           f"DiT {args.layers} layers x {args.heads} heads x {args.head_dim}, grid {args.grid}, CFG batch 2")
-    print(f"rank 0, per denoising step: {syncs:g} host synchronisations, {sum(kernels.values()):g} kernel launches")
+    total = sum(kernels.values())
+    print(f"rank 0, per denoising step: {syncs:g} host synchronisations, {total:g} kernel launches on the CPU "
+          f"backend, of which {sim_casts:g} are casts added by the simulation (bf16-on-CPU wrappers, emulators, "
+          f"HCCL side channel) and the rest includes {flash:g} flash-attention emulations (each one kernel on a device)")
     for k, v in counts.items():
         print(f"  {k:<28} {v:g}")
     print("  kernel launches by type:")

@@ -52,10 +52,10 @@ _SIM_DIR = os.path.dirname(os.path.abspath(__file__))
 _MS_DIR = f"{os.sep}mindspore{os.sep}"
 
 
-def _product_call_site() -> Optional[str]:
+def product_call_site(depth: int = 2) -> Optional[str]:
     """file:line of the first caller outside MindSpore, or None when that caller is the simulation
     itself (an emulator reading a mask to check it: a device would not sync there)."""
-    frame = sys._getframe(2)
+    frame = sys._getframe(depth)
     while frame is not None and _MS_DIR in frame.f_code.co_filename:
         frame = frame.f_back
     if frame is None:
@@ -69,7 +69,7 @@ def _product_call_site() -> Optional[str]:
 def _counting(kind: str, fn):
     def wrapper(*args, **kwargs):
         if not _inside():
-            site = _product_call_site()
+            site = product_call_site(3)
             if site is not None:
                 _counts[f"sync.{kind}"] += 1
                 _counts[f"site.{site}"] += 1
