@@ -145,7 +145,7 @@ class ParallelDiT:
             projected = [model.project_out(outputs[m], micro[m]) for m in range(n_micro)]
             mine = projected[0] if n_micro == 1 else mint.cat(projected, dim=0)
         else:
-            mine = mint.zeros((batch, shard.local, channels), dtype=model.dtype)
+            mine = mint.empty((batch, shard.local, channels), dtype=model.dtype)  # sliced away below: no fill
         # every rank's slice side by side: the last stage's ranks hold the last padded_total tokens
         everything = self.comm.all_gather(mine, mesh.world_ranks, axis=1)
         first = (mesh.pp_degree - 1) * shard.padded_total
