@@ -55,7 +55,10 @@ _MS_DIR = f"{os.sep}mindspore{os.sep}"
 def product_call_site(depth: int = 2) -> Optional[str]:
     """file:line of the first caller outside MindSpore, or None when that caller is the simulation
     itself (an emulator reading a mask to check it: a device would not sync there)."""
-    frame = sys._getframe(depth)
+    try:
+        frame = sys._getframe(depth)
+    except ValueError:  # called from the top of the stack
+        return "?"
     while frame is not None and _MS_DIR in frame.f_code.co_filename:
         frame = frame.f_back
     if frame is None:
@@ -69,7 +72,7 @@ def product_call_site(depth: int = 2) -> Optional[str]:
 def _counting(kind: str, fn):
     def wrapper(*args, **kwargs):
         if not _inside():
-            site = product_call_site(3)
+            site = product_call_site(2)
             if site is not None:
                 _counts[f"sync.{kind}"] += 1
                 _counts[f"site.{site}"] += 1
