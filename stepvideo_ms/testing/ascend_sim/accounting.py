@@ -94,7 +94,24 @@ def install() -> None:
         original = getattr(Tensor, name, None)
         if original is not None:
             setattr(Tensor, name, _counting(name.strip("_"), original))
-    ms.runtime.synchronize = _counting("synchronize", ms.runtime.synchronize)
+    ms.runtime.synchronize = _counting("synchronize", _synchronize_blocking(ms.runtime.synchronize))
+
+
+def _synchronize_blocking(real):
+    """`mindspore.runtime.synchronize()` of the simulation: the CPU backend launches blocking under
+    ascend-sim (runtime.init), so there is nothing to wait for; the real one only logs
+    "CPU device is not supported" there. Bound to the real (empty) signature."""
+    import inspect
+
+    signature = inspect.signature(real)
+
+    def synchronize(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"synchronize(): {err}") from None
+
+    return synchronize
 
 
 def snapshot() -> Dict[str, int]:
