@@ -143,3 +143,39 @@ def test_run_parallel_under_simulation_equals_single_process(sim_served, tmp_pat
     assert latents.shape == reference.shape == (1, 3, 8, 3, 5)
     assert np.isfinite(reference).all() and reference.std() > 0
     assert np.abs(latents - reference).max() <= 1e-4 * (1 + np.abs(reference).max())
+
+
+ACCOUNTING_SCRIPT = r"""
+import json
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint, ops
+from stepvideo_ms import runtime
+runtime.init("ascend-sim")
+from stepvideo_ms.models.dit import text_key_mask
+from stepvideo_ms.testing.ascend_sim import accounting
+
+context = Tensor(np.ones((2, 4, 8), np.float32)).astype(ms.bfloat16)
+mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]])
+accounting.reset()
+text_key_mask(context, Tensor(mask))   # the product reads a device mask: 1 sync, at its own line
+text_key_mask(context, mask)           # a host mask: none
+q = Tensor(np.ones((1, 4, 2, 16), np.float32)).astype(ms.bfloat16)
+drop = Tensor(np.zeros((1, 1, 4, 4), np.bool_))
+ops.flash_attention_score(q, q, q, head_num=2, attn_mask=drop, input_layout="BSND")  # the emulator reads its mask: not counted
+float(mint.ones((1,), dtype=ms.float32).sum())  # one sync (float -> asnumpy inside counts once)
+ms.runtime.synchronize()  # one sync, and no "CPU device is not supported" error
+print(json.dumps(accounting.snapshot()))
+"""
+
+
+def test_accounting_counts_the_products_host_syncs_only():
+    env = {**os.environ, **SIM_ENV, "GLOG_v": "2"}  # MindSpore's errors reach stderr
+    done = subprocess.run([sys.executable, "-c", ACCOUNTING_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts.get("sync.asnumpy", 0) == 1 and counts.get("sync.float", 0) == 1, counts
+    assert counts.get("sync.synchronize", 0) == 1 and "not supported" not in done.stderr, (counts, done.stderr)
+    sites = [k for k in counts if k.startswith("site.")]
+    assert len(sites) == 3 and any(k.startswith("site.stepvideo_ms/models/dit.py:") for k in sites), counts

@@ -316,7 +316,7 @@ class NativeCommunicator(Communicator):
         # receive before sending: along a pipeline column this resolves as a chain from stage 0
         received = None
         if src is not None:
-            received = mint.zeros(shape, dtype=dtype)
+            received = mint.empty(shape, dtype=dtype)  # recv overwrites it all: no fill kernel
             dist.recv(received, src=src)
         if dst is not None:
             dist.send(x.contiguous(), dst=dst)

@@ -27,6 +27,7 @@ from .. import checkpoint
 from ..diffusion.sampling import Predictor, denoise, uses_guidance
 from ..diffusion.scheduler import FlowMatchScheduler
 from ..models.dit import DiTInputs, StepVideoModel
+from ..ops.attention import KeyMask
 from ..models.rope import Rope3D
 from .comm import Communicator
 from .mesh import Mesh
@@ -113,8 +114,11 @@ class ParallelDiT:
         self.mesh, self.comm, self.model = mesh, comm, model
         self.partition = mesh.partition(model.num_layers)
         self._ropes: Dict[Tuple[int, int, int], Rope3D] = {}
+        self._text_slices: Dict[object, object] = {}  # micro-batch (start, stop) -> (context, KeyMask)
 
-    def forward(self, hidden_states: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+    def forward(self, hidden_states: Tensor, timestep: Tensor, cond: Conditioning,
+                text: Optional[Tuple[Tensor, KeyMask]] = None) -> Tensor:
+        """`text`: model.embed_text(...) of `cond`, when the loop computed it once."""
         mesh, model = self.mesh, self.model
         batch = int(hidden_states.shape[0])
         if cond.batch != batch:
@@ -123,12 +127,12 @@ class ParallelDiT:
         if condition is not None and condition.shape[0] == 1 and batch > 1:
             condition = condition.broadcast_to((batch,) + tuple(condition.shape[1:]))
         inputs = model.embed(hidden_states, timestep, cond.encoder_hidden_states, cond.encoder_attention_mask,
-                             cond.encoder_hidden_states_2, condition, cond.motion_score)
+                             cond.encoder_hidden_states_2, condition, cond.motion_score, text=text)
         f, h, w = inputs.grid
         shard = TokenShard(f * h * w, mesh.ulysses_degree, mesh.sp_rank)
         n_micro = micro_batch_count(batch, mesh.pp_degree)
         size = batch // n_micro
-        micro = [slice_inputs(inputs, m * size, (m + 1) * size) for m in range(n_micro)]
+        micro = [self._slice(inputs, m * size, (m + 1) * size, text) for m in range(n_micro)]
         core = None
         if mesh.ulysses_degree > 1:
             core = UlyssesAttention(self.comm, mesh.sp_group, shard, size, model.num_attention_heads,
@@ -141,7 +145,7 @@ class ParallelDiT:
             projected = [model.project_out(outputs[m], micro[m]) for m in range(n_micro)]
             mine = projected[0] if n_micro == 1 else mint.cat(projected, dim=0)
         else:
-            mine = mint.zeros((batch, shard.local, channels), dtype=model.dtype)
+            mine = mint.empty((batch, shard.local, channels), dtype=model.dtype)  # sliced away below: no fill
         # every rank's slice side by side: the last stage's ranks hold the last padded_total tokens
         everything = self.comm.all_gather(mine, mesh.world_ranks, axis=1)
         first = (mesh.pp_degree - 1) * shard.padded_total
@@ -150,7 +154,24 @@ class ParallelDiT:
     __call__ = forward
 
     def predictor(self, cond: Conditioning) -> Predictor:
-        return lambda latents, timestep: self.forward(latents, timestep, cond)
+        """The loop's model call. The text context and key mask do not change over the loop: they are
+        computed once here (one read of the mask to the host), not at every step."""
+        text = self.model.embed_text(cond.encoder_hidden_states, cond.encoder_attention_mask.asnumpy(),
+                                     cond.encoder_hidden_states_2)
+        return lambda latents, timestep: self.forward(latents, timestep, cond, text)
+
+    def _slice(self, inputs: DiTInputs, start: int, stop: int, text) -> DiTInputs:
+        """A micro-batch; its text part (and so its key mask's kernel form) is kept while `text` is."""
+        sliced = slice_inputs(inputs, start, stop)
+        if text is None:
+            return sliced
+        if self._text_slices.get("of") is not text:
+            self._text_slices = {"of": text}
+        key = (start, stop)
+        if key not in self._text_slices:
+            self._text_slices[key] = (sliced.context, sliced.key_mask)
+        context, key_mask = self._text_slices[key]
+        return dataclasses.replace(sliced, context=context, key_mask=key_mask)
 
     def _rope(self, shard: TokenShard, grid: Tuple[int, int, int]) -> Rope3D:
         if grid not in self._ropes:

@@ -2,16 +2,19 @@
 
 A host synchronisation is a point where Python waits for the device: `Tensor.asnumpy`, `.item()`,
 `.tolist()`, truth or number conversion of a Tensor, and `mindspore.runtime.synchronize()`. The
-simulation's own transfers (the HCCL side channel reads tensors to the host) run inside
-`internal()` and are not counted: on a device the data stays there. Kernel launches are counted by
+simulation's own reads are not counted (on a device the data stays there): the HCCL side channel's
+run inside `internal()`, and a sync whose first caller outside MindSpore is in this package (an
+emulator checking a mask) is the simulation's. Kernel launches are counted by
 MindSpore's profiler (see bench/ascend_sim_syncs.py), not here.
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections import Counter
 from contextlib import contextmanager
-from typing import Dict
+from typing import Dict, Optional
 
 import mindspore as ms
 from mindspore import Tensor
@@ -45,10 +48,34 @@ def collective(name: str):
         yield
 
 
+_SIM_DIR = os.path.dirname(os.path.abspath(__file__))
+_MS_DIR = f"{os.sep}mindspore{os.sep}"
+
+
+def product_call_site(depth: int = 2) -> Optional[str]:
+    """file:line of the first caller outside MindSpore, or None when that caller is the simulation
+    itself (an emulator reading a mask to check it: a device would not sync there)."""
+    try:
+        frame = sys._getframe(depth)
+    except ValueError:  # called from the top of the stack
+        return "?"
+    while frame is not None and _MS_DIR in frame.f_code.co_filename:
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    path = frame.f_code.co_filename
+    if os.path.abspath(path).startswith(_SIM_DIR + os.sep):
+        return None
+    return f"{os.path.relpath(path)}:{frame.f_lineno}"
+
+
 def _counting(kind: str, fn):
     def wrapper(*args, **kwargs):
         if not _inside():
-            _counts[f"sync.{kind}"] += 1
+            site = product_call_site(2)
+            if site is not None:
+                _counts[f"sync.{kind}"] += 1
+                _counts[f"site.{site}"] += 1
         with internal():  # a conversion built on another (float() -> asnumpy) counts once
             return fn(*args, **kwargs)
 
@@ -67,11 +94,29 @@ def install() -> None:
         original = getattr(Tensor, name, None)
         if original is not None:
             setattr(Tensor, name, _counting(name.strip("_"), original))
-    ms.runtime.synchronize = _counting("synchronize", ms.runtime.synchronize)
+    ms.runtime.synchronize = _counting("synchronize", _synchronize_blocking(ms.runtime.synchronize))
+
+
+def _synchronize_blocking(real):
+    """`mindspore.runtime.synchronize()` of the simulation: the CPU backend launches blocking under
+    ascend-sim (runtime.init), so there is nothing to wait for; the real one only logs
+    "CPU device is not supported" there. Bound to the real (empty) signature."""
+    import inspect
+
+    signature = inspect.signature(real)
+
+    def synchronize(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"synchronize(): {err}") from None
+
+    return synchronize
 
 
 def snapshot() -> Dict[str, int]:
-    """The counts so far: `sync.<kind>` per host synchronisation kind, `comm.<op>` per simulated call."""
+    """The counts so far: `sync.<kind>` per host synchronisation kind, `site.<file:line>` per place
+    that synchronised, `comm.<op>` per simulated call."""
     return dict(_counts)
 
 

@@ -5,10 +5,11 @@ the device) and held to the documented rules:
 - `mindspore.communication`: `init`, `create_group`, `get_rank`, `get_group_size`;
 - `mindspore.ops`: `AlltoAll` (split_count = the group size), `AllGather`, `Broadcast` (global root);
 - `mindspore.mint.distributed`: `init_process_group`, `is_initialized`, `get_rank`, `get_world_size`,
-  `send` / `recv` (global ranks; a send waits for its receiver, as a device stream does).
+  `send` / `recv` (global ranks; a send waits for its receiver, as a device stream does): hccl_dist.py.
 Only the ranks concerned make a call: data moves through `side_channel.Channel` (files in a run
 directory of the job), keyed by group and call number. A call whose peers never come fails after
-$STEPVIDEO_SIM_HCCL_TIMEOUT seconds (default 120, read at each call) naming the operation, the group and those ranks.
+$STEPVIDEO_SIM_HCCL_TIMEOUT seconds (default 120, read at each call) naming the operation, the
+group and those ranks.
 
 `init()` joins MindSpore's CPU world (msrun's cluster: ranks, and one broadcast to agree on the run
 directory), then presents it as `hccl_world_group`; no other CPU collective is used.
@@ -65,7 +66,7 @@ _world: Optional[_World] = None
 _originals: Dict[str, object] = {}
 
 
-def _timeout() -> float:
+def wait_limit() -> float:
     raw = os.environ.get(ENV_TIMEOUT, "")
     try:
         value = float(raw) if raw else DEFAULT_TIMEOUT
@@ -76,14 +77,18 @@ def _timeout() -> float:
     return value
 
 
-def _need_world(what: str) -> _World:
+def current_world() -> Optional[_World]:
+    return _world
+
+
+def need_world(what: str) -> _World:
     if _world is None:
         raise RuntimeError(f"{what}: the communication is not initialised: call mindspore.communication.init() "
                            "(or mint.distributed.init_process_group()) first, in a job started by msrun")
     return _world
 
 
-def _bind(name: str, args, kwargs) -> Dict[str, object]:
+def bind_call(name: str, args, kwargs) -> Dict[str, object]:
     """The call bound to the real function's (or class constructor's) signature, defaults applied
     (TypeError as on the device)."""
     sig = inspect.signature(_originals[name])
@@ -96,17 +101,17 @@ def _bind(name: str, args, kwargs) -> Dict[str, object]:
 
 
 # ---- host <-> wire ---------------------------------------------------------------------------
-def _to_host(x: Tensor) -> np.ndarray:
+def to_host(x: Tensor) -> np.ndarray:
     with accounting.internal():
         return (x.astype(ms.float32) if x.dtype == ms.bfloat16 else x).asnumpy()
 
 
-def _from_host(a: np.ndarray, dtype) -> Tensor:
+def from_host(a: np.ndarray, dtype) -> Tensor:
     t = Tensor(np.ascontiguousarray(a))
     return t.astype(dtype) if t.dtype != dtype else t
 
 
-def _check_tensor(x, what: str) -> Tensor:
+def check_tensor(x, what: str) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{what}: the input must be a Tensor, got {type(x).__name__}")
     if not x.is_contiguous():
@@ -123,17 +128,18 @@ def _exchange(what: str, group: str, op: dict, outgoing: Dict[int, np.ndarray], 
     key = world.next_key(group)
     for dst, data in outgoing.items():
         world.channel.post(key, dst, data, op)
-    got = world.channel.collect(key, sources, f"{what} on group {group!r} {list(world.groups[group])}", _timeout())
+    got = world.channel.collect(key, sources, f"{what} on group {group!r} {list(world.groups[group])}", wait_limit())
     for src, (_, header) in got.items():
         if header != op:
             raise RuntimeError(f"{what} on group {group!r}: call #{key.rsplit('.', 1)[1]} of rank {src} was "
-                               f"{header}, this rank ({world.rank}) called {op}: the ranks' calls are out of step")
+                               f"{header}, this rank ({world.rank}) called {op}: the members' calls differ "
+                               "(operation, parameters, shape or dtype)")
     return {src: data for src, (data, _) in got.items()}
 
 
 # ---- mindspore.communication -----------------------------------------------------------------
 def init(*args, **kwargs):
-    a = _bind("init", args, kwargs)
+    a = bind_call("init", args, kwargs)
     backend = a["backend_name"]
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"init: backend_name must be a str, got {type(backend).__name__}")
@@ -160,20 +166,20 @@ def init(*args, **kwargs):
 
 
 def get_rank(*args, **kwargs) -> int:
-    a = _bind("get_rank", args, kwargs)
-    world = _need_world("get_rank")
+    a = bind_call("get_rank", args, kwargs)
+    world = need_world("get_rank")
     return world.members(a["group"], "get_rank").index(world.rank)
 
 
 def get_group_size(*args, **kwargs) -> int:
-    a = _bind("get_group_size", args, kwargs)
-    return len(_need_world("get_group_size").members(a["group"], "get_group_size"))
+    a = bind_call("get_group_size", args, kwargs)
+    return len(need_world("get_group_size").members(a["group"], "get_group_size"))
 
 
 def create_group(*args, **kwargs) -> None:
-    a = _bind("create_group", args, kwargs)
+    a = bind_call("create_group", args, kwargs)
     group, rank_ids = a["group"], a["rank_ids"]
-    world = _need_world("create_group")
+    world = need_world("create_group")
     if not isinstance(group, str):
         raise TypeError(f"create_group: group must be a str, got {type(group).__name__}")
     if not isinstance(rank_ids, list):
@@ -196,7 +202,7 @@ def create_group(*args, **kwargs) -> None:
     op = {"op": "create_group", "group": group, "rank_ids": list(rank_ids)}
     for dst in peers:
         world.channel.post(key, dst, None, op)
-    for src, (_, header) in world.channel.collect(key, peers, f"create_group {group!r} {rank_ids}", _timeout()).items():
+    for src, (_, header) in world.channel.collect(key, peers, f"create_group {group!r} {rank_ids}", wait_limit()).items():
         if header != op:
             raise RuntimeError(f"create_group {group!r}: rank {src} asked for {header['rank_ids']}, "
                                f"rank {world.rank} for {rank_ids}")
@@ -209,9 +215,9 @@ class _Collective:
     name = ""
 
     def _setup(self, args, kwargs) -> Dict[str, object]:
-        a = _bind(self.name, args, kwargs)
+        a = bind_call(self.name, args, kwargs)
         self.group = a["group"]
-        self.ranks = _need_world(self.name).members(self.group, self.name)  # the device checks at build
+        self.ranks = need_world(self.name).members(self.group, self.name)  # the device checks at build
         return a
 
 
@@ -233,7 +239,7 @@ class AlltoAll(_Collective):
         self.concat_dim = _int(a["concat_dim"], "AlltoAll: concat_dim")
 
     def __call__(self, x):
-        x, n = _check_tensor(x, "AlltoAll"), len(self.ranks)
+        x, n = check_tensor(x, "AlltoAll"), len(self.ranks)
         if self.split_count != n:
             raise ValueError(f"AlltoAll: split_count={self.split_count} but group {self.group!r} has {n} ranks: "
                              "HCCL requires split_count = the group size")
@@ -245,14 +251,14 @@ class AlltoAll(_Collective):
             raise ValueError(f"AlltoAll: dimension {split} of shape {tuple(x.shape)} cannot be split into "
                              f"split_count={n} blocks")
         with accounting.collective(self.name):
-            blocks = np.split(_to_host(x), n, axis=split)
+            blocks = np.split(to_host(x), n, axis=split)
             me = self.ranks.index(_world.rank)
             op = {"op": self.name, "split_count": n, "split_dim": split, "concat_dim": concat,
                   "shape": list(x.shape), "dtype": str(x.dtype)}
             got = _exchange("AlltoAll", self.group, op, {r: blocks[j] for j, r in enumerate(self.ranks) if j != me},
                             [r for r in self.ranks if r != _world.rank])
             got[_world.rank] = blocks[me]
-            return _from_host(np.concatenate([got[r] for r in self.ranks], axis=concat), x.dtype)
+            return from_host(np.concatenate([got[r] for r in self.ranks], axis=concat), x.dtype)
 
 
 class AllGather(_Collective):
@@ -264,14 +270,14 @@ class AllGather(_Collective):
         self._setup(args, kwargs)
 
     def __call__(self, x):
-        x = _check_tensor(x, "AllGather")
+        x = check_tensor(x, "AllGather")
         with accounting.collective(self.name):
-            mine = _to_host(x)
+            mine = to_host(x)
             op = {"op": self.name, "shape": list(x.shape), "dtype": str(x.dtype)}
             peers = [r for r in self.ranks if r != _world.rank]
             got = _exchange("AllGather", self.group, op, {r: mine for r in peers}, peers)
             got[_world.rank] = mine
-            return _from_host(np.concatenate([got[r] for r in self.ranks], axis=0), x.dtype)
+            return from_host(np.concatenate([got[r] for r in self.ranks], axis=0), x.dtype)
 
 
 class Broadcast(_Collective):
@@ -288,99 +294,21 @@ class Broadcast(_Collective):
 
     def __call__(self, inputs):
         tensors = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-        tensors = tuple(_check_tensor(t, "Broadcast") for t in tensors)
+        tensors = tuple(check_tensor(t, "Broadcast") for t in tensors)
         with accounting.collective(self.name):
             op = {"op": self.name, "root": self.root, "shapes": [list(t.shape) for t in tensors],
                   "dtypes": [str(t.dtype) for t in tensors]}
             me = _world.rank
             if me == self.root:
                 for t in tensors:
-                    data = _to_host(t)
+                    data = to_host(t)
                     _exchange("Broadcast", self.group, op, {r: data for r in self.ranks if r != me}, [])
                 return tensors
             out = []
             for t in tensors:
                 got = _exchange("Broadcast", self.group, op, {}, [self.root])
-                out.append(_from_host(got[self.root], t.dtype))
+                out.append(from_host(got[self.root], t.dtype))
             return tuple(out)
-
-
-# ---- mindspore.mint.distributed --------------------------------------------------------------
-def init_process_group(*args, **kwargs) -> None:
-    a = _bind("init_process_group", args, kwargs)
-    if a["backend"] != "hccl":
-        raise RuntimeError(f"init_process_group: backend={a['backend']!r}, but this process simulates Ascend: use 'hccl'")
-    if a["init_method"] is not None or a["store"] is not None:
-        raise NotImplementedError("init_process_group: the simulation joins the msrun world only "
-                                  "(init_method/store are not simulated)")
-    init("hccl")
-    if a["world_size"] not in (-1, _world.size):
-        raise ValueError(f"init_process_group: world_size={a['world_size']} but the world has {_world.size} ranks")
-
-
-def is_initialized(*args, **kwargs) -> bool:
-    _bind("is_initialized", args, kwargs)
-    return _world is not None
-
-
-def dist_get_rank(*args, **kwargs) -> int:
-    a = _bind("dist_get_rank", args, kwargs)
-    return get_rank(WORLD if a["group"] is None else a["group"])
-
-
-def dist_get_world_size(*args, **kwargs) -> int:
-    a = _bind("dist_get_world_size", args, kwargs)
-    return get_group_size(WORLD if a["group"] is None else a["group"])
-
-
-def _transfer_args(name: str, args, kwargs, peer_key: str):
-    a = _bind(name, args, kwargs)
-    tensor, peer, group, tag = a["tensor"], a[peer_key], a["group"], a["tag"]
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"For {name}, the input tensor must be tensor")
-    if isinstance(peer, bool) or not isinstance(peer, int):
-        raise TypeError(f"For {name}, the {peer_key} must be int")
-    world = _need_world(name)
-    group = WORLD if group is None else group
-    members = world.members(group, name)
-    if peer == world.rank:
-        raise ValueError(f"{name}: {peer_key}={peer} is this process's own rank")
-    if peer not in members:
-        raise ValueError(f"{name}: {peer_key}={peer} is not a member of group {group!r} {list(members)} "
-                         f"({peer_key} is a global rank)")
-    return world, tensor, peer, group, tag
-
-
-def send(*args, **kwargs) -> None:
-    world, tensor, dst, group, tag = _transfer_args("send", args, kwargs, "dst")
-    _check_tensor(tensor, "send")
-    with accounting.collective("send"):
-        pair = (world.rank, dst, group, tag)
-        n = world.transfers.get(pair, 0)
-        world.transfers[pair] = n + 1
-        key = f"p2p.{group}.tag{tag}.{n}"
-        op = {"op": "send", "shape": list(tensor.shape), "dtype": str(tensor.dtype)}
-        world.channel.post(key, dst, _to_host(tensor), op)
-        # a device stream blocks at a send until the peer receives: so does the simulation
-        world.channel.collect(key + ".ack", [dst], f"send to rank {dst} (tag {tag}, group {group!r}) waiting "
-                                                    "for its recv", _timeout())
-
-
-def recv(*args, **kwargs) -> int:
-    world, tensor, src, group, tag = _transfer_args("recv", args, kwargs, "src")
-    with accounting.collective("recv"):
-        pair = (src, world.rank, group, tag)
-        n = world.transfers.get(pair, 0)
-        world.transfers[pair] = n + 1
-        key = f"p2p.{group}.tag{tag}.{n}"
-        data, header = world.channel.collect(key, [src], f"recv from rank {src} (tag {tag}, group {group!r})",
-                                             _timeout())[src]
-        world.channel.post(key + ".ack", src, None, {"op": "ack"})
-        if header["shape"] != list(tensor.shape) or header["dtype"] != str(tensor.dtype):
-            raise ValueError(f"recv from rank {src}: it sent {header['dtype']}{tuple(header['shape'])}, the "
-                             f"receiving tensor is {tensor.dtype}{tuple(tensor.shape)}")
-        tensor.copy_(_from_host(data, tensor.dtype))
-    return 0
 
 
 # ---- installation ----------------------------------------------------------------------------
@@ -396,12 +324,6 @@ _PATCHES = (  # (module, attribute, original key, emulator)
     ("mindspore.ops", "AlltoAll", "AlltoAll", AlltoAll),
     ("mindspore.ops", "AllGather", "AllGather", AllGather),
     ("mindspore.ops", "Broadcast", "Broadcast", Broadcast),
-    ("mindspore.mint.distributed", "init_process_group", "init_process_group", init_process_group),
-    ("mindspore.mint.distributed", "is_initialized", "is_initialized", is_initialized),
-    ("mindspore.mint.distributed", "get_rank", "dist_get_rank", dist_get_rank),
-    ("mindspore.mint.distributed", "get_world_size", "dist_get_world_size", dist_get_world_size),
-    ("mindspore.mint.distributed", "send", "send", send),
-    ("mindspore.mint.distributed", "recv", "recv", recv),
 )
 
 
@@ -410,8 +332,10 @@ def install() -> None:
     import importlib
     import atexit
 
+    from . import hccl_dist
+
     accounting.install()
-    for module_name, attr, key, emulator in _PATCHES:
+    for module_name, attr, key, emulator in _PATCHES + hccl_dist.PATCHES:
         module = importlib.import_module(module_name)
         original = getattr(module, attr)
         if original is emulator:
