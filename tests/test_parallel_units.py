@@ -42,6 +42,31 @@ def test_mesh_refuses_bad_layouts_naming_the_argument(args, match):
         Mesh.create(**args)
 
 
+def test_mesh_cfg_replicas_and_shard_groups():
+    meshes = [Mesh.create(8, r, ulysses_degree=2, pp_degree=2, cfg_degree=2, shard_weights=True) for r in range(8)]
+    assert [m.cfg_rank for m in meshes] == [0] * 4 + [1] * 4
+    assert [m.stage for m in meshes] == [0, 0, 1, 1] * 2
+    assert [m.sp_rank for m in meshes] == [0, 1] * 4
+    assert meshes[6].sp_group == (6, 7) and meshes[6].column == (4, 6) and meshes[6].replica_ranks == (4, 5, 6, 7)
+    assert meshes[6].cfg_group == (2, 6)
+    assert meshes[6].shard_group == (2, 3, 6, 7) and meshes[6].shard_index == 2  # the stage's ranks, both replicas
+    assert meshes[1].shard_group == (0, 1, 4, 5)
+    assert Mesh.create(2, 1, 2, 1).shard_group == (1,)  # without sharding every rank holds its whole stage
+    assert "cfg rank 1/2" in meshes[6].describe() and "weights 1/4" in meshes[6].describe()
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(world_size=4, rank=0, ulysses_degree=2, cfg_degree=3), r"cfg_degree=3 must be 1 or 2.*--cfg_degree 2"),
+    (dict(world_size=4, rank=0, ulysses_degree=4, cfg_degree=2),
+     r"cfg_degree=2 x ulysses_degree=4 x pp_degree=1 = 8 must equal the world size 4.*--cfg_degree 2 --ulysses_degree 2 --pp_degree 1"),
+    (dict(world_size=2, rank=0, pp_degree=2, shard_weights=True), r"shard_weights.*cfg_degree=1 x ulysses_degree=1 = 1"),
+    (dict(world_size=1, rank=0, shard_weights=True), r"drop --shard_weights"),
+])
+def test_mesh_refuses_bad_cfg_and_shard_layouts(args, match):
+    with pytest.raises(ValueError, match=match):
+        Mesh.create(**args)
+
+
 def test_model_checks_name_heads_and_layers_with_a_valid_alternative():
     with pytest.raises(ValueError, match=r"ulysses_degree=4 does not divide num_attention_heads=6.*--ulysses_degree 2 --pp_degree 2"):
         Mesh.create(4, 0, 4, 1).check_model(num_attention_heads=6, num_layers=48)

@@ -275,6 +275,8 @@ class NativeCommunicator(Communicator):  # pragma: no cover - needs Ascend NPUs 
         self._groups: Dict[Tuple[int, ...], str] = {mesh.world_ranks: _world_group()}
         if len(mesh.sp_group) > 1:
             self._group(mesh.sp_group)  # every rank creates its own SP group at start-up
+        if len(mesh.shard_group) > 1:
+            self._group(mesh.shard_group)  # and its weight-shard group (shard_weights)
 
     def _group(self, ranks: Tuple[int, ...]) -> str:
         """The HCCL group of these ranks, created on first use (all members must ask together)."""
