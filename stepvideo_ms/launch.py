@@ -227,8 +227,8 @@ def run(args) -> int:
         print(f"[run_parallel] {settings.task}: {settings.num_frames} frames {settings.height}x{settings.width}, "
               f"{settings.infer_steps} steps, cfg {settings.cfg_scale}, shift {settings.time_shift}; "
               f"world {world_size} = " + (f"cfg {mesh.cfg_degree} x " if mesh.cfg_degree > 1 else "")
-              + f"ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}" + (", sharded weights" if mesh.shard_weights else ""),
-              flush=True)
+              + f"ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}" + (", sharded weights" if mesh.shard_weights else "")
+              + f"; device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
 
     t0 = time.perf_counter()
     model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress)
