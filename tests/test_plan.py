@@ -94,8 +94,9 @@ def test_plan_matches_measured_cpu_rss(layers, heads, head_dim, grid):
               "out_channels": 8, "caption_channels": [64, 32]}
     # a fixed mmap threshold: glibc's dynamic one would keep the freed numpy temporaries of the random
     # weights in the heap and count them as weights
-    run = subprocess.run([sys.executable, os.path.join(REPO, "tests", "rss_probe.py"), json.dumps(config), *map(str, grid)],
-                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "GLOG_v": "3", "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=300)
+    env = {**os.environ, "GLOG_v": "3", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, os.path.join(REPO, "tests", "rss_probe.py"), json.dumps(config),
+                          *map(str, grid)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     measured = json.loads(run.stdout.strip().splitlines()[-1])
     predicted = planner.plan(planner.ModelShape.from_config(config), planner.Layout(1, 1, 1, False), grid,

@@ -1,4 +1,4 @@
-"""CFG x pipeline x Ulysses sequence parallelism for the DiT, optionally with sharded block weights (see mesh.py)."""
+"""CFG x pipeline x Ulysses parallelism for the DiT, optionally with sharded block weights (see mesh.py)."""
 from .comm import Communicator, LocalCommunicator, init_world, launched_distributed, make_communicator
 from .dit_forward import (Conditioning, ParallelDiT, load_stage, load_stage_model, parallel_denoise,
                           stage_param_filter)
@@ -9,7 +9,8 @@ from .ulysses import TokenShard, UlyssesAttention
 
 __all__ = [
     "Communicator", "LocalCommunicator", "init_world", "launched_distributed", "make_communicator",
-    "Conditioning", "ParallelDiT", "load_stage", "load_stage_model", "BlockShards", "load_sharded_stage", "parallel_denoise", "stage_param_filter",
+    "Conditioning", "ParallelDiT", "load_stage", "load_stage_model", "parallel_denoise", "stage_param_filter",
+    "BlockShards", "load_sharded_stage",
     "Mesh", "layer_partition", "parse_pp_split", "Schedule", "micro_batch_count",
     "TokenShard", "UlyssesAttention",
 ]
