@@ -206,3 +206,30 @@ def test_guidance_batch_mismatch_is_refused_before_the_loop(tiny_dirs):
     with pytest.raises(ValueError, match=r"guidance_scale=5.0 needs 2: pass \[prompt, negative prompt\]"):
         parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]), cond,
                          FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE, progress=False)
+
+
+# ---- sharded block weights ------------------------------------------------------------------
+def test_block_layout_slices_cover_every_element_once():
+    from stepvideo_ms.parallel.shard import BlockLayout
+
+    layout = BlockLayout(("a", "b", "c"), ((2, 3), (4,), (5,)))
+    starts = np.cumsum([0, 6, 4])
+    for parts in range(1, 5):
+        size = layout.shard_size(parts)
+        covered = []
+        for index in range(parts):
+            for i, lo, hi in layout.pieces(index * size, min((index + 1) * size, layout.total)):
+                covered += list(range(starts[i] + lo, starts[i] + hi))
+        assert covered == list(range(layout.total)), parts
+
+
+def test_safetensors_get_range_reads_flat_element_ranges(tmp_path):
+    from stepvideo_ms.safetensors_io import SafetensorsFile, save_file_atomic
+
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    save_file_atomic({"x": x}, str(tmp_path / "t.safetensors"))
+    f = SafetensorsFile(str(tmp_path / "t.safetensors"))
+    assert np.array_equal(f.get_range("x", 5, 17), x.reshape(-1)[5:17])
+    assert f.get_range("x", 3, 3).shape == (0,)
+    with pytest.raises(ValueError, match=r"elements 20\.\.25 lie outside tensor 'x' of 24"):
+        f.get_range("x", 20, 25)
