@@ -104,7 +104,9 @@ def validate(args, world_size: int):
                          f"--cfg_scale {settings.cfg_scale} <= 1 has no unconditional half: use --cfg_degree 1 or a "
                          "cfg_scale above 1")
     if args.card_gb is not None:
-        check_fits(args.card_gb, mesh, config, settings)
+        from .runtime import pick_device
+
+        check_fits(args.card_gb, mesh, config, settings, pick_device(args.device))
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
     return settings, transformer
@@ -117,19 +119,22 @@ def mesh_from(args, world_size: int, rank: int):
                        args.cfg_degree, args.shard_weights)
 
 
-def check_fits(card_gb: float, mesh, config: dict, settings) -> None:
-    """Refuse (before any weight is read) a layout the planner predicts not to fit `card_gb` GiB per card."""
+def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> None:
+    """Refuse (before any weight is read) a layout the planner predicts not to fit `card_gb` GiB per card
+    (the CPU backend's profile on CPU: float32, memory per rank; the 910B profile otherwise)."""
     from .parallel import plan as planner
 
     if card_gb <= 0:
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
+    hardware = planner.CPU if device == "CPU" else planner.Hardware()
     shape = planner.ModelShape.from_config(config)
     layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
-    predicted = planner.plan(shape, layout, grid, guidance=settings.cfg_scale > 1.0)
+    guidance = settings.cfg_scale > 1.0
+    predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
     if predicted.fits(card_gb):
         return
-    others = [planner.plan(shape, other, grid, guidance=settings.cfg_scale > 1.0)
+    others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)
               for other in planner.layouts(mesh.world_size, shape.heads, shape.num_layers, settings.cfg_scale > 1.0)]
     fitting = sorted((q for q in others if q.fits(card_gb)), key=lambda q: q.step_s)
     hint = (f"layouts of {mesh.world_size} cards predicted to fit: "
@@ -204,7 +209,7 @@ def run(args) -> int:
     if card_gb:
         from .checkpoint import read_config
 
-        check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), read_config(transformer), settings)
+        check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), read_config(transformer), settings, rt.device)
     world_size, rank = init_world()
     mesh = mesh_from(args, world_size, rank)
     comm = make_communicator(mesh)
