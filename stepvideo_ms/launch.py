@@ -29,7 +29,7 @@ SCHEDULER_DIR = "scheduler"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_parallel.py",
-        description="Step-Video T2V / TI2V generation on MindSpore; run under msrun for ulysses x pp parallelism.",
+        description="Step-Video T2V / TI2V generation on MindSpore; run under msrun for cfg x ulysses x pp parallelism.",
         epilog="Defaults marked 'task' come from the task of the transformer (T2V: 204 frames, TI2V: 102 frames, "
                "motion 5; both 544x992, 50 steps, cfg 9, shift 13, the upstream magic prompts).")
     g = p.add_argument_group("model and servers")

@@ -14,7 +14,7 @@ blocks come from a BlockGatherer instead of the model's own (unallocated) blocks
 
 Entry points for a command line:
     world_size, rank = comm.init_world()
-    mesh = Mesh.create(world_size, rank, ulysses_degree, pp_degree, ring_degree, pp_split)
+    mesh = Mesh.create(world_size, rank, ulysses_degree, pp_degree, ring_degree, pp_split, cfg_degree, shard_weights)
     model, shards = load_stage(transformer_dir, mesh, dtype)   # shards: None without shard_weights
     latents = parallel_denoise(mesh, make_communicator(mesh), model, noise, Conditioning(...),
                                scheduler, steps, time_shift, guidance_scale, shards=shards)
