@@ -1,7 +1,7 @@
 """Tiny DiT cases shared by the parallel tests (pytest side) and their msrun worker.
 
 A case is a model kind (t2v / ti2v), a latent grid (frames, height, width) and a mesh layout
-(ulysses, pp, pp_split). Its inputs come from a fixed seed, so the worker and the test rebuild
+(ulysses, pp, pp_split, cfg, shard_weights). Its inputs come from a fixed seed, so the worker and the test rebuild
 the same tensors independently; the test computes the single-process reference.
 """
 from __future__ import annotations
@@ -27,16 +27,19 @@ class Case:
     ulysses: int
     pp: int
     pp_split: Optional[str] = None
+    cfg: int = 1
+    shard: bool = False
 
     @property
     def name(self) -> str:
         f, h, w = self.grid
         split = f"_split{self.pp_split.replace(',', '-')}" if self.pp_split else ""
-        return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}"
+        extra = (f"_cfg{self.cfg}" if self.cfg > 1 else "") + ("_shard" if self.shard else "")
+        return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}{extra}"
 
     @property
     def world(self) -> int:
-        return self.ulysses * self.pp
+        return self.cfg * self.ulysses * self.pp
 
 
 def save_cases(cases: List[Case], path: str) -> None:
@@ -46,7 +49,8 @@ def save_cases(cases: List[Case], path: str) -> None:
 
 def load_cases(path: str) -> List[Case]:
     with open(path, "r", encoding="utf-8") as fh:
-        return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"]) for c in json.load(fh)]
+        return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"])
+                for c in json.load(fh)]
 
 
 def model_config(kind: str) -> dict:

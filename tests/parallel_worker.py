@@ -7,9 +7,10 @@
 The device is $STEPVIDEO_DEVICE (CPU when unset; `ascend-sim` runs the native communicator on the
 simulated HCCL, and then also the simulation's own checks, tests/ascend_sim_hccl_checks.py, last).
 1. checks the communicator's operations against numpy on every layout of this world size;
-2. for every case of this world size: loads only this rank's stage of MODELS_DIR/<kind>, checks
-   that the other stages' layers stayed unloaded, runs `parallel_denoise` and saves the final
-   latents to OUT_DIR/<case>.rank<R>.npy.
+2. for every case of this world size: loads only this rank's stage of MODELS_DIR/<kind> (with
+   sharded weights: only its slices of the stage's blocks), checks that nothing else was loaded
+   (counting the block elements held), runs `parallel_denoise` and saves the final latents to
+   OUT_DIR/<case>.rank<R>.npy.
 """
 from __future__ import annotations
 
@@ -75,16 +76,30 @@ def comm_checks(world: int, rank: int) -> List[str]:
     return failures
 
 
-def stage_loading_failures(model, mesh) -> List[str]:
+def stage_loading_failures(model, mesh, shards) -> List[str]:
+    """What this rank holds beyond (or short of) its share; block elements counted one by one."""
+    from stepvideo_ms.parallel.shard import held_block_elements
+
     mine = set(mesh.stage_layers(model.num_layers))
-    failures = []
+    failures, per_block = [], {}
     for name, param in model.parameters_and_names():
         if name.startswith("transformer_blocks."):
             layer = int(name.split(".")[1])
-            if (layer in mine) == param.has_init:  # has_init: never given data
-                failures.append(f"{name}: stage {mesh.stage} holds layers {sorted(mine)} but loaded={not param.has_init}")
+            per_block[layer] = per_block.get(layer, 0) + int(np.prod(param.shape))
+            should = layer in mine and not mesh.shard_weights
+            if should == param.has_init:  # has_init: never given data
+                failures.append(f"{name}: stage {mesh.stage} holds layers {sorted(mine)} "
+                                f"(sharded {mesh.shard_weights}) but loaded={not param.has_init}")
         elif param.has_init:
             failures.append(f"{name}: shared parameter not loaded")
+    block = per_block[0]
+    parts = len(mesh.shard_group)
+    want = len(mine) * -(-block // parts)  # 1/N of every block of the stage (the last slice padded)
+    held = held_block_elements(model, shards)
+    if held != want:
+        failures.append(f"holds {held} block elements, expected {want} = {len(mine)} blocks x ceil({block}/{parts})")
+    if shards is not None and sorted(shards.flats) != sorted(mine):
+        failures.append(f"shards of layers {sorted(shards.flats)}, stage layers {sorted(mine)}")
     return failures
 
 
@@ -109,20 +124,21 @@ def main(argv: List[str]) -> int:
         print(f"device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
         return 0
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
-    from stepvideo_ms.parallel import Mesh, init_world, load_stage_model, make_communicator, parallel_denoise
+    from stepvideo_ms.parallel import Mesh, init_world, load_stage, make_communicator, parallel_denoise
 
     world, rank = init_world()
     start = time.perf_counter()
     report = {"comm": comm_checks(world, rank), "loading": {}}
     print(f"rank {rank}: communicator checks took {time.perf_counter() - start:.1f} s", flush=True)
     for case in [c for c in load_cases(cases_json) if c.world == world]:
-        mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split)
-        model = load_stage_model(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False)
-        report["loading"][case.name] = stage_loading_failures(model, mesh)
+        mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split, cfg_degree=case.cfg,
+                           shard_weights=case.shard)
+        model, shards = load_stage(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False)
+        report["loading"][case.name] = stage_loading_failures(model, mesh, shards)
         inputs = case_inputs(case)
         latents = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),
                                    conditioning(inputs, case.kind), FlowMatchScheduler(), STEPS, TIME_SHIFT,
-                                   GUIDANCE, progress=False)
+                                   GUIDANCE, progress=False, shards=shards)
         np.save(output_path(out_dir, case, rank), latents.asnumpy())
         print(f"rank {rank}: {case.name} done at {time.perf_counter() - start:.1f} s", flush=True)
     if runtime.is_simulated():  # last: its dead-lock checks leave the ranks' call numbers out of step

@@ -281,6 +281,8 @@ class NativeCommunicator(Communicator):
         self._exchanges: Dict[str, object] = {}
         if len(mesh.sp_group) > 1:
             self._group(mesh.sp_group)  # every rank creates its own SP group at start-up
+        if len(mesh.shard_group) > 1:
+            self._group(mesh.shard_group)  # and its weight-shard group (shard_weights)
 
     def _group(self, ranks: Tuple[int, ...]) -> str:
         """The HCCL group of these ranks, created on first use (all members must ask together)."""
