@@ -34,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and servers")
     g.add_argument("--model_dir", required=True, help="the downloaded model directory (transformer/, scheduler/, ...)")
     g.add_argument("--transformer_dir", default=TRANSFORMER_DIR, help="sub-folder of the DiT (default: transformer)")
-    g.add_argument("--caption_url", default="127.0.0.1", help="caption server, http://HOST:PORT (host alone: port 5000)")
-    g.add_argument("--vae_url", default="127.0.0.1", help="VAE server, http://HOST:PORT (host alone: port 5001)")
+    g.add_argument("--caption_url", default="127.0.0.1",
+                   help="caption server, http://HOST:PORT (host alone: port 5000), or 'local': Step-1 and "
+                        "HunyuanCLIP in this process (rank 0 under msrun)")
+    g.add_argument("--vae_url", default="127.0.0.1",
+                   help="VAE server, http://HOST:PORT (host alone: port 5001), or 'local': the VAE in this process")
     g.add_argument("--auth_token", default=None, help="token of the servers (default: $STEPVIDEO_AUTH_TOKEN)")
     g.add_argument("--device", default=None, help="Ascend or CPU (default: Ascend when present)")
     g = p.add_argument_group("what to make")
@@ -78,6 +81,7 @@ def settings_from(args, task: str) -> GenerationSettings:
 def validate(args, world_size: int):
     """Every check that needs no weights: -> (settings, transformer config, transformer path)."""
     from . import checkpoint, video
+    from .diffusion.backends import check_local_dirs
     from .parallel import Mesh
 
     if not os.path.isdir(args.model_dir):
@@ -94,6 +98,7 @@ def validate(args, world_size: int):
         video.load_image(settings.first_image_path)  # readable, before anything else
     mesh = Mesh.create(world_size, 0, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
+    check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
     return settings, transformer
@@ -140,7 +145,7 @@ def run(args) -> int:
     from .diffusion.scheduler import FlowMatchScheduler
     from .parallel import Conditioning, Mesh, init_world, load_stage_model, make_communicator, parallel_denoise
     from .safetensors_io import save_file_atomic
-    from .serving.client import RemoteClient
+    from .diffusion.backends import open_backends
     from mindspore import Tensor
 
     timings = {}
@@ -153,12 +158,9 @@ def run(args) -> int:
     progress = not args.no_progress and rank == 0
     caption = vae = None
     if rank == 0:
-        caption = RemoteClient.for_caption(args.caption_url, token=args.auth_token)
-        vae = RemoteClient.for_vae(args.vae_url, token=args.auth_token)
         try:
-            caption.health()
-            if settings.task == "ti2v" or not args.no_video:
-                vae.health()
+            caption, vae = open_backends(args.model_dir, args.caption_url, args.vae_url, args.auth_token,
+                                         need_vae=settings.task == "ti2v" or not args.no_video, progress=progress)
         except BaseException:
             agree(comm, False, rank)
             raise
@@ -209,7 +211,7 @@ def run(args) -> int:
              "parallel": {"world_size": world_size, "ulysses_degree": mesh.ulysses_degree,
                           "pp_degree": mesh.pp_degree, "stages": [str(r) for r in mesh.partition(model.num_layers)]},
              "device": rt.device}
-    mp4, js = pipe.save(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra)
+    mp4, js = pipe.write_outputs(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra)
     print(f"[run_parallel] video: {mp4}\n[run_parallel] record: {js}", flush=True)
     return 0
 
