@@ -42,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--auth_token", default=None, help="token of the servers (default: $STEPVIDEO_AUTH_TOKEN)")
     g.add_argument("--device", default=None, help="Ascend or CPU (default: Ascend when present)")
     g = p.add_argument_group("what to make")
-    g.add_argument("--prompt", required=True, help="the text prompt")
+    g.add_argument("--prompt", default=None, help="the text prompt (or --prompts_file, or --serve)")
+    g.add_argument("--prompts_file", default=None, metavar="JSONL",
+                   help="batch: one JSON object per line (prompt and any per-video setting, output_file_name); "
+                        "the world loads once and writes every video")
+    g.add_argument("--serve", action="store_true",
+                   help="keep the world loaded and serve an HTTP job API and a web page (rank 0)")
+    g.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (loopback unless a token)")
+    g.add_argument("--port", type=int, default=8000, help="--serve: port (0 picks a free one)")
+    g.add_argument("--queue_size", type=int, default=16, help="--serve: jobs that may wait")
     g.add_argument("--first_image_path", default=None, help="TI2V: the first frame (PNG/JPEG)")
     g.add_argument("--motion_score", type=float, default=None, help="TI2V: 2 steady, 5 default, 10/20 lively")
     g.add_argument("--num_frames", type=int, default=None, help="frames, rounded down to a multiple of 17 (task)")
@@ -78,9 +86,9 @@ def settings_from(args, task: str) -> GenerationSettings:
         neg_magic=args.neg_magic, seed=args.seed).resolved()
 
 
-def validate(args, world_size: int):
-    """Every check that needs no weights: -> (settings, transformer config, transformer path)."""
-    from . import checkpoint, video
+def validate_model(args, world_size: int):
+    """The checks of the model and the layout, shared by every mode: -> (task, transformer path)."""
+    from . import checkpoint
     from .diffusion.backends import check_local_dirs
     from .parallel import Mesh
 
@@ -90,15 +98,23 @@ def validate(args, world_size: int):
     config = checkpoint.read_config(transformer)
     checkpoint.checkpoint_files(transformer)  # the shards are all there
     task = "ti2v" if config.get("use_additional_conditions") else "t2v"
+    mesh = Mesh.create(world_size, 0, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
+    mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
+    check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
+    return task, transformer
+
+
+def validate(args, world_size: int):
+    """Every check that needs no weights: -> (settings, transformer path)."""
+    from . import video
+
+    task, transformer = validate_model(args, world_size)
     if task == "t2v" and args.first_image_path:
         raise ValueError(f"--first_image_path is for TI2V, but {transformer} is a T2V model "
                          "(use_additional_conditions is false): drop the image or use the TI2V weights")
     settings = settings_from(args, task)
     if task == "ti2v":
         video.load_image(settings.first_image_path)  # readable, before anything else
-    mesh = Mesh.create(world_size, 0, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
-    mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
-    check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
     return settings, transformer
@@ -222,7 +238,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .serving.client import RemoteServerError
 
+    modes = [name for name, on in (("--prompt", args.prompt is not None), ("--prompts_file", args.prompts_file),
+                                   ("--serve", args.serve)) if on]
+    if len(modes) != 1:
+        parser.error("give exactly one of --prompt, --prompts_file, --serve" + (f" (got {', '.join(modes)})"
+                                                                                 if modes else ""))
     try:
+        if args.prompts_file:
+            from .batch import run_batch
+            return run_batch(args, world_size_from_env())
+        if args.serve:
+            from .generation_service.main import run_service
+            return run_service(args, world_size_from_env())
         return run(args)
     except (ValueError, CheckpointError) as exc:  # bad input: say what to change, no traceback
         print(f"run_parallel.py: error: {exc}", file=sys.stderr, flush=True)

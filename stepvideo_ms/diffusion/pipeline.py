@@ -29,11 +29,9 @@ from ..models.dit import StepVideoModel
 from .. import video as video_io
 from .sampling import denoise
 from .scheduler import FlowMatchScheduler
-from .settings import GenerationSettings
+from .settings import PER_VIDEO_SETTINGS, GenerationSettings
 
-# what `pipe(prompt, **settings)` accepts: every per-video setting of GenerationSettings
-CALL_SETTINGS = ("num_frames", "height", "width", "infer_steps", "cfg_scale", "time_shift", "motion_score",
-                 "pos_magic", "neg_magic", "seed")
+CALL_SETTINGS = tuple(PER_VIDEO_SETTINGS)  # what `pipe(prompt, **settings)` accepts
 OUTPUT_TYPES = ("np", "latent")
 
 

@@ -32,6 +32,11 @@ TASK_DEFAULTS = {
 }
 
 
+# the settings one video may set (beyond its prompt and first image), and the type each takes
+PER_VIDEO_SETTINGS = {"num_frames": int, "height": int, "width": int, "infer_steps": int, "cfg_scale": float,
+                      "time_shift": float, "motion_score": float, "pos_magic": str, "neg_magic": str, "seed": int}
+
+
 @dataclass
 class GenerationSettings:
     prompt: str
