@@ -72,9 +72,10 @@ class GenerationWorld:
     info: Dict[str, object] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, args, task: str, transformer: str) -> "GenerationWorld":
-        """Runtime, world, mesh; rank 0 opens the encoders and VAE (checked before the DiT loads);
-        every rank loads its DiT stage."""
+    def start(cls, args, task: str, transformer: str,
+              before_load: Optional[Callable[[], None]] = None) -> "GenerationWorld":
+        """Runtime, world, mesh; rank 0 runs `before_load` (e.g. binds a port) and opens the encoders and
+        VAE, all before the DiT loads; every rank loads its DiT stage."""
         from . import runtime
         from .diffusion.backends import open_backends
         from .diffusion.pipeline import StepVideoPipeline
@@ -92,6 +93,8 @@ class GenerationWorld:
         t0 = time.perf_counter()  # the load paid once: encoders and VAE (rank 0) and the DiT stage
         try:
             if rank == 0:
+                if before_load is not None:
+                    before_load()
                 text, vae = open_backends(args.model_dir, args.caption_url, args.vae_url, args.auth_token,
                                           need_vae=True, progress=progress)
         except BaseException:
@@ -99,7 +102,7 @@ class GenerationWorld:
             all_ok(comm, False, rank)
             raise
         if not all_ok(comm, ok, rank):
-            raise PeerFailed("rank 0 failed to reach the caption or VAE backend (see its log); stopping this rank")
+            raise PeerFailed("rank 0 failed before loading (see its log); stopping this rank")
         model = load_stage_model(transformer, mesh, dtype=rt.compute_dtype, progress=progress)
         load_s = time.perf_counter() - t0
         scheduler = FlowMatchScheduler.from_dir(os.path.join(args.model_dir, SCHEDULER_DIR))
