@@ -3,7 +3,7 @@
 Every rank reads and checks the whole file before anything loads (so every rank holds the same
 job list without a broadcast); bad lines are reported with their line numbers and skipped; if no
 line is usable the run stops there (exit 2). Each job writes SAVE_PATH/NAME.mp4 and NAME.json; a
-job that fails is reported and the next one runs. Exit 0 when every line was made, else 1.
+job that fails is reported and the next one runs. Rank 0 exits 0 when every line was made, else 1.
 """
 from __future__ import annotations
 
@@ -55,4 +55,6 @@ def run_batch(args, world_size: int) -> int:
         if out is not None:
             say(f"[{i}/{len(jobs)}] line {number}: {out[0]} ({time.perf_counter() - t0:.1f} s)")
     say(f"batch done: {len(jobs) - failed} written, {failed} failed, {len(errors)} bad line(s)")
+    if world.rank != 0:
+        return 0  # rank 0 may still be writing; msrun ends every worker as soon as one exits non-zero
     return 0 if not failed and not errors else 1

@@ -20,7 +20,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from flask import Flask, Response, jsonify, request, send_file
@@ -54,6 +54,7 @@ class ServiceState:
     auth_token: Optional[str]
     upload_dir: str
     info: dict
+    defaults: dict = field(default_factory=dict)  # the command line's per-video settings
     started: float = 0.0
 
 
@@ -156,7 +157,7 @@ def create_app(state: ServiceState) -> Flask:
         return jsonify({"status": "ok", "version": __version__, "task": state.task, **state.info,
                         "auth": state.auth_token is not None, "jobs": state.board.counts(),
                         "uptime_s": round(time.time() - state.started, 1), "presets": PRESETS,
-                        "defaults": TASK_DEFAULTS[state.task], "keys": list(API_KEYS),
+                        "defaults": dict(TASK_DEFAULTS[state.task], **state.defaults), "keys": list(API_KEYS),
                         "limits": {"max_body_bytes": state.limits.max_body_bytes,
                                    "max_frames": state.limits.max_frames, "max_side": state.limits.max_side,
                                    "max_steps": MAX_STEPS, "queue_size": state.board.queue_size}})
@@ -182,7 +183,8 @@ def create_app(state: ServiceState) -> Flask:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # rounding notes are in the job's "notes"
-                    job = job_from_dict(dict(data, first_image_path=upload, output_file_name=job_id), state.task)
+                    job = job_from_dict(dict(data, first_image_path=upload, output_file_name=job_id), state.task,
+                                        state.defaults)
                 _check_limits(job, state.limits)
                 rec = state.board.submit(job_id, job, upload)
             except BaseException:

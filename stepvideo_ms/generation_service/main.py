@@ -52,6 +52,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_service(args, world_size: int) -> int:
+    from ..batch import defaults_from
     from ..launch import validate_model
     from ..serving.limits import Limits
     from ..serving.protocol import AUTH_ENV
@@ -74,7 +75,7 @@ def run_service(args, world_size: int) -> int:
     stop = StopRequest()
     limits = Limits()
     board = JobBoard(args.queue_size)
-    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {})
+    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {}, defaults_from(args))
     holder = {}
 
     def bind():  # rank 0, before any weight: a taken port fails in seconds
