@@ -24,11 +24,19 @@ DEMO_IMAGE = os.path.join(REPO, "assets", "demo.png")
 SMALL = dict(num_frames=17, height=48, width=80, infer_steps=2)
 
 
-def make_tiny(tmp_path_factory, task):
-    out = tmp_path_factory.mktemp(f"api_{task}") / "model"
-    subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(out), "--task", task], check=True, cwd=REPO,
-                   capture_output=True, env={**os.environ, "GLOG_v": "3"})
-    return str(out)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """tiny(task) -> a tiny model directory, built once per task for this module."""
+    built = {}
+
+    def make(task):
+        if task not in built:
+            out = tmp_path_factory.mktemp(f"api_{task}") / "model"
+            subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(out), "--task", task], check=True,
+                           cwd=REPO, capture_output=True, env={**os.environ, "GLOG_v": "3"})
+            built[task] = str(out)
+        return built[task]
+    return make
 
 
 def readme_example() -> str:
@@ -40,15 +48,15 @@ def readme_example() -> str:
 
 
 @pytest.fixture(scope="module", params=["t2v", "ti2v"])
-def api(request, tmp_path_factory):
+def api(request, tiny):
     from stepvideo_ms import StepVideoPipeline
-    model = make_tiny(tmp_path_factory, request.param)
+    model = tiny(request.param)
     return request.param, model, StepVideoPipeline.from_pretrained(model, device="CPU", progress=False)
 
 
-def test_readme_example_runs_as_written(tmp_path, tmp_path_factory, monkeypatch, capsys):
+def test_readme_example_runs_as_written(tmp_path, tiny, monkeypatch, capsys):
     code = readme_example()
-    model = make_tiny(tmp_path_factory, "t2v")
+    model = tiny("t2v")
     lines = code.splitlines()
     config = [i for i, line in enumerate(lines) if re.match(r"(model_dir|preview) = ", line)]
     assert len(config) == 2, "the example must keep its two configuration lines (model_dir, preview)"

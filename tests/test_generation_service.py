@@ -149,3 +149,20 @@ def test_bad_submissions_get_4xx_and_the_service_stays_up(service, kind, request
     assert message in r.json()["error"]
     assert requests.get(svc.url + "health", timeout=10).json()["status"] == "ok"
     assert requests.get(svc.url + "jobs/nope", timeout=10).status_code == 404
+
+
+@pytest.mark.timeout(TIMEOUT + 120)
+def test_sigterm_finishes_the_running_job_drops_the_queue_and_stops_every_rank(service):
+    svc, out = service
+    running = requests.post(svc.url + "jobs", json=dict(JOBS[0], infer_steps=6), timeout=10).json()["id"]
+    waiting = requests.post(svc.url + "jobs", json=JOBS[1], timeout=10).json()["id"]
+    deadline = time.monotonic() + TIMEOUT
+    while requests.get(f"{svc.url}jobs/{running}", timeout=10).json()["state"] == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    left = svc.terminate()
+    assert not left, f"processes left after SIGTERM: {left}\n{svc.logs()}"
+    logs = svc.logs()
+    # msrun's workers run in sessions of their own: they see msrun end and stop by themselves
+    assert f"{running} done" in logs and "1 waiting job(s) dropped" in logs, logs
+    assert (out / "videos" / f"{running}.mp4").is_file() and not (out / "videos" / f"{waiting}.mp4").exists()
