@@ -166,3 +166,36 @@ def test_sigterm_finishes_the_running_job_drops_the_queue_and_stops_every_rank(s
     # msrun's workers run in sessions of their own: they see msrun end and stop by themselves
     assert f"{running} done" in logs and "1 waiting job(s) dropped" in logs, logs
     assert (out / "videos" / f"{running}.mp4").is_file() and not (out / "videos" / f"{waiting}.mp4").exists()
+
+
+# ---- refused before anything loads (no world is started) -------------------------------------------
+@pytest.mark.parametrize("extra,message", [
+    (["--serve", "--host", "0.0.0.0"], "is not loopback: give --auth_token"),
+    (["--serve", "--queue_size", "0"], "--queue_size 0"),
+    (["--prompts_file", "/nonexistent/jobs.jsonl"], "no such file"),
+])
+def test_mode_arguments_are_checked_first(model, tmp_path, capsys, monkeypatch, extra, message):
+    from stepvideo_ms import launch
+    monkeypatch.delenv("STEPVIDEO_AUTH_TOKEN", raising=False)
+    assert launch.main(["--model_dir", model, "--caption_url", "local", "--vae_url", "local",
+                        "--save_path", str(tmp_path / "out"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompts_file_without_a_usable_line_stops_before_loading(model, tmp_path, capsys):
+    from stepvideo_ms import launch
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "x", "first_image_path": "a.png"}\n\nnot json\n')
+    assert launch.main(["--model_dir", model, "--prompts_file", str(jobs), "--save_path", str(tmp_path / "out"),
+                        "--caption_url", "local", "--vae_url", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "jobs.jsonl line 1: first_image_path is for TI2V" in err and "jobs.jsonl line 3: not valid JSON" in err
+    assert "no usable line (2 bad)" in err and not (tmp_path / "out").exists()
+
+
+def test_exactly_one_mode(model, capsys):
+    from stepvideo_ms import launch
+    with pytest.raises(SystemExit) as exc:
+        launch.main(["--model_dir", model, "--prompt", "x", "--serve"])
+    assert exc.value.code == 2 and "exactly one of --prompt, --prompts_file, --serve" in capsys.readouterr().err

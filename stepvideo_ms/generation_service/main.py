@@ -40,21 +40,11 @@ class StopRequest:
         return self.event.is_set()
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def run_service(args, world_size: int) -> int:
     from ..batch import defaults_from
     from ..launch import validate_model
     from ..serving.limits import Limits
+    from ..serving.main import is_loopback
     from ..serving.protocol import AUTH_ENV
     from ..serving.server import BoundedWSGIServer
     from ..jobs import Job
@@ -62,15 +52,15 @@ def run_service(args, world_size: int) -> int:
     from .app import ServiceState, create_app
     from .board import JobBoard
 
-    task, transformer = validate_model(args, world_size)
     token = args.auth_token or os.environ.get(AUTH_ENV) or None
-    if not _is_loopback(args.host) and not token:
+    if not is_loopback(args.host) and not token:
         raise ValueError(f"--host {args.host} is not loopback: give --auth_token (or set {AUTH_ENV}); every "
                          "request must then carry 'Authorization: Bearer TOKEN'")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port} is not a TCP port (0 picks a free one)")
     if args.queue_size < 1:
         raise ValueError(f"--queue_size {args.queue_size} must be at least 1")
+    task, transformer = validate_model(args, world_size)
     save_path = os.path.abspath(args.save_path)
     stop = StopRequest()
     limits = Limits()
