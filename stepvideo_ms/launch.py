@@ -186,7 +186,8 @@ def run(args) -> int:
             print(f"[run_parallel] {note}", flush=True)
         print(f"[run_parallel] {settings.task}: {settings.num_frames} frames {settings.height}x{settings.width}, "
               f"{settings.infer_steps} steps, cfg {settings.cfg_scale}, shift {settings.time_shift}; "
-              f"world {world_size} = ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}", flush=True)
+              f"world {world_size} = ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}; device {rt.device}, "
+              f"compute dtype {rt.compute_dtype}", flush=True)
 
     t0 = time.perf_counter()
     model = load_stage_model(transformer, mesh, dtype=rt.compute_dtype, progress=progress)

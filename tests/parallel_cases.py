@@ -108,14 +108,16 @@ def conditioning(inputs: Dict[str, np.ndarray], kind: str):
                         MOTION if kind == "ti2v" else None)
 
 
-def reference_latents(model_dir: str, case: Case) -> np.ndarray:
-    """The single-process loop: the plain model in `sampling.denoise`."""
+def reference_latents(model_dir: str, case: Case, dtype=None) -> np.ndarray:
+    """The single-process loop: the plain model in `sampling.denoise` (in `dtype`, default float32)."""
     from mindspore import Tensor
     from stepvideo_ms.diffusion.sampling import denoise
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
     from stepvideo_ms.models.dit import StepVideoModel
 
-    model = StepVideoModel.from_pretrained(model_dir, progress=False)
+    import mindspore as ms
+
+    model = StepVideoModel.from_pretrained(model_dir, dtype=dtype or ms.float32, progress=False)
     inputs = case_inputs(case)
     c = conditioning(inputs, case.kind)
 
@@ -124,7 +126,7 @@ def reference_latents(model_dir: str, case: Case) -> np.ndarray:
                      c.encoder_hidden_states_2, c.condition_hidden_states, c.motion_score)
 
     out = denoise(predict, Tensor(inputs["latents"]), FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE,
-                  progress=False)
+                  model_dtype=model.dtype, progress=False)
     return out.asnumpy()
 
 
@@ -134,3 +136,7 @@ def tolerance(reference: np.ndarray) -> float:
 
 def output_path(out_dir: str, case: Case, rank: int) -> str:
     return os.path.join(out_dir, f"{case.name}.rank{rank}.npy")
+
+
+def reference_path(out_dir: str, case: Case) -> str:
+    return os.path.join(out_dir, f"{case.name}.reference.npy")

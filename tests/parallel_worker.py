@@ -1,9 +1,12 @@
 """msrun worker of tests/test_parallel_msrun.py (one process per rank):
 
     python tests/parallel_worker.py CASES_JSON MODELS_DIR OUT_DIR
+    python tests/parallel_worker.py CASES_JSON MODELS_DIR OUT_DIR --reference   (one process: the
+        single-process latents of each case, OUT_DIR/<case>.reference.npy)
 
-1. checks the communicator's operations against numpy on every layout of this world size and
-   writes the failures (if any) to OUT_DIR/comm.rank<R>.json;
+The device is $STEPVIDEO_DEVICE (CPU when unset; `ascend-sim` runs the native communicator on the
+simulated HCCL, and then also the simulation's own checks, tests/ascend_sim_hccl_checks.py, last).
+1. checks the communicator's operations against numpy on every layout of this world size;
 2. for every case of this world size: loads only this rank's stage of MODELS_DIR/<kind>, checks
    that the other stages' layers stayed unloaded, runs `parallel_denoise` and saves the final
    latents to OUT_DIR/<case>.rank<R>.npy.
@@ -18,7 +21,8 @@ from typing import List
 
 import numpy as np
 
-from parallel_cases import GUIDANCE, STEPS, TIME_SHIFT, case_inputs, conditioning, load_cases, output_path
+from parallel_cases import (GUIDANCE, STEPS, TIME_SHIFT, case_inputs, conditioning, load_cases, output_path,
+                            reference_latents, reference_path)
 
 
 def _pattern(rank: int, shape) -> np.ndarray:
@@ -84,12 +88,26 @@ def stage_loading_failures(model, mesh) -> List[str]:
     return failures
 
 
+def write_references(cases, models_dir: str, out_dir: str, dtype) -> None:
+    """One process, no msrun: the plain model's loop for each (kind, grid), saved beside the ranks' output."""
+    done = {}
+    for case in cases:
+        key = (case.kind, case.grid)
+        if key not in done:
+            done[key] = reference_latents(os.path.join(models_dir, case.kind), case, dtype)
+        np.save(reference_path(out_dir, case), done[key])
+
+
 def main(argv: List[str]) -> int:
-    cases_json, models_dir, out_dir = argv
+    cases_json, models_dir, out_dir = argv[:3]
     from mindspore import Tensor
     from stepvideo_ms import runtime
 
-    runtime.init("CPU")
+    rt = runtime.init(os.environ.get(runtime.ENV_DEVICE) or "CPU")
+    if argv[3:] == ["--reference"]:
+        write_references(load_cases(cases_json), models_dir, out_dir, rt.compute_dtype)
+        print(f"device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
+        return 0
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
     from stepvideo_ms.parallel import Mesh, init_world, load_stage_model, make_communicator, parallel_denoise
 
@@ -99,7 +117,7 @@ def main(argv: List[str]) -> int:
     print(f"rank {rank}: communicator checks took {time.perf_counter() - start:.1f} s", flush=True)
     for case in [c for c in load_cases(cases_json) if c.world == world]:
         mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split)
-        model = load_stage_model(os.path.join(models_dir, case.kind), mesh, progress=False)
+        model = load_stage_model(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False)
         report["loading"][case.name] = stage_loading_failures(model, mesh)
         inputs = case_inputs(case)
         latents = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),
@@ -107,6 +125,11 @@ def main(argv: List[str]) -> int:
                                    GUIDANCE, progress=False)
         np.save(output_path(out_dir, case, rank), latents.asnumpy())
         print(f"rank {rank}: {case.name} done at {time.perf_counter() - start:.1f} s", flush=True)
+    if runtime.is_simulated():  # last: its dead-lock checks leave the ranks' call numbers out of step
+        from ascend_sim_hccl_checks import emulator_checks
+
+        report["sim"] = emulator_checks(world, rank)
+    print(f"rank {rank}: device {rt.device}, all done at {time.perf_counter() - start:.1f} s", flush=True)
     with open(os.path.join(out_dir, f"report.rank{rank}.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh)
     return 0

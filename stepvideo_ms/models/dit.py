@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 
 from .. import checkpoint
+from ..ops.attention import KeyMask
 from .common import LayerNorm, Linear, count_parameters, new_param
 from .embeddings import AdaLayerNormSingle, PixArtAlphaTextProjection
 from .layers import AttentionCore, PatchEmbed, StepVideoTransformerBlock
@@ -30,7 +31,7 @@ class DiTInputs:
     t6: Tensor                # (b, 6D) AdaLN-single modulation
     embedded_timestep: Tensor  # (b, D)
     context: Tensor           # (b, Lk, D) clip + caption tokens, cut to the longest valid length
-    key_mask: Tensor          # (b, Lk) bool, True where a text token is valid
+    key_mask: KeyMask         # (b, Lk), True where a text token is valid; prepared once per forward
     grid: Tuple[int, int, int]  # (frames, height, width) of the token grid
 
 
@@ -171,7 +172,7 @@ class StepVideoModel(nn.Cell):
         return self.finish(x, inputs)
 
 
-def text_key_mask(context: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+def text_key_mask(context: Tensor, mask: Tensor) -> Tuple[Tensor, KeyMask]:
     """Upstream's text mask: sample i attends its first sum(mask[i]) text tokens; the text is cut
     to the longest valid length of the batch."""
     lengths = mask.asnumpy().astype(bool).sum(axis=1)
@@ -179,4 +180,4 @@ def text_key_mask(context: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
         raise ValueError("encoder_attention_mask: every sample needs at least one valid text token")
     longest = int(lengths.max())
     keep = np.arange(longest)[None, :] < lengths[:, None]
-    return context[:, :longest], Tensor(keep)
+    return context[:, :longest], KeyMask(Tensor(keep))

@@ -171,7 +171,8 @@ class Step1Model(nn.Cell):
     def construct(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """input_ids (b, s) -> hidden states (b, s, hidden). `attention_mask` is ignored (causal only)."""
         x = self.tok_embeddings(input_ids)
-        return self.transformer(x, self.alibi(input_ids.shape[1]))
+        # one cast of the bias per forward, not one per layer
+        return self.transformer(x, self.alibi(input_ids.shape[1]).astype(x.dtype))
 
 
 def load_step1(folder: str, dtype=None, progress: bool = True) -> Step1Model:
