@@ -244,6 +244,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if len(modes) != 1:
         parser.error("give exactly one of --prompt, --prompts_file, --serve" + (f" (got {', '.join(modes)})"
                                                                                  if modes else ""))
+    if args.prompt is None:  # the flags of one video have no meaning for many
+        single = [flag for flag, on in (("--first_image_path", args.first_image_path), ("--save_latents", args.save_latents),
+                                        ("--no_video", args.no_video), ("--output_file_name", args.output_file_name),
+                                        ("--name_suffix", args.name_suffix)) if on]
+        if single:
+            parser.error(f"{', '.join(single)} belong(s) to one video (--prompt); with {modes[0]} give "
+                         "first_image_path / output_file_name per job")
     try:
         if args.prompts_file:
             from .batch import run_batch

@@ -199,3 +199,11 @@ def test_exactly_one_mode(model, capsys):
     with pytest.raises(SystemExit) as exc:
         launch.main(["--model_dir", model, "--prompt", "x", "--serve"])
     assert exc.value.code == 2 and "exactly one of --prompt, --prompts_file, --serve" in capsys.readouterr().err
+
+
+def test_single_video_flags_are_refused_for_many(model, capsys):
+    from stepvideo_ms import launch
+    with pytest.raises(SystemExit) as exc:
+        launch.main(["--model_dir", model, "--serve", "--first_image_path", "a.png", "--save_latents", "l.safetensors"])
+    assert exc.value.code == 2
+    assert "--first_image_path, --save_latents belong(s) to one video" in capsys.readouterr().err
