@@ -127,10 +127,13 @@ def test_three_jobs_run_in_order_with_progress_and_match_the_command_line(servic
     assert health["jobs"]["done"] >= 3 and health["parallel"]["world_size"] == 2
 
 
+with open(os.path.join(REPO, "assets", "demo.png"), "rb") as _fh:
+    DEMO_PNG = _fh.read()
+
 BAD = [
     ("unknown setting", dict(json={"prompt": "x", "steps": 3}), 422, "unknown key"),
     ("image for T2V", dict(data={"job": json.dumps({"prompt": "x"})},
-                            files={"first_image": ("a.png", open(os.path.join(REPO, "assets", "demo.png"), "rb").read())}),
+                            files={"first_image": ("a.png", DEMO_PNG)}),
      422, "first_image is for TI2V"),
     ("not JSON", dict(data=b"{not json", headers={"Content-Type": "application/json"}), 400, "not JSON"),
     ("wrong content type", dict(data=b"prompt=x", headers={"Content-Type": "text/plain"}), 415, "Content-Type"),
