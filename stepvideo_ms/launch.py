@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 import numpy as np
@@ -58,16 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_latents", default=None, metavar="PATH",
                    help="also write the final latents to PATH (safetensors, key 'latents')")
     g.add_argument("--no_video", action="store_true", help="stop after the latents (no VAE decode, no MP4)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing NAME.mp4/NAME.json (default: write NAME-1, NAME-2, ...)")
     g = p.add_argument_group("parallelism (world size = ulysses_degree x pp_degree msrun workers)")
     g.add_argument("--ulysses_degree", type=int, default=1, help="sequence-parallel ranks per pipeline stage")
     g.add_argument("--pp_degree", type=int, default=1, help="pipeline stages")
     g.add_argument("--pp_split", default=None, help="stage boundaries as layer indices, e.g. 24 or 12,24,36 (balanced)")
     g.add_argument("--ring_degree", type=int, default=1, help="must be 1: ring attention is not supported")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    g.add_argument("--verbose", action="store_true",
+                   help="show MindSpore's and the libraries' log lines (default: errors only)")
     return p
 
 
 def settings_from(args, task: str) -> GenerationSettings:
+    """The resolved settings; their notes (e.g. a rounded size) are printed once, by rank 0, not warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _settings_from(args, task)
+
+
+def _settings_from(args, task: str) -> GenerationSettings:
     return GenerationSettings(
         prompt=args.prompt, task=task, first_image_path=args.first_image_path, num_frames=args.num_frames,
         height=args.height, width=args.width, infer_steps=args.infer_steps, cfg_scale=args.cfg_scale,
@@ -94,9 +106,33 @@ def validate(args, world_size: int):
         video.load_image(settings.first_image_path)  # readable, before anything else
     mesh = Mesh.create(world_size, 0, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
-    if args.save_latents and not args.save_latents.endswith(".safetensors"):
-        raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
+    check_outputs(args)
     return settings, transformer
+
+
+def check_outputs(args) -> None:
+    """The output folders can be created and written, before any weight is read (creates nothing)."""
+    from .output_files import check_save_folder
+
+    if args.save_latents:
+        if not args.save_latents.endswith(".safetensors"):
+            raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
+        if os.path.isdir(args.save_latents):
+            raise ValueError(f"--save_latents {args.save_latents} is a folder: give a file path")
+        check_save_folder(os.path.dirname(os.path.abspath(args.save_latents)), "--save_latents")
+    if not args.no_video:
+        check_save_folder(args.save_path)
+
+
+def output_stem(args, settings: GenerationSettings) -> str:
+    """The MP4/JSON name: a numbered suffix when that name exists already, unless --overwrite."""
+    from .diffusion.pipeline import safe_stem
+    from .output_files import free_stem
+
+    stem = args.output_file_name or safe_stem(settings.prompt)
+    if args.name_suffix:
+        stem = f"{stem}-{args.name_suffix}"
+    return free_stem(os.path.abspath(args.save_path), stem, args.overwrite)
 
 
 def world_size_from_env() -> int:
@@ -201,15 +237,21 @@ def run(args) -> int:
         print(f"[run_parallel] latents: {args.save_latents}", flush=True)
     if args.no_video:
         return 0
+    from .console import Waiting
+
     t0 = time.perf_counter()
-    frames = pipe.decode(latents)
+    with Waiting("VAE server decoding", live=not args.no_progress):
+        frames = pipe.decode(latents)
     timings["decode_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
-    extra = {"model_dir": os.path.abspath(args.model_dir), "arguments": vars(args), "timings": timings,
+    from .output_files import public_arguments
+
+    extra = {"model_dir": os.path.abspath(args.model_dir), "arguments": public_arguments(args), "timings": timings,
              "parallel": {"world_size": world_size, "ulysses_degree": mesh.ulysses_degree,
                           "pp_degree": mesh.pp_degree, "stages": [str(r) for r in mesh.partition(model.num_layers)]},
              "device": rt.device}
-    mp4, js = pipe.save(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra)
+    os.makedirs(args.save_path, exist_ok=True)
+    mp4, js = pipe.save(frames, settings, args.save_path, output_stem(args, settings), "", extra)
     print(f"[run_parallel] video: {mp4}\n[run_parallel] record: {js}", flush=True)
     return 0
 
@@ -217,6 +259,9 @@ def run(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .console import quiet_environment
+
+    quiet_environment(args.verbose)
     from .checkpoint import CheckpointError
     from .serving.client import RemoteServerError
 
