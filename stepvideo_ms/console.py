@@ -3,7 +3,7 @@
 `quiet_environment` must run before MindSpore or transformers is imported (they read their log
 level at import): MindSpore's C++ log goes to ERROR (GLOG_v=3) unless the user chose a level,
 transformers' "None of PyTorch, TensorFlow >= 2.0, or Flax" advice is silenced, and Python warnings
-are shown once each. `--verbose` (or a GLOG_v the user set) keeps everything.
+keep Python's default (each shown once per place). `--verbose` (or a GLOG_v the user set) keeps everything.
 
 `NoiseFilter` drops, from msrun's console stream, the lines that say nothing to a user: the
 launcher's "Start ... process ... Execute command" echo (the command is printed once by us) and
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import warnings
 from typing import MutableMapping, Optional
 
 QUIET_GLOG_LEVEL = "3"  # MindSpore: 0 debug, 1 info, 2 warning, 3 error
@@ -41,8 +40,6 @@ def quiet_process(argv=None) -> bool:
     """For an entry point, before its heavy imports: quiet unless `--verbose` is among its arguments."""
     verbose = VERBOSE_FLAG in (sys.argv[1:] if argv is None else argv)
     quiet_environment(verbose)
-    if not verbose:
-        warnings.simplefilter("once")
     return verbose
 
 

@@ -31,6 +31,13 @@ TASK_DEFAULTS = {
                  motion_score=5.0, pos_magic=TI2V_POS_MAGIC, neg_magic=TI2V_NEG_MAGIC),
 }
 
+# The upstream best-practice sampling of each released model (the launch scripts' --preset).
+PRESETS = {
+    "t2v": dict(infer_steps=50, cfg_scale=9.0, time_shift=13.0),
+    "t2v-turbo": dict(infer_steps=15, cfg_scale=5.0, time_shift=17.0),
+    "ti2v": dict(infer_steps=50, cfg_scale=9.0, time_shift=13.0, motion_score=5.0),
+}
+
 
 @dataclass
 class GenerationSettings:
