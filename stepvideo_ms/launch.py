@@ -89,6 +89,7 @@ def _settings_from(args, task: str) -> GenerationSettings:
 
 def validate(args, world_size: int):
     """Every check that needs no weights: -> (settings, transformer config, transformer path)."""
+    check_outputs(args)  # first: needs no MindSpore import, so a bad --save_path fails in a second
     from . import checkpoint, video
     from .parallel import Mesh
 
@@ -106,7 +107,6 @@ def validate(args, world_size: int):
         video.load_image(settings.first_image_path)  # readable, before anything else
     mesh = Mesh.create(world_size, 0, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
-    check_outputs(args)
     return settings, transformer
 
 

@@ -14,7 +14,7 @@ from typing import Dict, Iterable
 
 OUTPUT_EXTENSIONS = (".mp4", ".json")
 MAX_SUFFIX = 10000
-SECRET_ARGUMENTS = ("auth_token",)
+SECRET_ARGUMENTS = {"auth_token": "STEPVIDEO_AUTH_TOKEN"}  # argument -> the environment variable it falls back to
 
 
 def check_save_folder(path: str, flag: str = "--save_path") -> str:
@@ -58,7 +58,7 @@ def free_stem(folder: str, stem: str, overwrite: bool = False, extensions: Itera
 def public_arguments(args) -> Dict[str, object]:
     """vars(args) for a file or a log: secrets replaced by 'set' / 'not set'."""
     out = dict(vars(args))
-    for name in SECRET_ARGUMENTS:
+    for name, env in SECRET_ARGUMENTS.items():
         if name in out:
-            out[name] = "set" if out[name] else "not set"
+            out[name] = "set" if out[name] or os.environ.get(env) else "not set"
     return out
