@@ -204,3 +204,23 @@ def launch_prompt():
     from stepvideo_ms.deploy.msrun_job import DEFAULT_PROMPTS
 
     return DEFAULT_PROMPTS["t2v"]
+
+
+def test_noise_filter_drops_launcher_echo_and_dispatch_lines_keeps_progress():
+    import io
+
+    from stepvideo_ms.console import NoiseFilter
+
+    out = io.BytesIO()
+    f = NoiseFilter(out)
+    stream = (b"Start worker process with rank id:0, log file:x. Execute command: python a.py\n"
+              b"denoising:  50%\rdenoising: 100%\r\n"
+              b"[INFO] DISTRIBUTED(1,7f,python):2026 [tcp_server.cc:314] Start] Event base dispatch success!\n"
+              b"[run_parallel] video: a.mp4\n")
+    for i in range(0, len(stream), 7):  # arbitrary chunk borders
+        f.feed(stream[i:i + 7])
+    f.close()
+    assert out.getvalue() == b"denoising:  50%\rdenoising: 100%\r\n[run_parallel] video: a.mp4\n"
+    verbose = io.BytesIO()
+    NoiseFilter(verbose, enabled=False).feed(stream)
+    assert verbose.getvalue() == stream
