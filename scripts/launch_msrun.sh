@@ -3,4 +3,4 @@
 # arguments once, then runs run_parallel.py under msrun with the project's interpreter.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
-exec "$PY" -m stepvideo_ms.deploy.msrun_job "$@"
+exec "$PY" -P -m stepvideo_ms.deploy.msrun_job "$@"

@@ -1,5 +1,6 @@
 # Sourced by the scripts: ROOT (the repository) and PY (the project's interpreter), from any working
-# directory; the caller's directory is kept, so relative paths mean what the user typed.
+# directory; the caller's directory is kept, so relative paths mean what the user typed. Run Python
+# with -P: the current directory must not come first on sys.path (another checkout there would win).
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 if [ ! -x "$PY" ]; then

@@ -10,4 +10,4 @@
 # Set STEPVIDEO_AUTH_TOKEN to require a token on every request (give run_parallel.py the same).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python_env.sh"
-exec "$PY" -m stepvideo_ms.deploy.servers "$@"
+exec "$PY" -P -m stepvideo_ms.deploy.servers "$@"

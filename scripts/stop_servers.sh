@@ -8,4 +8,4 @@ case " $* " in
   *" --help "*|*" -h "*) echo "usage: stop_servers.sh [--log_dir DIR | --run_file FILE]"
     echo "Stop the servers recorded in the run file of start_servers.sh (default logs/servers.json)."; exit 0;;
 esac
-exec "$PY" -m stepvideo_ms.deploy.servers --stop "$@"
+exec "$PY" -P -m stepvideo_ms.deploy.servers --stop "$@"

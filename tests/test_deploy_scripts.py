@@ -133,6 +133,9 @@ def test_servers_runs_two_hosts_and_stop_for_real(models, capsys):
     root = models
     cwd = root / "elsewhere"  # the user's directory: every path below is relative to it
     cwd.mkdir()
+    decoy = cwd / "stepvideo_ms"  # another checkout in the user's directory must not be imported
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the stepvideo_ms of the current directory was imported')\n")
     token_env = {"STEPVIDEO_AUTH_TOKEN": TOKEN}
     started = script("start_servers.sh", "--model_dir", "../models/t2v", "--caption_port", 0, "--vae_port", 0,
                      "--log_dir", "logs", cwd=cwd, env=token_env, timeout=RUN_TIMEOUT)
