@@ -115,6 +115,16 @@ def test_start_servers_refuses_a_missing_model_dir_relative_to_the_caller(tmp_pa
     assert r.returncode == 2 and f"taken from {tmp_path}" in r.stderr
 
 
+def test_start_servers_prints_the_log_tail_of_a_server_that_dies(tmp_path):
+    (tmp_path / "model" / "vae").mkdir(parents=True)  # no step_llm/: the caption server exits at once
+    r = script("start_servers.sh", "--model_dir", "model", "--caption_port", 0, "--vae_port", 0,
+               "--log_dir", "logs", cwd=tmp_path, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the caption server exited" in r.stderr and "step_llm is not a directory" in r.stderr
+    assert not (tmp_path / "logs" / "servers.json").exists()
+    assert processes_mentioning(str(tmp_path)) == []
+
+
 # ---- the real thing --------------------------------------------------------------------------
 def _wait_port(port, timeout=120):
     deadline = time.monotonic() + timeout
