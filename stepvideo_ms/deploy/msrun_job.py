@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -222,9 +223,56 @@ def only_second_scheduler_failed(err_text: str) -> bool:
     return SCHEDULER_FAILED in err_text and WORKER_FAILED not in err_text
 
 
+STOP_WAIT_S = 60.0
+POLL_S = 0.5
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pump_stdout(proc, out: NoiseFilter) -> None:
+    """Forward msrun's console until it exits (not until the pipe closes: a helper may hold it)."""
+    import select
+
+    fd = proc.stdout.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], POLL_S)
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            out.feed(data)
+        elif proc.poll() is not None:
+            break
+    out.close()
+
+
+def stop_msrun(proc) -> int:
+    """SIGINT to msrun (it stops its workers), SIGKILL to its group if it does not end in time."""
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+        return proc.wait(STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        end_group(proc.pid)
+        return proc.wait()
+    except ProcessLookupError:
+        return proc.wait()
+
+
+def end_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def run_filtered(cmd: List[str], env: dict, verbose: bool, log_dir: str, tolerate_scheduler: bool = False) -> int:
     """msrun with its console passed through NoiseFilter; its own traceback becomes one line."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # msrun and its `tail -f` helpers in their own process group: if msrun dies, its helpers end with it
+    # (a surviving tail would hold the console pipe open forever); Ctrl-C / SIGTERM reach msrun as
+    # the SIGINT on which it stops its workers.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     out = NoiseFilter(sys.stdout.buffer, enabled=not verbose)
     err_lines: List[bytes] = []
 
@@ -237,18 +285,17 @@ def run_filtered(cmd: List[str], env: dict, verbose: bool, log_dir: str, tolerat
 
     t = threading.Thread(target=pump_stderr, daemon=True)
     t.start()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        while True:
-            data = os.read(proc.stdout.fileno(), 65536)
-            if not data:
-                break
-            out.feed(data)
-        out.close()
-        t.join()
+        pump_stdout(proc, out)
         rc = proc.wait()
-    except KeyboardInterrupt:  # msrun got the same SIGINT and ends its workers
-        rc = proc.wait()
-        t.join()
+    except KeyboardInterrupt:
+        stop_msrun(proc)
+        rc = 130  # msrun itself exits 0 after stopping its workers on SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        end_group(proc.pid)
+    t.join(timeout=5)
     text = b"".join(err_lines).decode("utf-8", errors="replace")
     if rc != 0 and tolerate_scheduler and only_second_scheduler_failed(text):
         print(f"msrun: this node's workers succeeded; its own scheduler could not start because node 0's holds "
