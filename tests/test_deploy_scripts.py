@@ -93,7 +93,7 @@ def test_two_host_dry_run_maps_onto_msrun_options(models):
     assert out.startswith("ASCEND_RT_VISIBLE_DEVICES=4,5 " + os.path.join(REPO, ".venv", "bin", "msrun"))
     for part in ("--worker_num=4 --local_worker_num=2 --master_addr=10.1.2.3 --master_port=8118",
                  "--node_rank=1", f"python {os.path.join(REPO, 'run_parallel.py')} --model_dir",
-                 "--ulysses_degree 2 --pp_degree 2", "--infer_steps 15 --cfg_scale 5.0 --time_shift 17.0"):
+                 "--cfg_degree 1 --ulysses_degree 2 --pp_degree 2", "--infer_steps 15 --cfg_scale 5.0 --time_shift 17.0"):
         assert part in out, out
     assert TOKEN not in out and "auth_token" not in out
 

@@ -45,7 +45,7 @@ class LaunchError(ValueError):
 def build_parser(task: str) -> argparse.ArgumentParser:
     prog = f"run_{task}.sh"
     p = argparse.ArgumentParser(
-        prog=prog, description=f"Step-Video-{task.upper()} with msrun: world = ulysses x pp workers, over "
+        prog=prog, description=f"Step-Video-{task.upper()} with msrun: world = cfg x ulysses x pp workers, over "
         "--nnodes hosts. Arguments after -- go to run_parallel.py unchanged (python run_parallel.py --help).",
         epilog="Two hosts, 16 cards: on each host run the same command with --nnodes 2 --master_addr HOST0 "
                "--ulysses 8 --pp 2 and --node_rank 0 (on HOST0) or 1.")
@@ -61,6 +61,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--save_path", default=None, help="folder of the MP4 and its JSON (default ./results)")
     p.add_argument("--device", default=None, help="Ascend, CPU or ascend-sim (default: Ascend when present)")
     g = p.add_argument_group("layout")
+    g.add_argument("--cfg", type=int, default=1, help="CFG-parallel degree: 2 runs [cond, uncond] on two rank groups (1)")
     g.add_argument("--ulysses", type=int, default=2, help="sequence-parallel degree (default 2)")
     g.add_argument("--pp", type=int, default=2, help="pipeline stages (default 2)")
     g.add_argument("--cards", default=None,
@@ -104,12 +105,12 @@ def take_token(extra: List[str]):
 
 def layout(args):
     """-> (world, local workers, card list or None), or LaunchError naming the argument."""
-    for name in ("ulysses", "pp", "nnodes"):
+    for name in ("cfg", "ulysses", "pp", "nnodes"):
         if getattr(args, name) < 1:
             raise LaunchError(f"--{name} {getattr(args, name)}: must be at least 1")
-    world = args.ulysses * args.pp
+    world = args.cfg * args.ulysses * args.pp
     if world % args.nnodes:
-        raise LaunchError(f"--ulysses {args.ulysses} x --pp {args.pp} = {world} workers do not split evenly over "
+        raise LaunchError(f"--cfg {args.cfg} x --ulysses {args.ulysses} x --pp {args.pp} = {world} workers do not split evenly over "
                           f"--nnodes {args.nnodes}: give a world size that is a multiple of the host count")
     if not 0 <= args.node_rank < args.nnodes:
         raise LaunchError(f"--node_rank {args.node_rank}: must be in 0..{args.nnodes - 1} for --nnodes {args.nnodes}")
@@ -121,7 +122,7 @@ def layout(args):
             raise LaunchError(f"--cards {args.cards}: give distinct card numbers separated by commas, e.g. 0,1,2,3")
         if len(cards) != local:
             raise LaunchError(f"--cards {args.cards} lists {len(cards)} cards, but this host runs {local} workers "
-                              f"(ulysses {args.ulysses} x pp {args.pp} / nnodes {args.nnodes})")
+                              f"(cfg {args.cfg} x ulysses {args.ulysses} x pp {args.pp} / nnodes {args.nnodes})")
     if args.master_port is not None and not 1024 <= args.master_port <= 65535:
         raise LaunchError(f"--master_port {args.master_port}: must be in 1024..65535")
     return world, local, cards
@@ -135,7 +136,8 @@ def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
     if task == "ti2v" and args.motion_score is not None:
         preset["motion_score"] = args.motion_score
     out = ["--model_dir", os.path.abspath(args.model_dir), "--caption_url", args.caption_url,
-           "--vae_url", args.vae_url, "--ulysses_degree", str(args.ulysses), "--pp_degree", str(args.pp),
+           "--vae_url", args.vae_url, "--cfg_degree", str(args.cfg), "--ulysses_degree", str(args.ulysses),
+           "--pp_degree", str(args.pp),
            "--prompt", args.prompt or DEFAULT_PROMPTS[task]]
     if task == "ti2v":
         out += ["--first_image_path", os.path.abspath(args.first_image_path)]
