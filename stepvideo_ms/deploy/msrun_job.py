@@ -110,8 +110,8 @@ def layout(args):
             raise LaunchError(f"--{name} {getattr(args, name)}: must be at least 1")
     world = args.cfg * args.ulysses * args.pp
     if world % args.nnodes:
-        raise LaunchError(f"--cfg {args.cfg} x --ulysses {args.ulysses} x --pp {args.pp} = {world} workers do not split evenly over "
-                          f"--nnodes {args.nnodes}: give a world size that is a multiple of the host count")
+        raise LaunchError(f"--cfg {args.cfg} x --ulysses {args.ulysses} x --pp {args.pp} = {world} workers do not "
+                          f"split evenly over --nnodes {args.nnodes}: give a world size that is a multiple of the host count")
     if not 0 <= args.node_rank < args.nnodes:
         raise LaunchError(f"--node_rank {args.node_rank}: must be in 0..{args.nnodes - 1} for --nnodes {args.nnodes}")
     local = world // args.nnodes
