@@ -61,7 +61,8 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--save_path", default=None, help="folder of the MP4 and its JSON (default ./results)")
     p.add_argument("--device", default=None, help="Ascend, CPU or ascend-sim (default: Ascend when present)")
     g = p.add_argument_group("layout")
-    g.add_argument("--cfg", type=int, default=1, help="CFG-parallel degree: 2 runs [cond, uncond] on two rank groups (1)")
+    g.add_argument("--cfg", type=int, default=1,
+                   help="CFG-parallel degree: 2 runs [cond, uncond] on two rank groups (default 1)")
     g.add_argument("--ulysses", type=int, default=2, help="sequence-parallel degree (default 2)")
     g.add_argument("--pp", type=int, default=2, help="pipeline stages (default 2)")
     g.add_argument("--cards", default=None,
@@ -111,7 +112,7 @@ def layout(args):
     world = args.cfg * args.ulysses * args.pp
     if world % args.nnodes:
         raise LaunchError(f"--cfg {args.cfg} x --ulysses {args.ulysses} x --pp {args.pp} = {world} workers do not "
-                          f"split evenly over --nnodes {args.nnodes}: give a world size that is a multiple of the host count")
+                          f"split evenly over --nnodes {args.nnodes}: make the world a multiple of the host count")
     if not 0 <= args.node_rank < args.nnodes:
         raise LaunchError(f"--node_rank {args.node_rank}: must be in 0..{args.nnodes - 1} for --nnodes {args.nnodes}")
     local = world // args.nnodes
