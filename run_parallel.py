@@ -3,7 +3,11 @@ ulysses x pp parallelism (`msrun --worker_num=4 ... run_parallel.py --ulysses_de
 See `python run_parallel.py --help` and the README."""
 import sys
 
-from stepvideo_ms.launch import main
+from stepvideo_ms.console import quiet_process
+
+quiet_process()  # before MindSpore is imported: it reads its log level once
+
+from stepvideo_ms.launch import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,6 +10,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from stepvideo_ms.console import quiet_process  # noqa: E402
+
+quiet_process()  # before MindSpore is imported: it reads its log level once
+
 from stepvideo_ms.serving.main import main  # noqa: E402
 
 if __name__ == "__main__":

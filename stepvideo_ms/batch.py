@@ -28,8 +28,10 @@ def output_name(number: int, job) -> str:
 def run_batch(args, world_size: int) -> int:
     from .jobs import read_prompts_file
     from .launch import validate_model
+    from .output_files import check_save_folder
     from .world import GenerationWorld, JobFailed
 
+    check_save_folder(args.save_path)
     task, transformer = validate_model(args, world_size)
     jobs, errors = read_prompts_file(args.prompts_file, task, defaults_from(args))
     for error in errors:  # every rank says it (the rank is known only once the world is joined)

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 import numpy as np
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_latents", default=None, metavar="PATH",
                    help="also write the final latents to PATH (safetensors, key 'latents')")
     g.add_argument("--no_video", action="store_true", help="stop after the latents (no VAE decode, no MP4)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing NAME.mp4/NAME.json (default: write NAME-1, NAME-2, ...)")
     g = p.add_argument_group("parallelism (world size = cfg_degree x ulysses_degree x pp_degree msrun workers)")
     g.add_argument("--cfg_degree", type=int, default=1, help="2: the [cond, uncond] halves on two rank groups (1)")
     g.add_argument("--ulysses_degree", type=int, default=1, help="sequence-parallel ranks per pipeline stage")
@@ -81,10 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--card_gb", type=float, default=None,
                    help="memory per card (GiB): refuse a layout predicted not to fit (default: the device's, when known)")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    g.add_argument("--verbose", action="store_true",
+                   help="show MindSpore's and the libraries' log lines (default: errors only)")
     return p
 
 
 def settings_from(args, task: str) -> GenerationSettings:
+    """The resolved settings; their notes (e.g. a rounded size) are printed once, by rank 0, not warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _settings_from(args, task)
+
+
+def _settings_from(args, task: str) -> GenerationSettings:
     return GenerationSettings(
         prompt=args.prompt, task=task, first_image_path=args.first_image_path, num_frames=args.num_frames,
         height=args.height, width=args.width, infer_steps=args.infer_steps, cfg_scale=args.cfg_scale,
@@ -127,6 +139,7 @@ def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
 
 def validate(args, world_size: int):
     """Every check that needs no weights: -> (settings, transformer path)."""
+    check_outputs(args)  # first: needs no MindSpore import, so a bad --save_path fails in a second
     from . import video
 
     task, transformer = validate_model(args, world_size)
@@ -137,8 +150,6 @@ def validate(args, world_size: int):
     if task == "ti2v":
         video.load_image(settings.first_image_path)  # readable, before anything else
     check_layout_for(args, settings, transformer, world_size)
-    if args.save_latents and not args.save_latents.endswith(".safetensors"):
-        raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
     return settings, transformer
 
 
@@ -185,6 +196,31 @@ def device_memory_gib(device: str) -> Optional[float]:
         return ms.hal.get_device_properties(int(os.environ.get("DEVICE_ID", "0"))).total_memory / 2 ** 30
     except Exception:  # an old driver or runtime without the query: no default limit
         return None
+
+
+def check_outputs(args) -> None:
+    """The output folders can be created and written, before any weight is read (creates nothing)."""
+    from .output_files import check_save_folder
+
+    if args.save_latents:
+        if not args.save_latents.endswith(".safetensors"):
+            raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
+        if os.path.isdir(args.save_latents):
+            raise ValueError(f"--save_latents {args.save_latents} is a folder: give a file path")
+        check_save_folder(os.path.dirname(os.path.abspath(args.save_latents)), "--save_latents")
+    if not args.no_video:
+        check_save_folder(args.save_path)
+
+
+def output_stem(args, settings: GenerationSettings) -> str:
+    """The MP4/JSON name: a numbered suffix when that name exists already, unless --overwrite."""
+    from .diffusion.pipeline import safe_stem
+    from .output_files import free_stem
+
+    stem = args.output_file_name or safe_stem(settings.prompt)
+    if args.name_suffix:
+        stem = f"{stem}-{args.name_suffix}"
+    return free_stem(os.path.abspath(args.save_path), stem, args.overwrite)
 
 
 def world_size_from_env() -> int:
@@ -294,16 +330,22 @@ def run(args) -> int:
         print(f"[run_parallel] latents: {args.save_latents}", flush=True)
     if args.no_video:
         return 0
+    from .console import Waiting
+
     t0 = time.perf_counter()
-    frames = pipe.decode(latents)
+    with Waiting("VAE server decoding", live=not args.no_progress):
+        frames = pipe.decode(latents)
     timings["decode_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
-    extra = {"model_dir": os.path.abspath(args.model_dir), "arguments": vars(args), "timings": timings,
+    from .output_files import public_arguments
+
+    extra = {"model_dir": os.path.abspath(args.model_dir), "arguments": public_arguments(args), "timings": timings,
              "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
                           "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
                           "pp_degree": mesh.pp_degree, "stages": [str(r) for r in mesh.partition(model.num_layers)]},
              "device": rt.device}
-    mp4, js = pipe.write_outputs(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra)
+    os.makedirs(args.save_path, exist_ok=True)
+    mp4, js = pipe.write_outputs(frames, settings, args.save_path, output_stem(args, settings), "", extra)
     print(f"[run_parallel] video: {mp4}\n[run_parallel] record: {js}", flush=True)
     return 0
 
@@ -311,6 +353,9 @@ def run(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .console import quiet_environment
+
+    quiet_environment(args.verbose)
     from .checkpoint import CheckpointError
     from .serving.client import RemoteServerError
 

@@ -222,6 +222,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (same seed, same bytes)")
     p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     args = p.parse_args(argv)
+    from .console import quiet_environment
+
+    quiet_environment(verbose=False)  # the tokenizer build imports transformers: no framework banner
     if args.seed < 0:
         p.error(f"--seed {args.seed} must be >= 0")
     os.environ.setdefault("GLOG_v", "3")  # before MindSpore loads: quiet its logging

@@ -1,49 +1,239 @@
-"""The Ascend deployment scripts, in --dry-run mode: the commands they would run."""
-import subprocess
+"""The deployment scripts, run for real as a user runs them (CPU, tiny model), plus their argument checks.
 
+The real run: start_servers.sh (token required), run_t2v.sh --ulysses 2 and run_ti2v.sh --pp 2 from
+another working directory with relative paths, a two-host launch simulated on this machine (two
+run_t2v.sh invocations, --nnodes 2, node ranks 0 and 1, master 127.0.0.1) whose latents must equal
+one process's, then stop_servers.sh: afterwards no process of the run is left (read from /proc) and
+the token is in no file and no console line.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
 import pytest
 
 from conftest import REPO
+from stepvideo_ms import launch
+from stepvideo_ms.safetensors_io import load_file
+
+SCRIPTS = os.path.join(REPO, "scripts")
+TOKEN = "s3cret-deploy-token"
+SMALL = ["--num_frames", "17", "--height", "48", "--width", "80", "--infer_steps", "2", "--seed", "11",
+         "--no_progress"]
+RUN_TIMEOUT = 400
 
 
-def run(script, *args):
-    return subprocess.run(["bash", f"scripts/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+def script(name, *args, cwd=REPO, env=None, timeout=60):
+    full_env = {k: v for k, v in os.environ.items() if k != "STEPVIDEO_AUTH_TOKEN"}
+    full_env.update(env or {})
+    return subprocess.run(["bash", os.path.join(SCRIPTS, name), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
 
 
-def test_start_servers_puts_each_server_on_its_own_card():
-    r = run("start_servers.sh", "--model_dir", "/models/stepvideo", "--caption_card", "4", "--vae_card", "5", "--dry-run")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith("ASCEND_RT_VISIBLE_DEVICES=4 ") and "--enable_llm True --enable_vae False" in lines[0]
-    assert lines[1].startswith("ASCEND_RT_VISIBLE_DEVICES=5 ") and "--enable_vae True" in lines[1]
-    assert "--port 5000" in lines[0] and "--port 5001" in lines[1]
-    assert "--caption_url http://127.0.0.1:5000 --vae_url http://127.0.0.1:5001" in r.stdout
+def processes_mentioning(text):
+    """Pids of live processes whose command line contains `text` (from /proc)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append((int(pid), cmdline))
+    return found
 
 
-@pytest.mark.parametrize("cards,ulysses,pp,visible", [("4", 2, 2, "0\\,1\\,2\\,3"), ("8", 4, 2, "0\\,1\\,2\\,3\\,4\\,5\\,6\\,7")])
-def test_t2v_layouts(cards, ulysses, pp, visible):
-    r = run("run_t2v.sh", "--model_dir", "/m", "--cards", cards, "--dry-run")
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    for task in ("t2v", "ti2v"):  # same seed: the T2V directory's servers serve both
+        subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(root / "models" / task), "--task", task],
+                       check=True, cwd=REPO, capture_output=True)
+    return root
+
+
+# ---- help and argument checks (no process started) ------------------------------------------
+@pytest.mark.parametrize("name", ["start_servers.sh", "stop_servers.sh", "run_t2v.sh", "run_ti2v.sh", "demo.sh"])
+def test_every_script_answers_help(name):
+    r = script(name, "--help")
+    assert r.returncode == 0 and "usage" in r.stdout.lower(), r.stderr
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ulysses", "2", "--pp", "1", "--cards", "0,1,2"], "lists 3 cards, but this host runs 2 workers"),
+    (["--ulysses", "3", "--pp", "1", "--nnodes", "2"], "do not split evenly over --nnodes 2"),
+    (["--ulysses", "2", "--pp", "1", "--nnodes", "2", "--node_rank", "2"], "--node_rank 2"),
+    (["--ulysses", "0"], "--ulysses 0"),
+    (["--ulysses", "2", "--pp", "1", "--", "--height", "0"], "height=0"),
+])
+def test_launch_arguments_are_checked_before_msrun(models, args, message):
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr and "msrun" not in r.stdout
+
+
+def test_two_host_dry_run_maps_onto_msrun_options(models):
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses", "2", "--pp", "2",
+               "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.1.2.3", "--cards", "4,5",
+               "--preset", "t2v-turbo", "--dry-run", "--", "--auth_token", TOKEN)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert f"ASCEND_RT_VISIBLE_DEVICES={visible} msrun --worker_num={cards} --local_worker_num={cards}" in out
-    assert f"--ulysses_degree {ulysses} --pp_degree {pp}" in out
-    assert "--infer_steps 50 --cfg_scale 9.0 --time_shift 13.0" in out and "--first_image_path" not in out
+    assert out.startswith("ASCEND_RT_VISIBLE_DEVICES=4,5 " + os.path.join(REPO, ".venv", "bin", "msrun"))
+    for part in ("--worker_num=4 --local_worker_num=2 --master_addr=10.1.2.3 --master_port=8118",
+                 "--node_rank=1", f"python {os.path.join(REPO, 'run_parallel.py')} --model_dir",
+                 "--cfg_degree 1 --ulysses_degree 2 --pp_degree 2", "--infer_steps 15 --cfg_scale 5.0 --time_shift 17.0"):
+        assert part in out, out
+    assert TOKEN not in out and "auth_token" not in out
 
 
-def test_ti2v_passes_image_motion_and_extra_arguments():
-    r = run("run_ti2v.sh", "--model_dir", "/m", "--first_image_path", "cat.png", "--motion_score", "10",
-            "--dry-run", "--", "--seed", "7")
-    assert r.returncode == 0, r.stderr
-    assert "--first_image_path cat.png --motion_score 10" in r.stdout and r.stdout.rstrip().endswith("--seed 7")
+def test_bad_save_path_fails_fast_and_writes_nothing(models, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    t0 = time.monotonic()
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses", "2", "--pp", "1",
+               "--save_path", "a_file/videos", "--log_dir", "logs", cwd=tmp_path)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 2 and "a_file/videos cannot be created" in r.stderr and "a_file is a file" in r.stderr, r.stderr
+    assert elapsed < 5, f"{elapsed:.1f} s"
+    assert sorted(os.listdir(tmp_path)) == before
 
 
-@pytest.mark.parametrize("script,args,message", [
-    ("run_t2v.sh", ["--dry-run"], "--model_dir is required"),
-    ("run_t2v.sh", ["--model_dir", "/m", "--cards", "3", "--dry-run"], "--cards 3"),
-    ("run_ti2v.sh", ["--model_dir", "/m", "--dry-run"], "--first_image_path"),
-    ("start_servers.sh", ["--dry-run"], "--model_dir is required"),
-    ("start_servers.sh", ["--model_dir", "/m", "--bogus"], "unknown argument --bogus"),
-])
-def test_bad_arguments_are_named(script, args, message):
-    r = run(script, *args)
-    assert r.returncode == 2 and message in r.stderr
+def test_start_servers_refuses_a_missing_model_dir_relative_to_the_caller(tmp_path):
+    r = script("start_servers.sh", "--model_dir", "nope", cwd=tmp_path)
+    assert r.returncode == 2 and f"taken from {tmp_path}" in r.stderr
+
+
+def test_start_servers_prints_the_log_tail_of_a_server_that_dies(tmp_path):
+    (tmp_path / "model" / "vae").mkdir(parents=True)  # no step_llm/: the caption server exits at once
+    r = script("start_servers.sh", "--model_dir", "model", "--caption_port", 0, "--vae_port", 0,
+               "--log_dir", "logs", cwd=tmp_path, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the caption server exited" in r.stderr and "step_llm is not a directory" in r.stderr
+    assert not (tmp_path / "logs" / "servers.json").exists()
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+# ---- the real thing --------------------------------------------------------------------------
+def _wait_port(port, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"msrun's scheduler did not listen on {port}")
+
+
+@pytest.mark.timeout(3 * RUN_TIMEOUT)
+def test_servers_runs_two_hosts_and_stop_for_real(models, capsys):
+    from stepvideo_ms.parallel.msrun import free_port
+
+    root = models
+    cwd = root / "elsewhere"  # the user's directory: every path below is relative to it
+    cwd.mkdir()
+    decoy = cwd / "stepvideo_ms"  # another checkout in the user's directory must not be imported
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the stepvideo_ms of the current directory was imported')\n")
+    token_env = {"STEPVIDEO_AUTH_TOKEN": TOKEN}
+    started = script("start_servers.sh", "--model_dir", "../models/t2v", "--caption_port", 0, "--vae_port", 0,
+                     "--log_dir", "logs", cwd=cwd, env=token_env, timeout=RUN_TIMEOUT)
+    console = [started.stdout + started.stderr]
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        urls = started.stdout.strip().splitlines()[-1].split()
+        assert urls[0] == "--caption_url" and not urls[1].endswith(":0") and not urls[3].endswith(":0")
+        pids = [int(line.split("pid ")[1].split(",")[0]) for line in started.stdout.splitlines() if " pid " in line]
+        assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
+
+        t2v = script("run_t2v.sh", "--model_dir", "../models/t2v", "--ulysses", 2, "--pp", 1, *urls,
+                     "--save_path", "out", "--log_dir", "logs/t2v", "--", *SMALL, "--output_file_name", "t2v",
+                     "--auth_token", TOKEN, cwd=cwd, timeout=RUN_TIMEOUT)
+        console.append(t2v.stdout + t2v.stderr)
+        assert t2v.returncode == 0, t2v.stdout + t2v.stderr
+        shutil.copyfile(os.path.join(REPO, "assets", "demo.png"), cwd / "img.png")
+        ti2v = script("run_ti2v.sh", "--model_dir", "../models/ti2v", "--first_image_path", "img.png",
+                      "--ulysses", 1, "--pp", 2, *urls, "--save_path", "out", "--log_dir", "logs/ti2v", "--",
+                      *SMALL, "--output_file_name", "ti2v", cwd=cwd, env=token_env, timeout=RUN_TIMEOUT)
+        console.append(ti2v.stdout + ti2v.stderr)
+        assert ti2v.returncode == 0, ti2v.stdout + ti2v.stderr
+        assert sorted(os.listdir(cwd / "out")) == ["t2v.json", "t2v.mp4", "ti2v.json", "ti2v.mp4"]
+        for text in console[1:]:  # quiet: our lines and the progress, no launcher echo or MindSpore log lines
+            assert "Event base dispatch" not in text and "Start worker process" not in text
+            assert "[WARNING]" not in text and "None of PyTorch" not in text
+
+        # two hosts simulated here: node 0 and node 1 with one worker each, master on 127.0.0.1
+        port = free_port()
+        common = ["--model_dir", "../models/t2v", "--ulysses", 2, "--pp", 1, *urls, "--nnodes", 2,
+                  "--master_addr", "127.0.0.1", "--master_port", port]
+        extra = ["--", *SMALL, "--no_video", "--auth_token", TOKEN]
+        results = {}
+        node0 = threading.Thread(target=lambda: results.setdefault(0, script(
+            "run_t2v.sh", *common, "--node_rank", 0, "--log_dir", "logs/node0", *extra,
+            "--save_latents", "two_hosts.safetensors", cwd=cwd, timeout=RUN_TIMEOUT)))
+        node0.start()
+        _wait_port(port)  # host 0's scheduler first, as on a cluster
+        results[1] = script("run_t2v.sh", *common, "--node_rank", 1, "--log_dir", "logs/node1", *extra, cwd=cwd,
+                            timeout=RUN_TIMEOUT)
+        node0.join()
+        for rank in (0, 1):
+            console.append(results[rank].stdout + results[rank].stderr)
+            assert results[rank].returncode == 0, results[rank].stdout + results[rank].stderr
+        single = root / "single.safetensors"
+        assert launch.main(["--model_dir", str(root / "models" / "t2v"), "--caption_url", urls[1], "--vae_url",
+                            urls[3], "--prompt", launch_prompt(), *SMALL, "--no_video", "--save_latents",
+                            str(single), "--auth_token", TOKEN]) == 0
+        console.append("".join(capsys.readouterr()))
+        reference = load_file(str(single))["latents"]
+        latents = load_file(str(cwd / "two_hosts.safetensors"))["latents"]
+        assert np.abs(latents - reference).max() <= 1e-4 * (1 + np.abs(reference).max())
+    finally:
+        stopped = script("stop_servers.sh", "--log_dir", "logs", cwd=cwd, timeout=60)
+    assert stopped.returncode == 0 and stopped.stdout.count(": stopped") == 2, stopped.stdout + stopped.stderr
+    assert not os.path.exists(cwd / "logs" / "servers.json")
+    assert processes_mentioning(str(root)) == [] and not any(os.path.exists(f"/proc/{p}/cmdline") for p in pids)
+    # the token: in no output or log file, on no console line
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as fh:
+                assert TOKEN.encode() not in fh.read(), os.path.join(folder, name)
+    assert all(TOKEN not in text for text in console)
+    record = json.loads((cwd / "out" / "t2v.json").read_text())
+    assert record["arguments"]["auth_token"] == "set"
+
+
+def launch_prompt():
+    from stepvideo_ms.deploy.msrun_job import DEFAULT_PROMPTS
+
+    return DEFAULT_PROMPTS["t2v"]
+
+
+def test_noise_filter_drops_launcher_echo_and_dispatch_lines_keeps_progress():
+    import io
+
+    from stepvideo_ms.console import NoiseFilter
+
+    out = io.BytesIO()
+    f = NoiseFilter(out)
+    stream = (b"Start worker process with rank id:0, log file:x. Execute command: python a.py\n"
+              b"denoising:  50%\rdenoising: 100%\r\n"
+              b"[INFO] DISTRIBUTED(1,7f,python):2026 [tcp_server.cc:314] Start] Event base dispatch success!\n"
+              b"[run_parallel] video: a.mp4\n")
+    for i in range(0, len(stream), 7):  # arbitrary chunk borders
+        f.feed(stream[i:i + 7])
+    f.close()
+    assert out.getvalue() == b"denoising:  50%\rdenoising: 100%\r\n[run_parallel] video: a.mp4\n"
+    verbose = io.BytesIO()
+    NoiseFilter(verbose, enabled=False).feed(stream)
+    assert verbose.getvalue() == stream

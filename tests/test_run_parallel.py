@@ -140,3 +140,49 @@ def test_unreachable_server_is_named(t2v_model, tmp_path, capsys):
     assert launch.main(["--model_dir", t2v_model, "--prompt", "x", "--caption_url", DEAD, "--vae_url", DEAD,
                         "--save_path", str(tmp_path)]) == 1
     assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+# ---- output files: numbered names, --overwrite, the save folder, the token --------------------------
+def test_existing_output_name_gets_a_number_unless_overwrite(tmp_path):
+    from stepvideo_ms.output_files import free_stem
+
+    assert free_stem(str(tmp_path), "clip") == "clip"
+    (tmp_path / "clip.mp4").write_bytes(b"first run")
+    assert free_stem(str(tmp_path), "clip") == "clip-1"
+    (tmp_path / "clip-1.json").write_text("{}")  # a JSON alone also holds the name
+    assert free_stem(str(tmp_path), "clip") == "clip-2"
+    assert free_stem(str(tmp_path), "clip", overwrite=True) == "clip"
+    args = launch.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--save_path", str(tmp_path),
+                                             "--output_file_name", "clip"])
+    settings = launch.settings_from(args, "t2v")
+    assert launch.output_stem(args, settings) == "clip-2"
+
+
+def test_save_folder_checks_create_nothing(tmp_path):
+    from stepvideo_ms.output_files import check_save_folder
+
+    assert check_save_folder(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="--save_path .*f is a file"):
+        check_save_folder(str(tmp_path / "f"))
+    with pytest.raises(ValueError, match="cannot be created"):
+        check_save_folder(str(tmp_path / "f" / "sub"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_token_is_recorded_as_set_or_not_set(monkeypatch):
+    from stepvideo_ms.output_files import public_arguments
+
+    monkeypatch.delenv("STEPVIDEO_AUTH_TOKEN", raising=False)
+    args = launch.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--auth_token", "s3cret"])
+    assert public_arguments(args)["auth_token"] == "set" and args.auth_token == "s3cret"
+    args.auth_token = None
+    assert public_arguments(args)["auth_token"] == "not set"
+    monkeypatch.setenv("STEPVIDEO_AUTH_TOKEN", "s3cret")
+    assert public_arguments(args)["auth_token"] == "set"
+
+
+def test_rounding_note_is_not_also_a_warning(recwarn):
+    args = launch.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--height", "50"])
+    settings = launch.settings_from(args, "t2v")
+    assert settings.height == 48 and len(settings.notes) == 1 and len(recwarn) == 0

@@ -31,13 +31,21 @@ TASK_DEFAULTS = {
                  motion_score=5.0, pos_magic=TI2V_POS_MAGIC, neg_magic=TI2V_NEG_MAGIC),
 }
 
-
-# the best-practice presets of the README's table (the web page's choices)
+# The upstream best-practice sampling of each released model (the launch scripts' --preset, the web
+# page's choices): name -> (task, label, the settings that differ per model).
 PRESETS = {
-    "T2V": dict(task="t2v", num_frames=204, infer_steps=50, cfg_scale=9.0, time_shift=13.0),
-    "T2V-Turbo": dict(task="t2v", num_frames=204, infer_steps=15, cfg_scale=5.0, time_shift=17.0),
-    "TI2V": dict(task="ti2v", num_frames=102, infer_steps=50, cfg_scale=9.0, time_shift=13.0, motion_score=5.0),
+    "t2v": dict(infer_steps=50, cfg_scale=9.0, time_shift=13.0),
+    "t2v-turbo": dict(infer_steps=15, cfg_scale=5.0, time_shift=17.0),
+    "ti2v": dict(infer_steps=50, cfg_scale=9.0, time_shift=13.0, motion_score=5.0),
 }
+PRESET_TASKS = {"t2v": "t2v", "t2v-turbo": "t2v", "ti2v": "ti2v"}
+PRESET_LABELS = {"t2v": "T2V", "t2v-turbo": "T2V-Turbo", "ti2v": "TI2V"}
+
+
+def labelled_presets() -> dict:
+    """The presets as the web page shows them: label -> task and settings."""
+    return {PRESET_LABELS[name]: dict(task=PRESET_TASKS[name], **values) for name, values in PRESETS.items()}
+
 
 # the settings one video may set (beyond its prompt and first image), and the type each takes
 PER_VIDEO_SETTINGS = {"num_frames": int, "height": int, "width": int, "infer_steps": int, "cfg_scale": float,

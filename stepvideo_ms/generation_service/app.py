@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..atomic import atomic_output
-from ..diffusion.settings import PRESETS, TASK_DEFAULTS
+from ..diffusion.settings import TASK_DEFAULTS, labelled_presets
 from ..jobs import JOB_KEYS, job_from_dict
 from ..serving.limits import Limits
 from ..serving.server import check_bearer, error_response
@@ -156,7 +156,7 @@ def create_app(state: ServiceState) -> Flask:
     def _health():
         return jsonify({"status": "ok", "version": __version__, "task": state.task, **state.info,
                         "auth": state.auth_token is not None, "jobs": state.board.counts(),
-                        "uptime_s": round(time.time() - state.started, 1), "presets": PRESETS,
+                        "uptime_s": round(time.time() - state.started, 1), "presets": labelled_presets(),
                         "defaults": dict(TASK_DEFAULTS[state.task], **state.defaults), "keys": list(API_KEYS),
                         "limits": {"max_body_bytes": state.limits.max_body_bytes,
                                    "max_frames": state.limits.max_frames, "max_side": state.limits.max_side,

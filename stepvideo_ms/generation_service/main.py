@@ -60,8 +60,10 @@ def run_service(args, world_size: int) -> int:
         raise ValueError(f"--port {args.port} is not a TCP port (0 picks a free one)")
     if args.queue_size < 1:
         raise ValueError(f"--queue_size {args.queue_size} must be at least 1")
+    from ..output_files import check_save_folder
+
+    save_path = check_save_folder(args.save_path)
     task, transformer = validate_model(args, world_size)
-    save_path = os.path.abspath(args.save_path)
     stop = StopRequest()
     limits = Limits()
     board = JobBoard(args.queue_size)

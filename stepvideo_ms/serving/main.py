@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue_wait_s", type=float, default=d.queue_wait_s, help="longest wait for the device")
     p.add_argument("--max_connections", type=int, default=d.max_connections, help="concurrent connections")
     p.add_argument("--log_level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--verbose", action="store_true", help="keep MindSpore's warnings (default: errors only)")
     return p
 
 

@@ -1,0 +1,358 @@
+"""scripts/run_t2v.sh and run_ti2v.sh: one run_parallel.py job under MindSpore's msrun.
+
+What it does, in this order:
+1. parses the layout (`--ulysses N --pp M`, any degrees; the card list; `--nnodes`, `--node_rank`,
+   `--master_addr`, `--master_port` for several hosts) and the best-practice preset of the task;
+2. builds the run_parallel.py arguments and validates them here, once, in this one process, with
+   run_parallel.py's own parser and checks (model directory, layout against config.json, sizes,
+   image, output folder; on node 0 the servers' /health), so that a mistake ends with status 2 and
+   one message before msrun starts a single worker;
+3. runs msrun (the one launcher of the world: `--worker_num` = ulysses x pp over all hosts,
+   `--local_worker_num` = this host's share) with the project's interpreter first on PATH and
+   `python /abs/run_parallel.py ...` as its command, so every worker runs this venv's Python;
+4. passes msrun's console through, without its launch echo and MindSpore's
+   "Event base dispatch success!" lines, and replaces msrun's own traceback by one line naming
+   the worker logs (`--verbose` keeps everything).
+The caller's working directory is kept: relative paths mean what the user typed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from typing import List, Optional
+
+from ..console import NoiseFilter, quiet_environment
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN_PARALLEL = os.path.join(REPO, "run_parallel.py")
+DEFAULT_PROMPTS = {"t2v": "一名宇航员在月球上发现一块石碑，上面印有“stepfun”字样，闪闪发光", "ti2v": "笑起来"}
+PRESETS_OF_TASK = {"t2v": ("t2v", "t2v-turbo"), "ti2v": ("ti2v",)}
+MULTI_HOST_PORT = 8118  # msrun's own default; one host picks a free port
+MSRUN_FAILURE = "Distributed job exited with exception"
+SCHEDULER_FAILED = "Scheduler process"
+WORKER_FAILED = "Worker process"
+
+
+class LaunchError(ValueError):
+    """A bad launch argument: exit status 2 with this message."""
+
+
+def build_parser(task: str) -> argparse.ArgumentParser:
+    prog = f"run_{task}.sh"
+    p = argparse.ArgumentParser(
+        prog=prog, description=f"Step-Video-{task.upper()} with msrun: world = cfg x ulysses x pp workers, over "
+        "--nnodes hosts. Arguments after -- go to run_parallel.py unchanged (python run_parallel.py --help).",
+        epilog="Two hosts, 16 cards: on each host run the same command with --nnodes 2 --master_addr HOST0 "
+               "--ulysses 8 --pp 2 and --node_rank 0 (on HOST0) or 1.")
+    p.add_argument("--model_dir", required=True, help="the downloaded model directory")
+    p.add_argument("--prompt", default=None, help=f"the text prompt (default: upstream's example)")
+    if task == "ti2v":
+        p.add_argument("--first_image_path", required=True, help="the first frame (PNG/JPEG)")
+        p.add_argument("--motion_score", type=float, default=None, help="2 steady, 5 default, 10/20 lively")
+    p.add_argument("--preset", choices=PRESETS_OF_TASK[task], default=task,
+                   help="best-practice steps/cfg/shift (t2v: 50/9/13; t2v-turbo: 15/5/17; ti2v: 50/9/13, motion 5)")
+    p.add_argument("--caption_url", default="http://127.0.0.1:5000", help="the caption server")
+    p.add_argument("--vae_url", default="http://127.0.0.1:5001", help="the VAE server")
+    p.add_argument("--save_path", default=None, help="folder of the MP4 and its JSON (default ./results)")
+    p.add_argument("--device", default=None, help="Ascend, CPU or ascend-sim (default: Ascend when present)")
+    g = p.add_argument_group("layout")
+    g.add_argument("--cfg", type=int, default=1,
+                   help="CFG-parallel degree: 2 runs [cond, uncond] on two rank groups (default 1)")
+    g.add_argument("--ulysses", type=int, default=2, help="sequence-parallel degree (default 2)")
+    g.add_argument("--pp", type=int, default=2, help="pipeline stages (default 2)")
+    g.add_argument("--cards", default=None,
+                   help="this host's cards, e.g. 0,1,2,3 (ASCEND_RT_VISIBLE_DEVICES; default: the first ones)")
+    g.add_argument("--nnodes", type=int, default=1, help="hosts of the job (default 1)")
+    g.add_argument("--node_rank", type=int, default=0, help="this host's index, 0 .. nnodes-1")
+    g.add_argument("--master_addr", default="127.0.0.1", help="address of host 0 (msrun's scheduler)")
+    g.add_argument("--master_port", type=int, default=None,
+                   help=f"scheduler port (default: a free port on one host, {MULTI_HOST_PORT} on several)")
+    g.add_argument("--log_dir", default="logs/msrun", help="msrun's worker logs (default logs/msrun)")
+    p.add_argument("--verbose", action="store_true", help="show msrun's and MindSpore's full output")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true", help="validate and print the command only")
+    return p
+
+
+def split_extra(argv: List[str]):
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def take_token(extra: List[str]):
+    """-> (extra without `--auth_token X`, X or None): the token travels in the environment, never on a
+    command line (msrun echoes its command and writes it to its logs)."""
+    rest, token, i = [], None, 0
+    while i < len(extra):
+        item = extra[i]
+        if item == "--auth_token":
+            if i + 1 >= len(extra):
+                raise LaunchError("--auth_token needs a value (or set STEPVIDEO_AUTH_TOKEN)")
+            token, i = extra[i + 1], i + 2
+            continue
+        if item.startswith("--auth_token="):
+            token = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+        i += 1
+    return rest, token
+
+
+def layout(args):
+    """-> (world, local workers, card list or None), or LaunchError naming the argument."""
+    for name in ("cfg", "ulysses", "pp", "nnodes"):
+        if getattr(args, name) < 1:
+            raise LaunchError(f"--{name} {getattr(args, name)}: must be at least 1")
+    world = args.cfg * args.ulysses * args.pp
+    if world % args.nnodes:
+        raise LaunchError(f"--cfg {args.cfg} x --ulysses {args.ulysses} x --pp {args.pp} = {world} workers do not "
+                          f"split evenly over --nnodes {args.nnodes}: make the world a multiple of the host count")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise LaunchError(f"--node_rank {args.node_rank}: must be in 0..{args.nnodes - 1} for --nnodes {args.nnodes}")
+    local = world // args.nnodes
+    cards = None
+    if args.cards:
+        cards = [c.strip() for c in args.cards.split(",") if c.strip()]
+        if not all(c.isdigit() for c in cards) or len(set(cards)) != len(cards):
+            raise LaunchError(f"--cards {args.cards}: give distinct card numbers separated by commas, e.g. 0,1,2,3")
+        if len(cards) != local:
+            raise LaunchError(f"--cards {args.cards} lists {len(cards)} cards, but this host runs {local} workers "
+                              f"(cfg {args.cfg} x ulysses {args.ulysses} x pp {args.pp} / nnodes {args.nnodes})")
+    if args.master_port is not None and not 1024 <= args.master_port <= 65535:
+        raise LaunchError(f"--master_port {args.master_port}: must be in 1024..65535")
+    return world, local, cards
+
+
+def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
+    from ..diffusion.settings import PRESETS
+
+    given = {item.split("=", 1)[0] for item in extra if item.startswith("--")}
+    preset = {k: v for k, v in PRESETS[args.preset].items() if f"--{k}" not in given}  # `-- --infer_steps 30` wins
+    if task == "ti2v" and args.motion_score is not None:
+        preset["motion_score"] = args.motion_score
+    out = ["--model_dir", os.path.abspath(args.model_dir), "--caption_url", args.caption_url,
+           "--vae_url", args.vae_url, "--cfg_degree", str(args.cfg), "--ulysses_degree", str(args.ulysses),
+           "--pp_degree", str(args.pp),
+           "--prompt", args.prompt or DEFAULT_PROMPTS[task]]
+    if task == "ti2v":
+        out += ["--first_image_path", os.path.abspath(args.first_image_path)]
+    for key, value in preset.items():
+        out += [f"--{key}", str(value)]
+    if args.save_path:
+        out += ["--save_path", os.path.abspath(args.save_path)]
+    if args.device:
+        out += ["--device", args.device]
+    if args.verbose:
+        out += ["--verbose"]
+    return out + list(extra)
+
+
+def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = True) -> None:
+    """run_parallel.py's own checks, here, once (argparse errors exit 2 by themselves)."""
+    from .. import launch
+    from ..serving.client import RemoteClient, RemoteServerError
+
+    rp = launch.build_parser().parse_args(rp_argv)
+    launch.validate(rp, world)
+    if node_rank != 0 or not servers:  # only rank 0 (on host 0) talks to the servers
+        return
+    needed = [("caption", RemoteClient.for_caption(rp.caption_url, token=rp.auth_token, retries=0))]
+    if rp.first_image_path or not rp.no_video:
+        needed.append(("VAE", RemoteClient.for_vae(rp.vae_url, token=rp.auth_token, retries=0)))
+    for name, client in needed:
+        with client:
+            try:
+                client.health()
+            except RemoteServerError as exc:
+                raise ServerDown(f"the {name} server does not answer: {exc}") from None
+
+
+class ServerDown(RuntimeError):
+    """A server is not reachable: exit status 1."""
+
+
+def msrun_command(args, world: int, local: int, rp_argv: List[str]) -> List[str]:
+    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
+    if not os.path.isfile(msrun):
+        raise LaunchError(f"msrun not found beside {sys.executable}: install mindspore there (scripts/setup.sh)")
+    port = args.master_port
+    if port is None:
+        from ..parallel.msrun import free_port
+
+        port = free_port() if args.nnodes == 1 else MULTI_HOST_PORT
+    cmd = [msrun, f"--worker_num={world}", f"--local_worker_num={local}", f"--master_addr={args.master_addr}",
+           f"--master_port={port}", f"--log_dir={os.path.abspath(args.log_dir)}", "--join=True"]
+    if args.nnodes > 1:
+        cmd.append(f"--node_rank={args.node_rank}")
+    if not args.verbose:
+        cmd.append("--tail_worker_log=0")  # rank 0 reports; every rank's log stays in --log_dir
+    # msrun runs `python SCRIPT` for any command that is not literally `python`: give it `python`,
+    # with this interpreter's bin first on PATH (see job_environment)
+    return cmd + ["python", RUN_PARALLEL, *rp_argv]
+
+
+def job_environment(args, cards: Optional[List[str]]) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if cards:
+        env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(cards)
+    return quiet_environment(args.verbose, env)
+
+
+def is_this_host(addr: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        ip = socket.gethostbyname(addr)
+        if ipaddress.ip_address(ip).is_loopback:
+            return True
+        return ip in socket.gethostbyname_ex(socket.gethostname())[2]
+    except (OSError, ValueError):
+        return False
+
+
+def only_second_scheduler_failed(err_text: str) -> bool:
+    """On one machine standing in for several hosts, msrun starts a scheduler on every node whose
+    --master_addr is local; all but node 0's fail to bind the port that node 0's holds, while the
+    workers (joined to node 0's scheduler) succeed. That failure alone is not the job's."""
+    return SCHEDULER_FAILED in err_text and WORKER_FAILED not in err_text
+
+
+STOP_WAIT_S = 60.0
+POLL_S = 0.5
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pump_stdout(proc, out: NoiseFilter) -> None:
+    """Forward msrun's console until it exits (not until the pipe closes: a helper may hold it)."""
+    import select
+
+    fd = proc.stdout.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], POLL_S)
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            out.feed(data)
+        elif proc.poll() is not None:
+            break
+    out.close()
+
+
+def stop_msrun(proc) -> int:
+    """SIGINT to msrun (it stops its workers), SIGKILL to its group if it does not end in time."""
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+        return proc.wait(STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        end_group(proc.pid)
+        return proc.wait()
+    except ProcessLookupError:
+        return proc.wait()
+
+
+def end_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_filtered(cmd: List[str], env: dict, verbose: bool, log_dir: str, tolerate_scheduler: bool = False) -> int:
+    """msrun with its console passed through NoiseFilter; its own traceback becomes one line."""
+    # msrun and its `tail -f` helpers in their own process group: if msrun dies, its helpers end with it
+    # (a surviving tail would hold the console pipe open forever); Ctrl-C / SIGTERM reach msrun as
+    # the SIGINT on which it stops its workers.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    out = NoiseFilter(sys.stdout.buffer, enabled=not verbose)
+    err_lines: List[bytes] = []
+
+    def pump_stderr():
+        for line in proc.stderr:
+            err_lines.append(line)
+            if verbose:
+                sys.stderr.buffer.write(line)
+                sys.stderr.buffer.flush()
+
+    t = threading.Thread(target=pump_stderr, daemon=True)
+    t.start()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        pump_stdout(proc, out)
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        stop_msrun(proc)
+        rc = 130  # msrun itself exits 0 after stopping its workers on SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        end_group(proc.pid)
+    t.join(timeout=5)
+    text = b"".join(err_lines).decode("utf-8", errors="replace")
+    if rc != 0 and tolerate_scheduler and only_second_scheduler_failed(text):
+        print(f"msrun: this node's workers succeeded; its own scheduler could not start because node 0's holds "
+              f"the port on this machine (a one-machine simulation of several hosts)", file=sys.stderr, flush=True)
+        return 0
+    if not verbose:
+        if MSRUN_FAILURE in text and "Traceback (most recent call last)" in text:
+            text = text[:text.index("Traceback (most recent call last)")]
+        if text.strip():
+            sys.stderr.write(text)
+    if rc != 0:
+        print(f"msrun: the job failed (exit {rc}); every worker's log is in {log_dir}", file=sys.stderr, flush=True)
+    return rc
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2 or argv[0] != "--task" or argv[1] not in PRESETS_OF_TASK:
+        print("msrun_job: the first arguments must be --task t2v|ti2v (use scripts/run_t2v.sh or run_ti2v.sh)",
+              file=sys.stderr)
+        return 2
+    task, argv = argv[1], argv[2:]
+    own, extra = split_extra(argv)
+    parser = build_parser(task)
+    args = parser.parse_args(own)
+    quiet_environment(args.verbose)  # before MindSpore is imported by the checks
+    prog = parser.prog
+    try:
+        extra, token = take_token(extra)
+        if token:
+            from ..serving.protocol import AUTH_ENV
+
+            os.environ[AUTH_ENV] = token  # read by the clients here and in every worker
+        world, local, cards = layout(args)
+        rp_argv = run_parallel_args(task, args, extra)
+        preflight(rp_argv, world, args.node_rank, servers=not args.dry_run)
+        cmd = msrun_command(args, world, local, rp_argv)
+    except ValueError as exc:  # LaunchError, and run_parallel.py's validation errors
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as exc:  # a checkpoint problem or a server that does not answer
+        from ..checkpoint import CheckpointError
+
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return 2 if isinstance(exc, CheckpointError) else 1
+    env = job_environment(args, cards)
+    shown = (f"ASCEND_RT_VISIBLE_DEVICES={env['ASCEND_RT_VISIBLE_DEVICES']} " if cards else "") + shlex.join(cmd)
+    if args.dry_run:
+        print(shown)
+        return 0
+    print(f"[{prog}] {shown}", flush=True)
+    second_scheduler = args.node_rank > 0 and is_this_host(args.master_addr)
+    return run_filtered(cmd, env, args.verbose, os.path.abspath(args.log_dir), tolerate_scheduler=second_scheduler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
