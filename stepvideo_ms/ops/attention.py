@@ -13,6 +13,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from ..runtime import is_ascend
+from .broadcast import add, expand
 
 # Upper bound on the score block held at once on CPU (float32 bytes).
 DEFAULT_MAX_SCORE_BYTES = 128 * 1024 * 1024
@@ -56,14 +57,15 @@ def _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes):
     b, sq, h, _ = q.shape
     sk = k.shape[1]
     out_dtype = q.dtype
-    qh = mint.permute(q, (0, 2, 1, 3)).astype(ms.float32)  # b h sq d
-    kt = mint.permute(k, (0, 2, 3, 1)).astype(ms.float32)  # b h d sk
-    vh = mint.permute(v, (0, 2, 1, 3)).astype(ms.float32)  # b h sk d
+    # the scale goes on the queries (sk/d times fewer products than on the scores)
+    qh = mint.permute(_f32(q) * scale, (0, 2, 1, 3))  # b h sq d
+    kt = mint.permute(_f32(k), (0, 2, 3, 1))  # b h d sk
+    vh = mint.permute(_f32(v), (0, 2, 1, 3))  # b h sk d
     drop = None
     if key_mask is not None:
         drop = mint.logical_not(key_mask.astype(ms.bool_)).reshape(b, 1, 1, sk)
     if bias is not None:
-        bias = bias.astype(ms.float32)
+        bias = _f32(bias)
         while bias.ndim < 4:
             bias = bias.expand_dims(0)
     block = query_block_size(b, h, sq, sk, max_score_bytes)
@@ -71,21 +73,26 @@ def _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes):
     outs = []
     for start in range(0, sq, block):
         stop = min(sq, start + block)
-        scores = mint.matmul(qh[:, :, start:stop], kt) * scale  # b h n sk
+        scores = mint.matmul(qh[:, :, start:stop], kt)  # b h n sk
         if bias is not None:
-            scores = scores + (bias[:, :, start:stop] if bias.shape[2] != 1 else bias)
+            scores = add(scores, bias[:, :, start:stop] if bias.shape[2] != 1 else bias)
         block_drop = drop
         if causal:
             rows = np.arange(start, stop)[:, None]
             cols = np.arange(sk)[None, :]
             future = Tensor(cols > rows).reshape(1, 1, stop - start, sk)
             block_drop = future if block_drop is None else mint.logical_or(block_drop, future)
-        if block_drop is not None:
-            scores = scores.masked_fill(block_drop, neg)
+        if block_drop is not None:  # CPU broadcasting is slow: the mask is tiled to the scores' shape
+            scores = scores.masked_fill(expand(block_drop, scores.shape), neg)
         probs = mint.softmax(scores, dim=-1)
         outs.append(mint.matmul(probs, vh))  # b h n d
     out = outs[0] if len(outs) == 1 else mint.cat(outs, dim=2)
-    return mint.permute(out, (0, 2, 1, 3)).astype(out_dtype)
+    out = mint.permute(out, (0, 2, 1, 3))
+    return out if out_dtype == ms.float32 else out.astype(out_dtype)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == ms.float32 else t.astype(ms.float32)
 
 
 def _attention_ascend(q, k, v, key_mask, bias, causal, scale):  # pragma: no cover - needs an NPU
