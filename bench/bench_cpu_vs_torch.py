@@ -70,7 +70,7 @@ def dit_case(rng):
     mask[1, text - d["masked_tail"]:] = 0
     inputs = {
         "hidden_states": rng.standard_normal((d["batch"], d["frames"], DIT["in_channels"], d["height"], d["width"])),
-        "timestep": np.array([500.0, 250.0]),
+        "timestep": np.array([0.5, 0.25]),  # sigmas in [0, 1], as the pipeline gives (x1000 inside)
         "encoder_hidden_states": rng.standard_normal((d["batch"], d["caption_tokens"], DIT["caption_channels"][0])),
         "encoder_hidden_states_2": rng.standard_normal((d["batch"], d["clip_tokens"], DIT["caption_channels"][1])),
         "encoder_attention_mask": mask,
