@@ -2,11 +2,12 @@
 
 Order of work, so that a mistake costs seconds, not a weight load:
 1. parse and validate every argument (sizes, image, parallel layout against the transformer's
-   config.json, servers reachable) before any weight is read;
-2. every rank reads only its pipeline stage of the DiT;
+   config.json, the layout's predicted memory against --card_gb or the card's, servers reachable)
+   before any weight is read;
+2. every rank reads only its pipeline stage of the DiT (with --shard_weights: its slices of it);
 3. rank 0 asks the caption server (and, for TI2V, the VAE server) for the conditions and
    broadcasts them; every rank draws the same noise from the seed;
-4. the denoising loop runs on the (ulysses x pp) mesh;
+4. the denoising loop runs on the (cfg x ulysses x pp) mesh;
 5. rank 0 writes --save_latents, asks the VAE server for the frames, writes the MP4 and its JSON.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ SCHEDULER_DIR = "scheduler"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_parallel.py",
-        description="Step-Video T2V / TI2V generation on MindSpore; run under msrun for ulysses x pp parallelism.",
+        description="Step-Video T2V / TI2V generation on MindSpore; run under msrun for cfg x ulysses x pp parallelism.",
         epilog="Defaults marked 'task' come from the task of the transformer (T2V: 204 frames, TI2V: 102 frames, "
                "motion 5; both 544x992, 50 steps, cfg 9, shift 13, the upstream magic prompts).")
     g = p.add_argument_group("model and servers")
@@ -58,11 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_latents", default=None, metavar="PATH",
                    help="also write the final latents to PATH (safetensors, key 'latents')")
     g.add_argument("--no_video", action="store_true", help="stop after the latents (no VAE decode, no MP4)")
-    g = p.add_argument_group("parallelism (world size = ulysses_degree x pp_degree msrun workers)")
+    g = p.add_argument_group("parallelism (world size = cfg_degree x ulysses_degree x pp_degree msrun workers)")
+    g.add_argument("--cfg_degree", type=int, default=1, help="2: the [cond, uncond] halves on two rank groups (1)")
     g.add_argument("--ulysses_degree", type=int, default=1, help="sequence-parallel ranks per pipeline stage")
     g.add_argument("--pp_degree", type=int, default=1, help="pipeline stages")
     g.add_argument("--pp_split", default=None, help="stage boundaries as layer indices, e.g. 24 or 12,24,36 (balanced)")
     g.add_argument("--ring_degree", type=int, default=1, help="must be 1: ring attention is not supported")
+    g.add_argument("--shard_weights", action="store_true",
+                   help="each rank keeps 1/(cfg x ulysses) of its stage's blocks, gathered just before each block runs")
+    g.add_argument("--card_gb", type=float, default=None,
+                   help="memory per card (GiB): refuse a layout predicted not to fit (default: the device's, when known)")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
     return p
 
@@ -78,7 +84,6 @@ def settings_from(args, task: str) -> GenerationSettings:
 def validate(args, world_size: int):
     """Every check that needs no weights: -> (settings, transformer config, transformer path)."""
     from . import checkpoint, video
-    from .parallel import Mesh
 
     if not os.path.isdir(args.model_dir):
         raise ValueError(f"--model_dir {args.model_dir}: no such directory")
@@ -92,11 +97,64 @@ def validate(args, world_size: int):
     settings = settings_from(args, task)
     if task == "ti2v":
         video.load_image(settings.first_image_path)  # readable, before anything else
-    mesh = Mesh.create(world_size, 0, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
+    mesh = mesh_from(args, world_size, 0)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
+    if mesh.cfg_degree > 1 and settings.cfg_scale <= 1.0:
+        raise ValueError(f"--cfg_degree {mesh.cfg_degree} runs the [cond, uncond] halves on two rank groups, but "
+                         f"--cfg_scale {settings.cfg_scale} <= 1 has no unconditional half: use --cfg_degree 1 or a "
+                         "cfg_scale above 1")
+    if args.card_gb is not None:
+        from .runtime import pick_device
+
+        check_fits(args.card_gb, mesh, config, settings, pick_device(args.device))
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
     return settings, transformer
+
+
+def mesh_from(args, world_size: int, rank: int):
+    from .parallel import Mesh
+
+    return Mesh.create(world_size, rank, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split,
+                       args.cfg_degree, args.shard_weights)
+
+
+def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> None:
+    """Refuse (before any weight is read) a layout the planner predicts not to fit `card_gb` GiB per card
+    (the CPU backend's profile on CPU: float32, memory per rank; the 910B profile otherwise)."""
+    from .parallel import plan as planner
+
+    if card_gb <= 0:
+        raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
+    hardware = planner.CPU if device == "CPU" else planner.Hardware()
+    shape = planner.ModelShape.from_config(config)
+    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights)
+    grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
+    guidance = settings.cfg_scale > 1.0
+    predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
+    if predicted.fits(card_gb):
+        return
+    others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)
+              for other in planner.layouts(mesh.world_size, shape.heads, shape.num_layers, settings.cfg_scale > 1.0)]
+    fitting = sorted((q for q in others if q.fits(card_gb)), key=lambda q: q.step_s)
+    hint = (f"layouts of {mesh.world_size} cards predicted to fit: "
+            + "; ".join(f"{q.layout.arguments()} ({q.peak_gib:.1f} GiB)" for q in fitting[:3])) if fitting else \
+        f"no layout of {mesh.world_size} cards fits: use more cards or fewer frames / a smaller size"
+    raise ValueError(f"--card_gb {card_gb:g}: {layout.name()} is predicted to need {predicted.peak_gib:.1f} GiB per "
+                     f"card for {settings.num_frames} frames {settings.height}x{settings.width} "
+                     f"(python -m stepvideo_ms.describe --plan shows the parts); {hint}")
+
+
+def device_memory_gib(device: str) -> Optional[float]:
+    """Memory of the current Ascend card in GiB, when MindSpore can tell; None elsewhere."""
+    if device != "Ascend":
+        return None
+    try:  # pragma: no cover - needs an NPU
+        import mindspore as ms
+
+        return ms.hal.get_device_properties(int(os.environ.get("DEVICE_ID", "0"))).total_memory / 2 ** 30
+    except Exception:  # an old driver or runtime without the query: no default limit
+        return None
 
 
 def world_size_from_env() -> int:
@@ -138,7 +196,7 @@ def run(args) -> int:
     from . import runtime
     from .diffusion.pipeline import StepVideoPipeline
     from .diffusion.scheduler import FlowMatchScheduler
-    from .parallel import Conditioning, Mesh, init_world, load_stage_model, make_communicator, parallel_denoise
+    from .parallel import Conditioning, init_world, load_stage, make_communicator, parallel_denoise
     from .safetensors_io import save_file_atomic
     from .serving.client import RemoteClient
     from mindspore import Tensor
@@ -147,8 +205,13 @@ def run(args) -> int:
     t_start = time.perf_counter()
     settings, transformer = validate(args, world_size_from_env())
     rt = runtime.init(args.device)
+    card_gb = device_memory_gib(rt.device) if args.card_gb is None else None  # given: validate checked it
+    if card_gb:
+        from .checkpoint import read_config
+
+        check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), read_config(transformer), settings, rt.device)
     world_size, rank = init_world()
-    mesh = Mesh.create(world_size, rank, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split)
+    mesh = mesh_from(args, world_size, rank)
     comm = make_communicator(mesh)
     progress = not args.no_progress and rank == 0
     caption = vae = None
@@ -168,10 +231,12 @@ def run(args) -> int:
             print(f"[run_parallel] {note}", flush=True)
         print(f"[run_parallel] {settings.task}: {settings.num_frames} frames {settings.height}x{settings.width}, "
               f"{settings.infer_steps} steps, cfg {settings.cfg_scale}, shift {settings.time_shift}; "
-              f"world {world_size} = ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}", flush=True)
+              f"world {world_size} = " + (f"cfg {mesh.cfg_degree} x " if mesh.cfg_degree > 1 else "")
+              + f"ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}" + (", sharded weights" if mesh.shard_weights else "")
+              + f"; device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
 
     t0 = time.perf_counter()
-    model = load_stage_model(transformer, mesh, dtype=rt.compute_dtype, progress=progress)
+    model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress)
     timings["load_s"] = time.perf_counter() - t0
     scheduler = FlowMatchScheduler.from_dir(os.path.join(args.model_dir, SCHEDULER_DIR))
     pipe = StepVideoPipeline(model, scheduler, text_encoder=caption, vae=vae, progress=progress)
@@ -191,7 +256,8 @@ def run(args) -> int:
     conditioning = Conditioning(*cond.tensors(rt.compute_dtype), cond.motion_score)
     t0 = time.perf_counter()
     latents = parallel_denoise(mesh, comm, model, Tensor(pipe.initial_noise(settings)), conditioning, scheduler,
-                               settings.infer_steps, settings.time_shift, settings.cfg_scale, progress=progress)
+                               settings.infer_steps, settings.time_shift, settings.cfg_scale, progress=progress,
+                               shards=shards)
     latents = latents.asnumpy()
     timings["denoise_s"] = time.perf_counter() - t0
     if rank != 0:
@@ -206,7 +272,8 @@ def run(args) -> int:
     timings["decode_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     extra = {"model_dir": os.path.abspath(args.model_dir), "arguments": vars(args), "timings": timings,
-             "parallel": {"world_size": world_size, "ulysses_degree": mesh.ulysses_degree,
+             "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
+                          "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
                           "pp_degree": mesh.pp_degree, "stages": [str(r) for r in mesh.partition(model.num_layers)]},
              "device": rt.device}
     mp4, js = pipe.save(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra)

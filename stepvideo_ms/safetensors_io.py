@@ -96,6 +96,21 @@ class SafetensorsFile:
             return bf16_to_f32(arr)
         return np.array(arr)
 
+    def get_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements start..stop of the flattened tensor (a copy, bfloat16 upcast to float32), reading only
+        their bytes."""
+        info = self._entries[name]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        count = int(np.prod(info["shape"], dtype=np.int64))
+        if not 0 <= start <= stop <= count:
+            raise ValueError(f"{self.path}: elements {start}..{stop} lie outside tensor {name!r} of {count}")
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        begin = self._data_start + info["data_offsets"][0]
+        raw = self._mmap[begin + start * dtype.itemsize:begin + stop * dtype.itemsize]
+        arr = np.frombuffer(raw, dtype=dtype)
+        return bf16_to_f32(arr) if info["dtype"] == "BF16" else np.array(arr)
+
     def items(self) -> Iterator[Tuple[str, np.ndarray]]:
         for name in self._entries:
             yield name, self.get(name)

@@ -1,7 +1,7 @@
 """Tiny DiT cases shared by the parallel tests (pytest side) and their msrun worker.
 
 A case is a model kind (t2v / ti2v), a latent grid (frames, height, width) and a mesh layout
-(ulysses, pp, pp_split). Its inputs come from a fixed seed, so the worker and the test rebuild
+(ulysses, pp, pp_split, cfg, shard_weights). Its inputs come from a fixed seed, so the worker and the test rebuild
 the same tensors independently; the test computes the single-process reference.
 """
 from __future__ import annotations
@@ -27,16 +27,19 @@ class Case:
     ulysses: int
     pp: int
     pp_split: Optional[str] = None
+    cfg: int = 1
+    shard: bool = False
 
     @property
     def name(self) -> str:
         f, h, w = self.grid
         split = f"_split{self.pp_split.replace(',', '-')}" if self.pp_split else ""
-        return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}"
+        extra = (f"_cfg{self.cfg}" if self.cfg > 1 else "") + ("_shard" if self.shard else "")
+        return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}{extra}"
 
     @property
     def world(self) -> int:
-        return self.ulysses * self.pp
+        return self.cfg * self.ulysses * self.pp
 
 
 def save_cases(cases: List[Case], path: str) -> None:
@@ -46,7 +49,8 @@ def save_cases(cases: List[Case], path: str) -> None:
 
 def load_cases(path: str) -> List[Case]:
     with open(path, "r", encoding="utf-8") as fh:
-        return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"]) for c in json.load(fh)]
+        return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"])
+                for c in json.load(fh)]
 
 
 def model_config(kind: str) -> dict:
@@ -108,14 +112,16 @@ def conditioning(inputs: Dict[str, np.ndarray], kind: str):
                         MOTION if kind == "ti2v" else None)
 
 
-def reference_latents(model_dir: str, case: Case) -> np.ndarray:
-    """The single-process loop: the plain model in `sampling.denoise`."""
+def reference_latents(model_dir: str, case: Case, dtype=None) -> np.ndarray:
+    """The single-process loop: the plain model in `sampling.denoise` (in `dtype`, default float32)."""
     from mindspore import Tensor
     from stepvideo_ms.diffusion.sampling import denoise
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
     from stepvideo_ms.models.dit import StepVideoModel
 
-    model = StepVideoModel.from_pretrained(model_dir, progress=False)
+    import mindspore as ms
+
+    model = StepVideoModel.from_pretrained(model_dir, dtype=dtype or ms.float32, progress=False)
     inputs = case_inputs(case)
     c = conditioning(inputs, case.kind)
 
@@ -124,7 +130,7 @@ def reference_latents(model_dir: str, case: Case) -> np.ndarray:
                      c.encoder_hidden_states_2, c.condition_hidden_states, c.motion_score)
 
     out = denoise(predict, Tensor(inputs["latents"]), FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE,
-                  progress=False)
+                  model_dtype=model.dtype, progress=False)
     return out.asnumpy()
 
 
@@ -134,3 +140,7 @@ def tolerance(reference: np.ndarray) -> float:
 
 def output_path(out_dir: str, case: Case, rank: int) -> str:
     return os.path.join(out_dir, f"{case.name}.rank{rank}.npy")
+
+
+def reference_path(out_dir: str, case: Case) -> str:
+    return os.path.join(out_dir, f"{case.name}.reference.npy")

@@ -1,12 +1,16 @@
 """msrun worker of tests/test_parallel_msrun.py (one process per rank):
 
     python tests/parallel_worker.py CASES_JSON MODELS_DIR OUT_DIR
+    python tests/parallel_worker.py CASES_JSON MODELS_DIR OUT_DIR --reference   (one process: the
+        single-process latents of each case, OUT_DIR/<case>.reference.npy)
 
-1. checks the communicator's operations against numpy on every layout of this world size and
-   writes the failures (if any) to OUT_DIR/comm.rank<R>.json;
-2. for every case of this world size: loads only this rank's stage of MODELS_DIR/<kind>, checks
-   that the other stages' layers stayed unloaded, runs `parallel_denoise` and saves the final
-   latents to OUT_DIR/<case>.rank<R>.npy.
+The device is $STEPVIDEO_DEVICE (CPU when unset; `ascend-sim` runs the native communicator on the
+simulated HCCL, and then also the simulation's own checks, tests/ascend_sim_hccl_checks.py, last).
+1. checks the communicator's operations against numpy on every layout of this world size;
+2. for every case of this world size: loads only this rank's stage of MODELS_DIR/<kind> (with
+   sharded weights: only its slices of the stage's blocks), checks that nothing else was loaded
+   (counting the block elements held), runs `parallel_denoise` and saves the final latents to
+   OUT_DIR/<case>.rank<R>.npy.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import List
 
 import numpy as np
 
-from parallel_cases import GUIDANCE, STEPS, TIME_SHIFT, case_inputs, conditioning, load_cases, output_path
+from parallel_cases import (GUIDANCE, STEPS, TIME_SHIFT, case_inputs, conditioning, load_cases, output_path,
+                            reference_latents, reference_path)
 
 
 def _pattern(rank: int, shape) -> np.ndarray:
@@ -71,42 +76,76 @@ def comm_checks(world: int, rank: int) -> List[str]:
     return failures
 
 
-def stage_loading_failures(model, mesh) -> List[str]:
+def stage_loading_failures(model, mesh, shards) -> List[str]:
+    """What this rank holds beyond (or short of) its share; block elements counted one by one."""
+    from stepvideo_ms.parallel.shard import held_block_elements
+
     mine = set(mesh.stage_layers(model.num_layers))
-    failures = []
+    failures, per_block = [], {}
     for name, param in model.parameters_and_names():
         if name.startswith("transformer_blocks."):
             layer = int(name.split(".")[1])
-            if (layer in mine) == param.has_init:  # has_init: never given data
-                failures.append(f"{name}: stage {mesh.stage} holds layers {sorted(mine)} but loaded={not param.has_init}")
+            per_block[layer] = per_block.get(layer, 0) + int(np.prod(param.shape))
+            should = layer in mine and not mesh.shard_weights
+            if should == param.has_init:  # has_init: never given data
+                failures.append(f"{name}: stage {mesh.stage} holds layers {sorted(mine)} "
+                                f"(sharded {mesh.shard_weights}) but loaded={not param.has_init}")
         elif param.has_init:
             failures.append(f"{name}: shared parameter not loaded")
+    block = per_block[0]
+    parts = len(mesh.shard_group)
+    want = len(mine) * -(-block // parts)  # 1/N of every block of the stage (the last slice padded)
+    held = held_block_elements(model, shards)
+    if held != want:
+        failures.append(f"holds {held} block elements, expected {want} = {len(mine)} blocks x ceil({block}/{parts})")
+    if shards is not None and sorted(shards.flats) != sorted(mine):
+        failures.append(f"shards of layers {sorted(shards.flats)}, stage layers {sorted(mine)}")
     return failures
 
 
+def write_references(cases, models_dir: str, out_dir: str, dtype) -> None:
+    """One process, no msrun: the plain model's loop for each (kind, grid), saved beside the ranks' output."""
+    done = {}
+    for case in cases:
+        key = (case.kind, case.grid)
+        if key not in done:
+            done[key] = reference_latents(os.path.join(models_dir, case.kind), case, dtype)
+        np.save(reference_path(out_dir, case), done[key])
+
+
 def main(argv: List[str]) -> int:
-    cases_json, models_dir, out_dir = argv
+    cases_json, models_dir, out_dir = argv[:3]
     from mindspore import Tensor
     from stepvideo_ms import runtime
 
-    runtime.init("CPU")
+    rt = runtime.init(os.environ.get(runtime.ENV_DEVICE) or "CPU")
+    if argv[3:] == ["--reference"]:
+        write_references(load_cases(cases_json), models_dir, out_dir, rt.compute_dtype)
+        print(f"device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
+        return 0
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
-    from stepvideo_ms.parallel import Mesh, init_world, load_stage_model, make_communicator, parallel_denoise
+    from stepvideo_ms.parallel import Mesh, init_world, load_stage, make_communicator, parallel_denoise
 
     world, rank = init_world()
     start = time.perf_counter()
     report = {"comm": comm_checks(world, rank), "loading": {}}
     print(f"rank {rank}: communicator checks took {time.perf_counter() - start:.1f} s", flush=True)
     for case in [c for c in load_cases(cases_json) if c.world == world]:
-        mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split)
-        model = load_stage_model(os.path.join(models_dir, case.kind), mesh, progress=False)
-        report["loading"][case.name] = stage_loading_failures(model, mesh)
+        mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split, cfg_degree=case.cfg,
+                           shard_weights=case.shard)
+        model, shards = load_stage(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False)
+        report["loading"][case.name] = stage_loading_failures(model, mesh, shards)
         inputs = case_inputs(case)
         latents = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),
                                    conditioning(inputs, case.kind), FlowMatchScheduler(), STEPS, TIME_SHIFT,
-                                   GUIDANCE, progress=False)
+                                   GUIDANCE, progress=False, shards=shards)
         np.save(output_path(out_dir, case, rank), latents.asnumpy())
         print(f"rank {rank}: {case.name} done at {time.perf_counter() - start:.1f} s", flush=True)
+    if runtime.is_simulated():  # last: its dead-lock checks leave the ranks' call numbers out of step
+        from ascend_sim_hccl_checks import emulator_checks
+
+        report["sim"] = emulator_checks(world, rank)
+    print(f"rank {rank}: device {rt.device}, all done at {time.perf_counter() - start:.1f} s", flush=True)
     with open(os.path.join(out_dir, f"report.rank{rank}.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh)
     return 0

@@ -49,3 +49,14 @@ def test_cross_shapes_and_errors():
         attention(q, kv, kv, causal=True)
     with pytest.raises(ValueError, match="batch, seq, heads"):
         attention(Tensor(np.zeros((5, 2, 8), np.float32)), kv, kv)
+
+
+def test_grouped_key_value_heads_serve_consecutive_query_heads():
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, 6, 4, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 6, 2, 16)).astype(np.float32) for _ in range(2))
+    out = attention(Tensor(q), Tensor(k), Tensor(v), causal=True)
+    np.testing.assert_allclose(out.asnumpy(), reference(q, k.repeat(2, axis=2), v.repeat(2, axis=2), causal=True),
+                               atol=2e-5)
+    with pytest.raises(ValueError, match="divid"):
+        attention(Tensor(q), Tensor(k[:, :, :1].repeat(3, axis=2)), Tensor(v[:, :, :1].repeat(3, axis=2)))

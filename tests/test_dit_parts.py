@@ -60,7 +60,7 @@ def test_text_mask_uses_the_valid_length_and_cuts_to_the_longest():
     mask = Tensor(np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=np.int64))
     cut, keep = text_key_mask(context, mask)
     assert cut.shape == (2, 5, 1)
-    np.testing.assert_array_equal(keep.asnumpy(), [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(keep.keep.asnumpy(), [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
 
 
 def test_text_mask_refuses_a_sample_without_text():

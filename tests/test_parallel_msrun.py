@@ -1,4 +1,5 @@
-"""Ulysses x pipeline parallel denoising under real `msrun` workers on CPU equals one process.
+"""CFG x pipeline x Ulysses parallel denoising (with or without sharded block weights) under real
+`msrun` workers on CPU equals one process.
 
 One msrun launch per world size (2 and 4 ranks) runs every case of that size; each case's final
 latents (2 denoising steps, CFG batch as two micro-batches) must match the single-process loop
@@ -27,6 +28,10 @@ CASES = (
     # 5 tokens leaves one rank with padding only; 4 stages have middle stages that receive and send
     + [Case("t2v", EVEN, 2, 2), Case("ti2v", ODD, 2, 2, pp_split="1"), Case("t2v", (1, 1, 5), 4, 1),
        Case("ti2v", ODD, 1, 4)]
+    # sharded block weights and CFG parallel (issue 11), T2V and TI2V each: world 2 = (ulysses 2, shard),
+    # (cfg 2); world 4 = (ulysses 2 x pp 2, shard) on the odd grid, (cfg 2 x ulysses 2)
+    + [Case(kind, ODD, 2, 1, shard=True) for kind in KINDS] + [Case(kind, ODD, 1, 1, cfg=2) for kind in KINDS]
+    + [Case(kind, ODD, 2, 2, shard=True) for kind in KINDS] + [Case(kind, ODD, 2, 1, cfg=2) for kind in KINDS]
 )
 
 
@@ -94,7 +99,7 @@ def test_communicator_operations_match_numpy(launches, world):
 def test_parallel_latents_equal_single_process(launches, references, case):
     out, result = launches(case.world)
     loading = [f"rank {r}: {m}" for r, rep in enumerate(_reports(out, case.world)) for m in rep["loading"][case.name]]
-    assert not loading, "a rank loaded other stages' layers (or missed its own):\n" + "\n".join(loading)
+    assert not loading, "a rank holds more or less than its share of the weights:\n" + "\n".join(loading)
     ranks = [np.load(output_path(out, case, r)) for r in range(case.world)]
     for r, got in enumerate(ranks[1:], start=1):
         assert np.array_equal(got, ranks[0]), f"rank {r} took a different scheduler step than rank 0"

@@ -42,6 +42,31 @@ def test_mesh_refuses_bad_layouts_naming_the_argument(args, match):
         Mesh.create(**args)
 
 
+def test_mesh_cfg_replicas_and_shard_groups():
+    meshes = [Mesh.create(8, r, ulysses_degree=2, pp_degree=2, cfg_degree=2, shard_weights=True) for r in range(8)]
+    assert [m.cfg_rank for m in meshes] == [0] * 4 + [1] * 4
+    assert [m.stage for m in meshes] == [0, 0, 1, 1] * 2
+    assert [m.sp_rank for m in meshes] == [0, 1] * 4
+    assert meshes[6].sp_group == (6, 7) and meshes[6].column == (4, 6) and meshes[6].replica_ranks == (4, 5, 6, 7)
+    assert meshes[6].cfg_group == (2, 6)
+    assert meshes[6].shard_group == (2, 3, 6, 7) and meshes[6].shard_index == 2  # the stage's ranks, both replicas
+    assert meshes[1].shard_group == (0, 1, 4, 5)
+    assert Mesh.create(2, 1, 2, 1).shard_group == (1,)  # without sharding every rank holds its whole stage
+    assert "cfg rank 1/2" in meshes[6].describe() and "weights 1/4" in meshes[6].describe()
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(world_size=4, rank=0, ulysses_degree=2, cfg_degree=3), r"cfg_degree=3 must be 1 or 2.*--cfg_degree 2"),
+    (dict(world_size=4, rank=0, ulysses_degree=4, cfg_degree=2),
+     r"cfg_degree=2 x ulysses_degree=4 x pp_degree=1 = 8 must equal the world size 4.*--cfg_degree 2 --ulysses_degree 2 --pp_degree 1"),
+    (dict(world_size=2, rank=0, pp_degree=2, shard_weights=True), r"shard_weights.*cfg_degree=1 x ulysses_degree=1 = 1"),
+    (dict(world_size=1, rank=0, shard_weights=True), r"drop --shard_weights"),
+])
+def test_mesh_refuses_bad_cfg_and_shard_layouts(args, match):
+    with pytest.raises(ValueError, match=match):
+        Mesh.create(**args)
+
+
 def test_model_checks_name_heads_and_layers_with_a_valid_alternative():
     with pytest.raises(ValueError, match=r"ulysses_degree=4 does not divide num_attention_heads=6.*--ulysses_degree 2 --pp_degree 2"):
         Mesh.create(4, 0, 4, 1).check_model(num_attention_heads=6, num_layers=48)
@@ -181,3 +206,30 @@ def test_guidance_batch_mismatch_is_refused_before_the_loop(tiny_dirs):
     with pytest.raises(ValueError, match=r"guidance_scale=5.0 needs 2: pass \[prompt, negative prompt\]"):
         parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]), cond,
                          FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE, progress=False)
+
+
+# ---- sharded block weights ------------------------------------------------------------------
+def test_block_layout_slices_cover_every_element_once():
+    from stepvideo_ms.parallel.shard import BlockLayout
+
+    layout = BlockLayout(("a", "b", "c"), ((2, 3), (4,), (5,)))
+    starts = np.cumsum([0, 6, 4])
+    for parts in range(1, 5):
+        size = layout.shard_size(parts)
+        covered = []
+        for index in range(parts):
+            for i, lo, hi in layout.pieces(index * size, min((index + 1) * size, layout.total)):
+                covered += list(range(starts[i] + lo, starts[i] + hi))
+        assert covered == list(range(layout.total)), parts
+
+
+def test_safetensors_get_range_reads_flat_element_ranges(tmp_path):
+    from stepvideo_ms.safetensors_io import SafetensorsFile, save_file_atomic
+
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    save_file_atomic({"x": x}, str(tmp_path / "t.safetensors"))
+    f = SafetensorsFile(str(tmp_path / "t.safetensors"))
+    assert np.array_equal(f.get_range("x", 5, 17), x.reshape(-1)[5:17])
+    assert f.get_range("x", 3, 3).shape == (0,)
+    with pytest.raises(ValueError, match=r"elements 20\.\.25 lie outside tensor 'x' of 24"):
+        f.get_range("x", 20, 25)

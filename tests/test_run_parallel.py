@@ -19,7 +19,9 @@ from stepvideo_ms.safetensors_io import load_file
 
 LAUNCH_TIMEOUT = 420
 ODD_GRID = ["--num_frames", "17", "--height", "48", "--width", "80"]  # latents 3 x 3 x 5: 45 tokens
-LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (ulysses, pp); world 4 uses both kinds of parallelism at once
+# (ulysses, pp, cfg, shard): world 4 uses both Ulysses and the pipeline; the last one splits the CFG halves
+# over two ranks that also split the block weights
+LAYOUTS = [(2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (1, 1, 2, True)]
 
 
 def _make_model(tmp_path_factory, task):
@@ -70,14 +72,17 @@ def test_single_process_writes_video_json_and_latents(served, single):
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"ulysses{l[0]}-pp{l[1]}")
+@pytest.mark.parametrize("layout", LAYOUTS,
+                         ids=lambda l: f"ulysses{l[0]}-pp{l[1]}" + (f"-cfg{l[2]}" if l[2] > 1 else "") + ("-shard" if l[3] else ""))
 def test_msrun_latents_equal_single_process(served, single, tmp_path, layout):
     task, model, url = served
-    ulysses, pp = layout
+    ulysses, pp, cfg, shard = layout
     reference, _ = single
-    out = tmp_path / f"u{ulysses}p{pp}"
-    result = run_msrun("run_parallel.py", _args(task, model, url, out, ["--ulysses_degree", str(ulysses),
-                       "--pp_degree", str(pp), "--no_video"]), ulysses * pp, str(out / "logs"), LAUNCH_TIMEOUT)
+    out = tmp_path / f"u{ulysses}p{pp}c{cfg}"
+    extra = ["--ulysses_degree", str(ulysses), "--pp_degree", str(pp), "--cfg_degree", str(cfg), "--no_video"]
+    shard_args = ["--shard_weights", "--card_gb", "64"] if shard else []  # and a layout that fits is accepted
+    result = run_msrun("run_parallel.py", _args(task, model, url, out, extra + shard_args),
+                       ulysses * pp * cfg, str(out / "logs"), LAUNCH_TIMEOUT)
     assert result.ok, result.logs()
     latents = load_file(str(out / "latents.safetensors"))["latents"]
     assert latents.shape == reference.shape == (1, 3, 8, 3, 5)
@@ -103,6 +108,12 @@ def t2v_model(tmp_path_factory):
     ("1", ["--first_image_path", "x.png"], "first_image_path is for TI2V"),
     ("1", ["--height", "0"], "height=0"),
     ("1", ["--save_latents", "out.npy"], "--save_latents"),
+    ("4", ["--cfg_degree", "3", "--ulysses_degree", "2"], "cfg_degree=3 must be 1 or 2"),
+    ("2", ["--cfg_degree", "2", "--ulysses_degree", "2"], "must equal the world size 2"),
+    ("2", ["--cfg_degree", "2", "--cfg_scale", "1.0"], "--cfg_scale 1.0 <= 1 has no unconditional half"),
+    ("1", ["--shard_weights"], "drop --shard_weights"),
+    ("2", ["--ulysses_degree", "2", "--card_gb", "0.001"], "--card_gb 0.001: ulysses 2 x pp 1 is predicted"),
+    ("2", ["--ulysses_degree", "2", "--card_gb", "-1"], "--card_gb -1 must be positive"),
 ])
 def test_validation_errors_name_the_argument(t2v_model, tmp_path, monkeypatch, capsys, world, extra, message):
     monkeypatch.setenv("MS_WORKER_NUM", world)

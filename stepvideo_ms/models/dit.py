@@ -16,6 +16,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 
 from .. import checkpoint, ops
+from ..ops.attention import KeyMask
 from .common import LayerNorm, Linear, count_parameters, new_param
 from .embeddings import AdaLayerNormSingle, PixArtAlphaTextProjection
 from .layers import AttentionCore, PatchEmbed, StepVideoTransformerBlock
@@ -30,7 +31,7 @@ class DiTInputs:
     t6: Tensor                # (b, 6D) AdaLN-single modulation
     embedded_timestep: Tensor  # (b, D)
     context: Tensor           # (b, Lk, D) clip + caption tokens, cut to the longest valid length
-    key_mask: Tensor          # (b, Lk) bool, True where a text token is valid
+    key_mask: KeyMask         # (b, Lk), True where a text token is valid; prepared once per forward
     grid: Tuple[int, int, int]  # (frames, height, width) of the token grid
 
 
@@ -106,9 +107,10 @@ class StepVideoModel(nn.Cell):
 
     # ---- forward, in three parts ---------------------------------------------------------
     def embed(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
-              encoder_attention_mask: Tensor, encoder_hidden_states_2: Optional[Tensor] = None,
-              condition_hidden_states: Optional[Tensor] = None,
-              motion_score: Optional[float] = None) -> DiTInputs:
+              encoder_attention_mask: Union[Tensor, np.ndarray], encoder_hidden_states_2: Optional[Tensor] = None,
+              condition_hidden_states: Optional[Tensor] = None, motion_score: Optional[float] = None,
+              text: Optional[Tuple[Tensor, KeyMask]] = None) -> DiTInputs:
+        """The blocks' inputs; `text` = embed_text(...) of these conditions when already computed."""
         if hidden_states.ndim != 5:
             raise ValueError(f"hidden_states must be (batch, frames, channels, height, width), got {hidden_states.shape}")
         b, f, _, hh, ww = hidden_states.shape
@@ -128,12 +130,20 @@ class StepVideoModel(nn.Cell):
             motion = Tensor(np.full((b,), motion_score, dtype=np.float32)).astype(self.dtype)
         t6, embedded = self.adaln_single(timestep.astype(self.dtype), motion)
 
+        if text is None:
+            text = self.embed_text(encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2)
+        context, key_mask = text
+        return DiTInputs(tokens, t6, embedded, context, key_mask, (f, hh // p, ww // p))
+
+    def embed_text(self, encoder_hidden_states: Tensor, encoder_attention_mask: Union[Tensor, np.ndarray],
+                   encoder_hidden_states_2: Optional[Tensor] = None) -> Tuple[Tensor, KeyMask]:
+        """The cross-attention context and its key mask: the same at every step of a denoising loop,
+        so a loop may compute them once and pass them to `embed(..., text=)`."""
         context = self.caption_projection(self.caption_norm(encoder_hidden_states.astype(self.dtype)))
         if encoder_hidden_states_2 is not None and self.clip_projection is not None:
             clip = self.clip_projection(encoder_hidden_states_2.astype(self.dtype))
             context = mint.cat([clip, context], dim=1)
-        context, key_mask = text_key_mask(context, encoder_attention_mask)
-        return DiTInputs(tokens, t6, embedded, context, key_mask, (f, hh // p, ww // p))
+        return text_key_mask(context, encoder_attention_mask)
 
     def rope_for(self, grid: Tuple[int, int, int], start: int = 0, stop: Optional[int] = None) -> Rope3D:
         """RoPE tables of tokens start..stop of the flattened grid."""
@@ -172,12 +182,13 @@ class StepVideoModel(nn.Cell):
         return self.finish(x, inputs)
 
 
-def text_key_mask(context: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
+def text_key_mask(context: Tensor, mask: Union[Tensor, np.ndarray]) -> Tuple[Tensor, KeyMask]:
     """Upstream's text mask: sample i attends its first sum(mask[i]) text tokens; the text is cut
-    to the longest valid length of the batch."""
-    lengths = mask.asnumpy().astype(bool).sum(axis=1)
+    to the longest valid length of the batch. The lengths are needed on the host: a numpy `mask`
+    (read once by a loop) spares a device read per call."""
+    lengths = (mask if isinstance(mask, np.ndarray) else mask.asnumpy()).astype(bool).sum(axis=1)
     if lengths.min() < 1:
         raise ValueError("encoder_attention_mask: every sample needs at least one valid text token")
     longest = int(lengths.max())
     keep = np.arange(longest)[None, :] < lengths[:, None]
-    return context[:, :longest], Tensor(keep)
+    return context[:, :longest], KeyMask(Tensor(keep))

@@ -178,7 +178,7 @@ class BertModel(nn.Cell):
         pooler_output (b, hidden) or None without a pooler)."""
         if input_ids.shape[1] > self.max_position_embeddings:
             raise ValueError(f"{input_ids.shape[1]} tokens exceed max_position_embeddings={self.max_position_embeddings}")
-        key_mask = None if attention_mask is None else attention_mask.astype(ms.bool_)
+        key_mask = None if attention_mask is None else ops.KeyMask(attention_mask.astype(ms.bool_))
         hidden = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
         return hidden, (None if self.pooler is None else self.pooler(hidden))
 

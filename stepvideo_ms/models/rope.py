@@ -4,6 +4,12 @@ The head dimension is split into (frame, height, width) parts; each part is rota
 standard 1D RoPE (rotate-half form, base 1e4) of its own axis position. Tables are built in
 numpy for any slice of the flattened (f, h, w) token grid, so a sequence-parallel rank gets the
 positions of exactly the tokens it holds.
+
+Rounding follows upstream (`freqs = einsum(t, inv_freq).to(dtype)`, then `freqs.cos()`): the
+float32 angles are first rounded to the compute dtype, then cos/sin of those rounded angles are
+taken (in float32) and rounded again. Under bfloat16 the angle rounding dominates (angles reach
+hundreds of radians with 8 significant bits), so taking cos/sin of the exact angles would give
+other tables than upstream's.
 """
 from __future__ import annotations
 
@@ -43,6 +49,21 @@ def _axis_angles(dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([freqs, freqs], axis=-1)  # (n, dim)
 
 
+def round_to_dtype(values: np.ndarray, dtype) -> np.ndarray:
+    """float32 values rounded to `dtype` as a cast does (nearest, ties to even), returned as float32.
+    Done on the host: the tables are host data, so no device round trip."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if dtype == ms.float32:
+        return values
+    if dtype == ms.float16:
+        return values.astype(np.float16).astype(np.float32)
+    if dtype != ms.bfloat16:
+        raise ValueError(f"RoPE tables in {dtype} are not supported: use float32, float16 or bfloat16")
+    bits = values.view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
 @dataclass
 class Rope3D:
     """cos/sin tables (n, 1, head_dim) for a set of token positions, and how to apply them."""
@@ -56,6 +77,7 @@ class Rope3D:
     def for_positions(cls, positions: np.ndarray, head_dim: int, dtype=ms.float32) -> "Rope3D":
         split = rope_channel_split(head_dim)
         angles = np.concatenate([_axis_angles(d, positions[:, i]) for i, d in enumerate(split)], axis=-1)
+        angles = round_to_dtype(angles, dtype)
         cos = Tensor(np.cos(angles)[:, None, :], dtype)
         sin = Tensor(np.sin(angles)[:, None, :], dtype)
         return cls(cos=cos, sin=sin, split=split)

@@ -84,10 +84,7 @@ class MultiQueryAttention(nn.Cell):
         q = q.reshape(b, s, self.num_heads, d)
         kv = kv.reshape(b, s, g, 2, d)  # per group: its key, then its value
         k, v = kv[:, :, :, 0], kv[:, :, :, 1]
-        per_group = self.num_heads // g
-        if per_group > 1:  # query head h reads group h // per_group
-            k = k.reshape(b, s, g, 1, d).broadcast_to((b, s, g, per_group, d)).reshape(b, s, self.num_heads, d)
-            v = v.reshape(b, s, g, 1, d).broadcast_to((b, s, g, per_group, d)).reshape(b, s, self.num_heads, d)
+        # query head h reads group h // (heads / groups): attention takes the groups as they are
         out = ops.attention(q, k, v, bias=alibi, causal=True)
         return self.wo(out.reshape(b, s, dim))
 
@@ -171,7 +168,8 @@ class Step1Model(nn.Cell):
     def construct(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """input_ids (b, s) -> hidden states (b, s, hidden). `attention_mask` is ignored (causal only)."""
         x = self.tok_embeddings(input_ids)
-        return self.transformer(x, self.alibi(input_ids.shape[1]))
+        # one cast of the bias per forward, not one per layer
+        return self.transformer(x, self.alibi(input_ids.shape[1]).astype(x.dtype))
 
 
 def load_step1(folder: str, dtype=None, progress: bool = True) -> Step1Model:

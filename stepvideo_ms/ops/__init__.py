@@ -3,7 +3,7 @@
 Each function has a CPU implementation that runs on MindSpore's CPU backend and an Ascend branch
 with the fused kernel; callers never test the backend themselves.
 """
-from .attention import attention
+from .attention import KeyMask, attention
 from .conv import conv2d, conv3d, conv3d_native
 from .embedding import embedding
 from .linear import linear, linear_heads
@@ -12,6 +12,7 @@ from .activations import gelu_tanh, silu
 from .patch import patch_embed
 
 __all__ = [
+    "KeyMask",
     "attention",
     "embedding",
     "gelu_tanh",

@@ -1,12 +1,17 @@
 """Scaled dot-product attention over (batch, seq, heads, head_dim) tensors.
 
 CPU: computed in blocks of queries so that at most `max_score_bytes` of scores exist at once
-(never seq x seq for long sequences). Ascend: the fused `flash_attention_score` kernel.
+(never seq x seq for long sequences). Ascend: the fused `flash_attention_score` kernel for
+float16/bfloat16 with a head_dim it supports (a multiple of 16, at most 512); float32 inputs
+(HunyuanCLIP runs in float32, as upstream) take the blocked path, which the kernel does not serve.
+Causal attention passes the kernel's compressed 2048x2048 causal mask (`sparse_mode` 2), built once;
+a key mask is prepared once per forward (`KeyMask`) and reused by every layer.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import numpy as np
 import mindspore as ms
@@ -17,13 +22,45 @@ from .broadcast import add, expand
 
 # Upper bound on the score block held at once on CPU (float32 bytes).
 DEFAULT_MAX_SCORE_BYTES = 128 * 1024 * 1024
+# flash_attention_score: the compressed causal mask of sparse_mode 2/3 is this square.
+COMPRESSED_MASK_SIZE = 2048
+LEFT_UP_CAUSAL = 2  # sparse_mode: query i sees keys j <= i
+
+
+class KeyMask:
+    """Which keys each sample may attend, prepared once per forward and shared by every layer.
+
+    keep: bool (b, sk), True where the key may be attended. The fused kernel's form, bool
+    (b, 1, sq, sk) with 1 = discard, is built once per query length and kept.
+    """
+
+    def __init__(self, keep: Tensor):
+        if keep.ndim != 2:
+            raise ValueError(f"key mask must be (batch, keys), got {tuple(keep.shape)}")
+        self.keep = keep if keep.dtype == ms.bool_ else keep.astype(ms.bool_)
+        self._drop: Dict[int, Tensor] = {}
+
+    @property
+    def shape(self):
+        return self.keep.shape
+
+    def __getitem__(self, index) -> "KeyMask":
+        """The mask of some samples (a micro-batch): `mask[start:stop]`."""
+        return KeyMask(self.keep[index])
+
+    def discard(self, sq: int) -> Tensor:
+        """bool (b, 1, sq, sk), True where the key is discarded (flash_attention_score's polarity)."""
+        if sq not in self._drop:
+            b, sk = self.keep.shape
+            self._drop[sq] = mint.logical_not(self.keep).reshape(b, 1, 1, sk).broadcast_to((b, 1, sq, sk))
+        return self._drop[sq]
 
 
 def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_mask: Optional[Tensor] = None,
+    key_mask: Optional[Union[Tensor, KeyMask]] = None,
     bias: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
@@ -31,8 +68,9 @@ def attention(
 ) -> Tensor:
     """softmax(q k^T * scale + bias, masked) v.
 
-    q: (b, sq, h, d); k, v: (b, sk, h, d).
-    key_mask: bool (b, sk), True where the key may be attended.
+    q: (b, sq, h, d); k, v: (b, sk, hk, d) with hk dividing h (grouped-query attention: query head i
+        reads key/value head i // (h // hk); the fused kernel takes the groups as they are).
+    key_mask: bool (b, sk), True where the key may be attended, or a `KeyMask` (prepared once).
     bias: float, broadcastable to (b, h, sq, sk), added to the scores (ALiBi and friends).
     causal: query i sees keys j <= i (sq == sk).
     Returns (b, sq, h, d) in q's dtype.
@@ -41,10 +79,30 @@ def attention(
         raise ValueError(f"attention takes (batch, seq, heads, head_dim) tensors, got q{q.shape} k{k.shape} v{v.shape}")
     if causal and q.shape[1] != k.shape[1]:
         raise ValueError(f"causal attention needs as many queries as keys, got {q.shape[1]} and {k.shape[1]}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"attention: k{k.shape} and v{v.shape} must match q{q.shape} in batch and head_dim, "
+                         f"with key/value heads dividing the query heads")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if is_ascend():
-        return _attention_ascend(q, k, v, key_mask, bias, causal, scale)
+    if is_ascend() and fused_supported(q):
+        mask = key_mask if key_mask is None or isinstance(key_mask, KeyMask) else KeyMask(key_mask)
+        return _attention_ascend(q, k, v, mask, bias, causal, scale)
+    if isinstance(key_mask, KeyMask):
+        key_mask = key_mask.keep
+    if k.shape[2] != q.shape[2]:
+        k, v = repeat_heads(k, q.shape[2]), repeat_heads(v, q.shape[2])
     return _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes)
+
+
+def repeat_heads(x: Tensor, heads: int) -> Tensor:
+    """(b, s, hk, d) -> (b, s, heads, d): each key/value head serves heads // hk consecutive query heads."""
+    b, s, hk, d = x.shape
+    return x.reshape(b, s, hk, 1, d).broadcast_to((b, s, hk, heads // hk, d)).reshape(b, s, heads, d)
+
+
+def fused_supported(q: Tensor) -> bool:
+    """flash_attention_score serves float16/bfloat16 with head_dim a multiple of 16, at most 512."""
+    d = q.shape[-1]
+    return q.dtype in (ms.float16, ms.bfloat16) and d % 16 == 0 and d <= 512
 
 
 def query_block_size(batch: int, heads: int, sq: int, sk: int, max_score_bytes: int) -> int:
@@ -110,23 +168,33 @@ def _f32(t: Tensor) -> Tensor:
     return t if t.dtype == ms.float32 else t.astype(ms.float32)
 
 
-def _attention_ascend(q, k, v, key_mask, bias, causal, scale):  # pragma: no cover - needs an NPU
+@functools.lru_cache(maxsize=1)
+def compressed_causal_mask() -> Tensor:
+    """flash_attention_score's (2048, 2048) causal mask for sparse_mode 2/3 (1 = discard), built once."""
+    n = COMPRESSED_MASK_SIZE
+    return Tensor(np.triu(np.ones((n, n), dtype=np.bool_), k=1))
+
+
+def _attention_ascend(q, k, v, key_mask: Optional[KeyMask], bias, causal, scale):
     b, sq, h, _ = q.shape
     sk = k.shape[1]
-    drop = None  # flash_attention_score: 1 = masked out
-    if key_mask is not None:
-        drop = mint.logical_not(key_mask.astype(ms.bool_)).reshape(b, 1, 1, sk)
-        drop = drop.broadcast_to((b, 1, sq, sk))
-    if causal:
+    drop, sparse_mode = None, 0
+    if causal and key_mask is not None:  # no caller does this: one full mask, built per call
         future = Tensor(np.triu(np.ones((sq, sk), dtype=np.bool_), k=1)).reshape(1, 1, sq, sk)
-        drop = future.broadcast_to((b, 1, sq, sk)) if drop is None else mint.logical_or(drop, future)
-    pse = None
-    if bias is not None:
-        pse = bias.astype(q.dtype)
-        while pse.ndim < 4:
-            pse = pse.expand_dims(0)
-        pse = pse.broadcast_to((b, h, sq, sk))
+        drop = mint.logical_or(key_mask.discard(sq), future)
+    elif causal:
+        drop, sparse_mode = compressed_causal_mask(), LEFT_UP_CAUSAL
+    elif key_mask is not None:
+        drop = key_mask.discard(sq)
+    real_shift = None
+    if bias is not None:  # (b or 1, h, sq, sk) as the kernel takes it; only missing axes are broadcast
+        real_shift = bias.astype(q.dtype) if bias.dtype != q.dtype else bias
+        while real_shift.ndim < 4:
+            real_shift = real_shift.expand_dims(0)
+        lead = real_shift.shape[0] if real_shift.shape[0] in (1, b) else b
+        if tuple(real_shift.shape) != (lead, h, sq, sk):
+            real_shift = real_shift.broadcast_to((lead, h, sq, sk))
     return ops.flash_attention_score(
-        q, k, v, head_num=h, pse=pse, attn_mask=None if drop is None else drop.astype(ms.uint8),
-        scalar_value=scale, input_layout="BSND",
+        q, k, v, head_num=h, real_shift=real_shift, attn_mask=drop, scalar_value=scale,
+        input_layout="BSND", sparse_mode=sparse_mode,
     )

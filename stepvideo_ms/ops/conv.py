@@ -56,8 +56,8 @@ def conv3d(
     strides = _as_tuple(stride, 3, "stride")
     pads = _as_pairs(padding, 3)
     _check(x, weight, bias, 5, strides, pads)
-    if is_ascend():  # pragma: no cover - needs an NPU
-        return conv3d_native(x, weight, bias, strides, pads)
+    if is_ascend():
+        return _conv3d_ascend(x, weight, bias, strides, pads)
     return _conv_matmul(x, weight, bias, strides, pads, max_cols_bytes)
 
 
@@ -73,11 +73,8 @@ def conv2d(
     strides = _as_tuple(stride, 2, "stride")
     pads = _as_pairs(padding, 2)
     _check(x, weight, bias, 4, strides, pads)
-    if is_ascend():  # pragma: no cover - needs an NPU
-        if pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
-            x = ops.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
-            return ops.conv2d(x, weight, bias, stride=strides, pad_mode="valid")
-        return ops.conv2d(x, weight, bias, stride=strides, pad_mode="pad", padding=(pads[0][0], pads[1][0]))
+    if is_ascend():
+        return _conv3d_ascend(x.expand_dims(2), weight.expand_dims(2), bias, (1,) + strides, ((0, 0),) + pads).squeeze(2)
     out = _conv_matmul(x.expand_dims(2), weight.expand_dims(2), bias, (1,) + strides, ((0, 0),) + pads,
                        max_cols_bytes)
     return out.squeeze(2)
@@ -94,6 +91,26 @@ def conv3d_native(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Int
     if all(lo == 0 for lo, _ in pads):
         return ops.conv3d(x, weight, bias, stride=strides, pad_mode="valid")
     return ops.conv3d(x, weight, bias, stride=strides, pad_mode="pad", padding=tuple(lo for lo, _ in pads))
+
+
+def _conv3d_ascend(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pads: Pairs) -> Tensor:
+    """Ascend: mint's conv3d, the kernel with a bfloat16 path (`ops.conv3d` is P.Conv3D, float16/float32
+    only). It pads symmetrically, so the uneven part of a padding (the causal front frames) is
+    added first as explicit zeros."""
+    x = _pad_uneven(x, pads)
+    return mint.nn.functional.conv3d(x, weight, bias, stride=tuple(strides), padding=tuple(min(p) for p in pads))
+
+
+def _pad_uneven(x: Tensor, pads: Pairs) -> Tensor:
+    """Zeros for the part of each axis' padding that is not the same on both sides."""
+    for axis, (lo, hi) in enumerate(pads, start=2):
+        if lo == hi:
+            continue
+        shape = list(x.shape)
+        shape[axis] = abs(lo - hi)
+        zeros = mint.zeros(tuple(shape), dtype=x.dtype)
+        x = mint.cat([zeros, x] if lo > hi else [x, zeros], dim=axis)
+    return x
 
 
 def output_size(size: int, kernel: int, stride: int, pad: Tuple[int, int]) -> int:

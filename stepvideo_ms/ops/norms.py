@@ -12,7 +12,7 @@ from .broadcast import expand
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """Layer norm over the last axis (biased variance, as PyTorch), optional affine."""
-    if is_ascend():  # pragma: no cover - needs an NPU
+    if is_ascend():
         return mint.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return _layer_norm_cpu(x, weight, bias, eps)
 
@@ -54,8 +54,8 @@ def _f32(t: Tensor) -> Tensor:
 
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """x * rsqrt(mean(x^2) + eps), in float32, cast back, then scaled by `weight`."""
-    if is_ascend() and weight is not None:  # pragma: no cover - needs an NPU
-        return ops.rms_norm(x, weight.astype(x.dtype), eps)[0]
+    if is_ascend() and weight is not None:
+        return _rms_norm_ascend(x, weight, eps)
     dtype = x.dtype
     xf = _f32(x)
     # CPU: every product is between equal shapes (broadcasting kernels are slow there, see broadcast.py)
@@ -68,8 +68,22 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     return out
 
 
+def _rms_norm_ascend(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # MindSpore 2.10: ops.rms_norm(x, gamma, epsilon) -> (y, rstd); its docstring announces the
+    # signature rms_norm(input, normalized_shape, weight=None, eps) returning y alone. The keyword
+    # call fails loudly (TypeError) under the new signature instead of misreading its result.
+    result = ops.rms_norm(x, gamma=weight if weight.dtype == x.dtype else weight.astype(x.dtype), epsilon=float(eps))
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise RuntimeError(f"ops.rms_norm returned {type(result).__name__}, not (y, rstd): this MindSpore "
+                           f"({ms.__version__}) changed its signature; update ops/norms.py")
+    return result[0]
+
+
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """Group norm over (N, C, ...) in float32."""
+    """Group norm over (N, C, ...), computed in float32 (on Ascend inside the kernel, which takes
+    bfloat16 as it is: no float32 copies of the activations)."""
+    if is_ascend():
+        return mint.nn.functional.group_norm(x, num_groups, weight, bias, float(eps))
     dtype = x.dtype
     out = mint.nn.functional.group_norm(
         x.astype(ms.float32), num_groups,

@@ -1,13 +1,16 @@
-"""Ulysses sequence parallelism x pipeline parallelism for the DiT (see mesh.py for the layout)."""
+"""CFG x pipeline x Ulysses parallelism for the DiT, optionally with sharded block weights (see mesh.py)."""
 from .comm import Communicator, LocalCommunicator, init_world, launched_distributed, make_communicator
-from .dit_forward import (Conditioning, ParallelDiT, load_stage_model, parallel_denoise, stage_param_filter)
+from .dit_forward import (Conditioning, ParallelDiT, load_stage, load_stage_model, parallel_denoise,
+                          stage_param_filter)
+from .shard import BlockShards, load_sharded_stage
 from .mesh import Mesh, layer_partition, parse_pp_split
 from .pipeline import Schedule, micro_batch_count
 from .ulysses import TokenShard, UlyssesAttention
 
 __all__ = [
     "Communicator", "LocalCommunicator", "init_world", "launched_distributed", "make_communicator",
-    "Conditioning", "ParallelDiT", "load_stage_model", "parallel_denoise", "stage_param_filter",
+    "Conditioning", "ParallelDiT", "load_stage", "load_stage_model", "parallel_denoise", "stage_param_filter",
+    "BlockShards", "load_sharded_stage",
     "Mesh", "layer_partition", "parse_pp_split", "Schedule", "micro_batch_count",
     "TokenShard", "UlyssesAttention",
 ]

@@ -51,7 +51,7 @@ def init_world() -> Tuple[int, int]:
     from mindspore.communication import get_group_size, get_rank, init
 
     init()
-    if is_ascend():  # pragma: no cover - needs NPUs; send/recv live in mint.distributed
+    if is_ascend():  # send/recv live in mint.distributed
         from mindspore.mint import distributed as dist
 
         if not dist.is_initialized():
@@ -63,7 +63,7 @@ def make_communicator(mesh: Mesh, timed: bool = False) -> "Communicator":
     """The communicator for this backend and world size (after `init_world`)."""
     if mesh.world_size == 1:
         return LocalCommunicator(mesh, timed)
-    if is_ascend():  # pragma: no cover - needs NPUs
+    if is_ascend():
         return NativeCommunicator(mesh, timed)
     return WorldCollectiveCommunicator(mesh, timed)
 
@@ -110,6 +110,7 @@ class Communicator:
         self.rank = mesh.rank
         self.timed = timed
         self.stats = CommStats()
+        self._broadcasts: Dict[int, object] = {}  # root -> the world Broadcast primitive, built once
 
     # ---- public operations -------------------------------------------------------------
     def all_gather(self, x: Tensor, ranks: Ranks, axis: int = 0) -> Tensor:
@@ -184,7 +185,9 @@ class Communicator:
         raise NotImplementedError
 
     def _broadcast_raw(self, x: Tensor, root: int) -> Tensor:
-        return ops.Broadcast(root, group=_world_group())((x,))[0]
+        if root not in self._broadcasts:
+            self._broadcasts[root] = ops.Broadcast(root, group=_world_group())
+        return self._broadcasts[root]((x.contiguous(),))[0]
 
     # ---- shared ------------------------------------------------------------------------
     def _members(self, ranks: Ranks) -> Tuple[int, ...]:
@@ -267,14 +270,19 @@ class WorldCollectiveCommunicator(Communicator):
         return None if src is None else everything[src]
 
 
-class NativeCommunicator(Communicator):  # pragma: no cover - needs Ascend NPUs and HCCL
-    """Ascend: HCCL collectives on sub-groups, send/recv between stages."""
+class NativeCommunicator(Communicator):
+    """Ascend: HCCL collectives on sub-groups, send/recv between stages (run on CPU by the Ascend
+    simulation, `stepvideo_ms.testing.ascend_sim`). Each group's primitives are built once."""
 
     def __init__(self, mesh: Mesh, timed: bool = False):
         super().__init__(mesh, timed)
         self._groups: Dict[Tuple[int, ...], str] = {mesh.world_ranks: _world_group()}
+        self._gathers: Dict[str, object] = {}
+        self._exchanges: Dict[str, object] = {}
         if len(mesh.sp_group) > 1:
             self._group(mesh.sp_group)  # every rank creates its own SP group at start-up
+        if len(mesh.shard_group) > 1:
+            self._group(mesh.shard_group)  # and its weight-shard group (shard_weights)
 
     def _group(self, ranks: Tuple[int, ...]) -> str:
         """The HCCL group of these ranks, created on first use (all members must ask together)."""
@@ -290,13 +298,19 @@ class NativeCommunicator(Communicator):  # pragma: no cover - needs Ascend NPUs 
     def _gather_stacked(self, x, ranks):
         if list(ranks) != sorted(ranks):
             raise ValueError(f"native all_gather takes groups in rank order, got {ranks}")
-        return ops.AllGather(group=self._group(ranks))(x.expand_dims(0))
+        group = self._group(ranks)
+        if group not in self._gathers:
+            self._gathers[group] = ops.AllGather(group=group)
+        return self._gathers[group](x.expand_dims(0).contiguous())
 
     def _exchange_stacked(self, chunks, ranks):
         if list(ranks) != sorted(ranks):
             raise ValueError(f"native all_to_all takes groups in rank order, got {ranks}")
-        op = ops.AlltoAll(split_count=len(ranks), split_dim=0, concat_dim=0, group=self._group(ranks))
-        return op(chunks)
+        group = self._group(ranks)
+        if group not in self._exchanges:
+            self._exchanges[group] = ops.AlltoAll(split_count=len(ranks), split_dim=0, concat_dim=0, group=group)
+        # split_to_front hands a permuted view: HCCL sends the buffer as laid out, so copy it in order first
+        return self._exchanges[group](chunks.contiguous())
 
     def _shift(self, x, dst, src, shape, dtype):
         from mindspore.mint import distributed as dist
@@ -304,8 +318,8 @@ class NativeCommunicator(Communicator):  # pragma: no cover - needs Ascend NPUs 
         # receive before sending: along a pipeline column this resolves as a chain from stage 0
         received = None
         if src is not None:
-            received = mint.zeros(shape, dtype=dtype)
+            received = mint.empty(shape, dtype=dtype)  # recv overwrites it all: no fill kernel
             dist.recv(received, src=src)
         if dst is not None:
-            dist.send(x, dst=dst)
+            dist.send(x.contiguous(), dst=dst)
         return received

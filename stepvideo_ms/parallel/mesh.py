@@ -1,8 +1,15 @@
-"""Where each process sits in the Ulysses (sequence) x pipeline layout, decided once at start-up.
+"""Where each process sits in the CFG x pipeline x Ulysses (sequence) layout, decided once at start-up.
 
-World rank r = stage * ulysses_degree + sp_rank: the ranks of one pipeline stage form one
-sequence-parallel (SP) group and hold consecutive world ranks; the ranks sharing an SP index
-across stages form a pipeline "column" through which activations travel stage to stage.
+World rank r = cfg_rank * (pp_degree * ulysses_degree) + stage * ulysses_degree + sp_rank.
+With cfg_degree 2 the world holds two identical "replicas" of the pp x ulysses layout, replica 0
+running the conditional half of the [cond, uncond] batch and replica 1 the unconditional half;
+with cfg_degree 1 there is one replica running the whole batch. Inside a replica, the ranks of one
+pipeline stage form one sequence-parallel (SP) group and hold consecutive world ranks; the ranks
+sharing an SP index across stages form a pipeline "column" through which activations travel.
+
+With `shard_weights`, the ranks that run the same layers at the same time (one stage's SP
+ranks in every replica: the "shard group", cfg_degree x ulysses_degree ranks) each keep 1/N of
+every block's parameters and all-gather a block just before it runs.
 
 The layers are cut into `pp_degree` contiguous stages: balanced by default (earlier stages take
 the extra layer when the count does not divide), or at explicit boundaries (`pp_split`, the first
@@ -18,9 +25,20 @@ from typing import Sequence, Tuple, Union
 SplitSpec = Union[None, int, str, Sequence[int]]
 
 
+CFG_DEGREES = (1, 2)
+
+
 def _factor_pairs(world_size: int) -> str:
-    pairs = [(u, world_size // u) for u in range(1, world_size + 1) if world_size % u == 0]
-    return ", ".join(f"--ulysses_degree {u} --pp_degree {p}" for u, p in pairs)
+    """Every (cfg, ulysses, pp) whose product is the world size, as command-line arguments."""
+    options = []
+    for c in CFG_DEGREES:
+        if world_size % c:
+            continue
+        rest = world_size // c
+        for u in range(1, rest + 1):
+            if rest % u == 0:
+                options.append((f"--cfg_degree {c} " if c > 1 else "") + f"--ulysses_degree {u} --pp_degree {rest // u}")
+    return ", ".join(options)
 
 
 def parse_pp_split(spec: SplitSpec) -> Tuple[int, ...]:
@@ -87,15 +105,20 @@ class Mesh:
     ulysses_degree: int = 1
     pp_degree: int = 1
     pp_split: Tuple[int, ...] = ()
+    cfg_degree: int = 1
+    shard_weights: bool = False
 
     @classmethod
     def create(cls, world_size: int, rank: int, ulysses_degree: int = 1, pp_degree: int = 1,
-               ring_degree: int = 1, pp_split: SplitSpec = None) -> "Mesh":
+               ring_degree: int = 1, pp_split: SplitSpec = None, cfg_degree: int = 1,
+               shard_weights: bool = False) -> "Mesh":
         """Validate the layout arguments (as named on the command line) and build the mesh."""
         if ring_degree != 1:
             raise ValueError(f"ring_degree={ring_degree} is not supported: this port does Ulysses sequence "
-                             f"parallelism only; use --ring_degree 1 and --ulysses_degree {world_size // max(pp_degree, 1) or 1}")
-        return cls(int(world_size), int(rank), int(ulysses_degree), int(pp_degree), parse_pp_split(pp_split))
+                             f"parallelism only; use --ring_degree 1 and --ulysses_degree "
+                             f"{world_size // max(pp_degree * cfg_degree, 1) or 1}")
+        return cls(int(world_size), int(rank), int(ulysses_degree), int(pp_degree), parse_pp_split(pp_split),
+                   int(cfg_degree), bool(shard_weights))
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -108,19 +131,44 @@ class Mesh:
         if self.pp_degree < 1:
             raise ValueError(f"pp_degree={self.pp_degree} must be at least 1; valid layouts for "
                              f"{self.world_size} ranks: {_factor_pairs(self.world_size)}")
-        if self.ulysses_degree * self.pp_degree != self.world_size:
+        if self.cfg_degree not in CFG_DEGREES:
+            raise ValueError(f"cfg_degree={self.cfg_degree} must be 1 or 2 (the [cond, uncond] batch has two halves); "
+                             f"valid layouts for {self.world_size} ranks: {_factor_pairs(self.world_size)}")
+        product = self.cfg_degree * self.ulysses_degree * self.pp_degree
+        if product != self.world_size:
+            named = (f"cfg_degree={self.cfg_degree} x " if self.cfg_degree > 1 else "")
             raise ValueError(
-                f"ulysses_degree={self.ulysses_degree} x pp_degree={self.pp_degree} = "
-                f"{self.ulysses_degree * self.pp_degree} must equal the world size {self.world_size} (the number "
-                f"of msrun workers); valid layouts for {self.world_size} ranks: {_factor_pairs(self.world_size)}")
+                f"{named}ulysses_degree={self.ulysses_degree} x pp_degree={self.pp_degree} = {product} must equal "
+                f"the world size {self.world_size} (the number of msrun workers); valid layouts for "
+                f"{self.world_size} ranks: {_factor_pairs(self.world_size)}")
+        if self.shard_weights and self.cfg_degree * self.ulysses_degree == 1:
+            raise ValueError(
+                "shard_weights splits a stage's blocks over the ranks that run it (cfg_degree x ulysses_degree), "
+                f"but cfg_degree={self.cfg_degree} x ulysses_degree={self.ulysses_degree} = 1 leaves nothing to split: "
+                "drop --shard_weights, or raise --ulysses_degree / --cfg_degree (e.g. --ulysses_degree "
+                f"{self.world_size} --pp_degree 1 --shard_weights)")
         if self.pp_split and len(self.pp_split) != self.pp_degree - 1:
             raise ValueError(f"pp_split={','.join(map(str, self.pp_split))} gives {len(self.pp_split) + 1} stages "
                              f"but pp_degree={self.pp_degree}: give pp_degree-1 = {self.pp_degree - 1} boundaries")
 
     # ---- where this rank is --------------------------------------------------------------
     @property
+    def replica_size(self) -> int:
+        """Ranks of one CFG replica (pp x ulysses)."""
+        return self.ulysses_degree * self.pp_degree
+
+    @property
+    def cfg_rank(self) -> int:
+        """0: this rank runs the conditional half of the batch (or all of it with cfg_degree 1); 1: the unconditional."""
+        return self.rank // self.replica_size
+
+    @property
+    def _offset(self) -> int:
+        return self.cfg_rank * self.replica_size
+
+    @property
     def stage(self) -> int:
-        return self.rank // self.ulysses_degree
+        return (self.rank % self.replica_size) // self.ulysses_degree
 
     @property
     def sp_rank(self) -> int:
@@ -135,8 +183,9 @@ class Mesh:
         return self.stage == self.pp_degree - 1
 
     def stage_ranks(self, stage: int) -> Tuple[int, ...]:
-        """World ranks of the SP group of `stage`, in SP order."""
-        return tuple(range(stage * self.ulysses_degree, (stage + 1) * self.ulysses_degree))
+        """World ranks of the SP group of `stage` in this rank's replica, in SP order."""
+        first = self._offset + stage * self.ulysses_degree
+        return tuple(range(first, first + self.ulysses_degree))
 
     @property
     def sp_group(self) -> Tuple[int, ...]:
@@ -145,26 +194,54 @@ class Mesh:
     @property
     def column(self) -> Tuple[int, ...]:
         """World ranks with this rank's SP index, stage 0 first."""
-        return tuple(s * self.ulysses_degree + self.sp_rank for s in range(self.pp_degree))
+        return tuple(self._offset + s * self.ulysses_degree + self.sp_rank for s in range(self.pp_degree))
+
+    @property
+    def replica_ranks(self) -> Tuple[int, ...]:
+        """World ranks of this rank's CFG replica, in rank order."""
+        return tuple(range(self._offset, self._offset + self.replica_size))
+
+    @property
+    def cfg_group(self) -> Tuple[int, ...]:
+        """The ranks holding this rank's place (stage, SP index) in every replica, replica 0 first."""
+        local = self.rank % self.replica_size
+        return tuple(c * self.replica_size + local for c in range(self.cfg_degree))
+
+    @property
+    def shard_group(self) -> Tuple[int, ...]:
+        """Ranks that split this stage's block weights between them with shard_weights (this stage's SP
+        ranks in every replica, in rank order); (this rank,) without sharding."""
+        if not self.shard_weights:
+            return (self.rank,)
+        first = self.stage * self.ulysses_degree
+        return tuple(c * self.replica_size + first + s for c in range(self.cfg_degree)
+                     for s in range(self.ulysses_degree))
+
+    @property
+    def shard_index(self) -> int:
+        return self.shard_group.index(self.rank)
 
     @property
     def world_ranks(self) -> Tuple[int, ...]:
         return tuple(range(self.world_size))
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: stage {self.stage}/{self.pp_degree}, "
-                f"sp rank {self.sp_rank}/{self.ulysses_degree}")
+        cfg = f"cfg rank {self.cfg_rank}/{self.cfg_degree}, " if self.cfg_degree > 1 else ""
+        shard = f", weights 1/{len(self.shard_group)}" if self.shard_weights else ""
+        return (f"rank {self.rank}/{self.world_size}: {cfg}stage {self.stage}/{self.pp_degree}, "
+                f"sp rank {self.sp_rank}/{self.ulysses_degree}{shard}")
 
     # ---- the model on the mesh -----------------------------------------------------------
     def check_model(self, num_attention_heads: int, num_layers: int) -> None:
         """Refuse a layout the model cannot take, before any weight is read."""
         if num_attention_heads % self.ulysses_degree:
-            fits = [u for u in range(1, self.world_size + 1)
-                    if self.world_size % u == 0 and num_attention_heads % u == 0]
+            rest = self.world_size // self.cfg_degree
+            fits = [u for u in range(1, rest + 1) if rest % u == 0 and num_attention_heads % u == 0]
+            cfg = f"--cfg_degree {self.cfg_degree} " if self.cfg_degree > 1 else ""
             raise ValueError(
                 f"ulysses_degree={self.ulysses_degree} does not divide num_attention_heads={num_attention_heads} "
                 f"(each SP rank takes heads/ulysses_degree heads); with {self.world_size} ranks use "
-                + " or ".join(f"--ulysses_degree {u} --pp_degree {self.world_size // u}" for u in fits))
+                + " or ".join(f"{cfg}--ulysses_degree {u} --pp_degree {rest // u}" for u in fits))
         layer_partition(num_layers, self.pp_degree, self.pp_split)
 
     def partition(self, num_layers: int) -> Tuple[range, ...]:

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None,
                    help=f"default {protocol.DEFAULT_CAPTION_PORT} (caption, or both), {protocol.DEFAULT_VAE_PORT} "
                         "(VAE alone); 0 picks a free port")
-    p.add_argument("--device", default=None, help="Ascend or CPU (default: Ascend when present)")
+    p.add_argument("--device", default=None,
+                   help="Ascend, CPU or ascend-sim (default: $STEPVIDEO_DEVICE, else Ascend when present)")
     p.add_argument("--device_id", type=int, default=None, help="device index (default $DEVICE_ID or 0)")
     p.add_argument("--auth_token", default=None,
                    help=f"require 'Authorization: Bearer TOKEN' on every request (default ${protocol.AUTH_ENV})")

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+import mindspore as ms
 
 from ..safetensors_io import SafetensorsFile, load_file
 
 Outputs = List[Tuple[str, np.ndarray, np.ndarray]]  # (output name, ours, golden)
+REFERENCE_PREFIX = "ref.fp32."  # bf16 cases: the same module in float32, whose distance to `out` is the floor
 
 
 @dataclass
@@ -40,6 +42,25 @@ class GoldenCase:
 
     def out(self, key: Optional[str] = None) -> np.ndarray:
         return self.io["out" if key is None else f"out.{key}"]
+
+    @property
+    def is_bf16(self) -> bool:
+        """A bf16 case (golden/bf16/): upstream ran in bfloat16 and `ref.fp32.*` holds its float32 answers."""
+        return any(k.startswith(REFERENCE_PREFIX) for k in self.io)
+
+    @property
+    def dtype(self):
+        """The dtype our module runs the case in: bfloat16 for a bf16 case, else float32."""
+        return ms.bfloat16 if self.is_bf16 else ms.float32
+
+    def reference(self, label: str) -> Optional[np.ndarray]:
+        """The float32 answer beside output `label` ("out" or a name under out.*), or None."""
+        return self.io.get(REFERENCE_PREFIX + ("out" if label == "out" else f"out.{label}"))
+
+
+def to_numpy(t) -> np.ndarray:
+    """A tensor's values as a numpy array (bfloat16 widened to float32: numpy has no bfloat16)."""
+    return (t.astype(ms.float32) if t.dtype == ms.bfloat16 else t).asnumpy()
 
 
 @dataclass

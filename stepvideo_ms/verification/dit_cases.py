@@ -8,7 +8,7 @@ from mindspore import Tensor
 from ..diffusion.sampling import denoise
 from ..diffusion.scheduler import FlowMatchScheduler
 from ..models.dit import StepVideoModel
-from . import GoldenCase, Outputs, register
+from . import GoldenCase, Outputs, register, to_numpy
 
 TRANSFORMER_RTOL = 1e-4
 
@@ -19,7 +19,7 @@ def _tensor(case: GoldenCase, key: str) -> Optional[Tensor]:
 
 
 def load_dit(case: GoldenCase) -> StepVideoModel:
-    return StepVideoModel.from_pretrained(case.weights_path, case.config, progress=False)
+    return StepVideoModel.from_pretrained(case.weights_path, case.config, dtype=case.dtype, progress=False)
 
 
 def _motion(case: GoldenCase) -> Optional[float]:
@@ -31,7 +31,7 @@ def run_dit(case: GoldenCase) -> Outputs:
     out = model(_tensor(case, "hidden_states"), _tensor(case, "timestep"), _tensor(case, "encoder_hidden_states"),
                 _tensor(case, "encoder_attention_mask"), _tensor(case, "encoder_hidden_states_2"),
                 _tensor(case, "condition_hidden_states"), _motion(case))
-    return [("out", out.asnumpy(), case.out())]
+    return [("out", to_numpy(out), case.out())]
 
 
 register("dit_t2v", TRANSFORMER_RTOL)(run_dit)
@@ -53,7 +53,7 @@ def run_sampler(case: GoldenCase) -> Outputs:
 
     scheduler = FlowMatchScheduler()
     final = denoise(predict, Tensor(case.inp("latents")), scheduler, steps, shift, cfg, progress=False)
-    outputs = [("out", final.asnumpy(), case.out())]
+    outputs = [("out", to_numpy(final), case.out())]
     if "out.sigmas" in case.io:
         outputs.append(("sigmas", scheduler.sigmas, case.out("sigmas")))
     return outputs

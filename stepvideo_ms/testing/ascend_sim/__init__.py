@@ -3,7 +3,9 @@
 `install()` is called once by `runtime.init("ascend-sim")` in every process of a simulated run
 (pytest, the servers, every msrun worker: the device reaches them through $STEPVIDEO_DEVICE).
 Each part replaces MindSpore entry points that exist only on an NPU with an emulator that binds
-the call to the real function's signature and enforces its documented rules.
+the call to the real function's signature and enforces its documented rules:
+- npu_ops: flash attention, rms_norm, conv3d, mint layer_norm / group_norm / embedding / conv3d;
+- bf16_cpu: the CPU kernels without bfloat16 compute in float32 and round to bfloat16.
 """
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    from . import bf16_cpu, hccl, npu_ops
+
+    npu_ops.install()  # first: its emulators own the NPU-only names that bf16_cpu would also wrap
+    bf16_cpu.install()
+    hccl.install()  # HCCL across msrun workers, and the host-sync accounting
     _installed = True
 
 

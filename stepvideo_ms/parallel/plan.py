@@ -1,0 +1,243 @@
+"""The memory and traffic planner: what each card of a (cfg x ulysses x pp [x shard]) layout holds at
+its peak, what it sends per denoising step, and how long a step takes, from arithmetic alone.
+
+Every figure below follows from the model's parameter counts (taken from the model built without
+weights), the latent grid, and the layout, as the parallel code runs it (dit_forward.py,
+pipeline.py, ulysses.py, shard.py):
+
+- weights: the largest stage's blocks (1/N of each with shard_weights, N = cfg x ulysses ranks),
+  plus everything outside the blocks (every rank keeps it);
+- gather buffers (shard_weights): the gathered block, the next block's gather in flight (Ascend)
+  and the working block its values are copied into: 3 blocks (2 on a lockstep CPU world);
+- embedded tokens: every rank embeds its replica's whole batch, (B, N, D);
+- activations of one block on a micro-batch of m samples and n = ceil(N / ulysses) tokens, in
+  units of n*m*D elements of the compute dtype. The tensors alive at the self-attention's peak
+  count 15 units: the input and its modulated norm (2), q k v (3), their normed/rotated copies (3),
+  the all-to-all's exchanged q k v (3), the attention output and its way back (2), float32 norm
+  temporaries (2) (the feed-forward phase, x + h + 4D hidden + 4D GELU = 10 units, is smaller;
+  attention is fused, no N x N scores). Memory pools do not pack that tightly: the target's
+  `activation_units` is CALIBRATED, 30 on Ascend (puts both published points, mindone's ulysses 2 x
+  pp 2 and upstream's ulysses 4, within 7 %) and 72 on the CPU backend (measured peak RSS of small
+  runs: tests/test_plan.py checks it on other sizes);
+- pipeline: the stage's input/output of each micro-batch in flight (M x m x n x D);
+- conditions: the caption context (B, Lk, D) and the text embeddings;
+- a fixed runtime reserve (framework, HCCL buffers, kernel workspaces): the target's `reserve_gib`.
+
+Traffic per card per step: Ulysses all-to-alls (q k v out, the output back: (u-1)/u of 4 n m D
+per layer and micro-batch), weight gathers ((N-1)/N of a block per layer and micro-batch),
+stage-to-stage transfers, and the final all-gather of the projected tokens (which also brings the
+two CFG halves together).
+
+Step time on the target card: FLOPs / (peak x utilisation) / (1 - pipeline idle share) plus the
+communication that is not hidden (all-to-alls and stage transfers; weight gathers only where one
+takes longer than the block it hides under), at a stated link bandwidth. The defaults of
+`Hardware` are ASSUMPTIONS, named as such wherever they are printed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from .mesh import CFG_DEGREES
+
+GIB = 2 ** 30
+TEXT_TOKENS = 320 + 77  # Step-1 + HunyuanCLIP caption tokens (the context is at most this long)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The target card. Every default is an assumption or a calibration, not a measurement of ours."""
+
+    name: str = "Ascend 910B"
+    peak_tflops: float = 313.0  # dense bf16 peak (assumed datasheet figure)
+    utilisation: float = 0.35  # assumed: makes ulysses 2 x pp 2 reproduce mindone's ~77 s per step
+    link_gb_s: float = 100.0  # assumed bytes per second each card can send to its peers (HCCS), in GB/s
+    dtype_bytes: int = 2  # bf16 weights and activations
+    activation_units: float = 30.0  # calibrated (see the module docstring)
+    reserve_gib: float = 3.0  # assumed: framework, HCCL buffers, kernel workspaces
+    lockstep: bool = False  # CPU world collectives: no gather issued ahead
+
+    def describe(self) -> str:
+        return (f"assumed: {self.name} at {self.peak_tflops:.0f} TFLOPS bf16 peak x {self.utilisation:.0%} "
+                f"utilisation, {self.link_gb_s:.0f} GB/s sent per card, runtime reserve {self.reserve_gib:g} GiB; "
+                f"calibrated: {self.activation_units:g} activation units")
+
+
+# MindSpore's CPU backend as tests and benchmarks run it: float32, lockstep gathers, RSS measured above
+# the process's size after start-up (no reserve); activation units from measured peak RSS.
+CPU = Hardware(name="CPU backend", peak_tflops=0.25, utilisation=1.0, link_gb_s=5.0, dtype_bytes=4,
+               activation_units=72.0, reserve_gib=0.0, lockstep=True)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs of the DiT: parameter counts and widths."""
+
+    num_layers: int
+    heads: int
+    head_dim: int
+    block_params: int
+    other_params: int
+    out_channels: int = 64
+    patch_size: int = 1
+    caption_channels: int = 6144
+    clip_channels: int = 1024
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def total_params(self) -> int:
+        return self.block_params * self.num_layers + self.other_params
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelShape":
+        """Counts from the model built without weights (one source of truth with describe.py)."""
+        import mindspore as ms
+        from mindspore.nn.utils import no_init_parameters
+        from ..models.common import count_parameters
+        from ..models.dit import StepVideoModel
+
+        with no_init_parameters():
+            model = StepVideoModel.from_config(config, dtype=ms.bfloat16)
+        block = count_parameters(model.transformer_blocks[0])
+        caption = config.get("caption_channels", (6144, 1024))
+        caption, clip = (caption, 0) if isinstance(caption, int) else caption
+        return cls(model.num_layers, model.num_attention_heads, model.attention_head_dim, block,
+                   count_parameters(model) - block * model.num_layers, model.out_channels, model.patch_size,
+                   int(caption), int(clip or 0))
+
+
+@dataclass(frozen=True)
+class Layout:
+    cfg: int
+    ulysses: int
+    pp: int
+    shard: bool
+
+    @property
+    def world(self) -> int:
+        return self.cfg * self.ulysses * self.pp
+
+    @property
+    def shard_parts(self) -> int:
+        return self.cfg * self.ulysses if self.shard else 1
+
+    def name(self) -> str:
+        parts = ([f"cfg {self.cfg}"] if self.cfg > 1 else []) + [f"ulysses {self.ulysses}", f"pp {self.pp}"]
+        return " x ".join(parts) + (" + shard" if self.shard else "")
+
+    def arguments(self) -> str:
+        return ((f"--cfg_degree {self.cfg} " if self.cfg > 1 else "") + f"--ulysses_degree {self.ulysses} "
+                f"--pp_degree {self.pp}" + (" --shard_weights" if self.shard else ""))
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: Layout
+    memory: dict  # part -> bytes, per card at the peak
+    sent_bytes: dict  # part -> bytes sent per card per step
+    flops_per_card: float
+    idle_share: float
+    compute_s: float
+    comm_s: float
+
+    @property
+    def peak_bytes(self) -> int:
+        return int(sum(self.memory.values()))
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s / (1.0 - self.idle_share) + self.comm_s
+
+    def fits(self, card_gb: Optional[float]) -> bool:
+        return card_gb is None or self.peak_gib <= card_gb
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardware: Hardware = Hardware(),
+         text_tokens: int = TEXT_TOKENS) -> Plan:
+    """The plan of one layout for latents of `grid` = (latent frames, latent height, latent width)."""
+    f, h, w = grid
+    p = model.patch_size
+    tokens = f * (h // p) * (w // p)
+    d, b = model.width, hardware.dtype_bytes
+    batch = (2 if guidance else 1) // layout.cfg  # samples of this rank's replica
+    if batch < 1:
+        raise ValueError("cfg_degree 2 needs guidance (a [cond, uncond] batch)")
+    micro = batch if layout.pp > 1 else 1  # micro-batches (pipeline.micro_batch_count)
+    m = batch // micro  # samples per micro-batch
+    n = ceil_div(tokens, layout.ulysses)  # local tokens
+    stage_layers = ceil_div(model.num_layers, layout.pp)  # the largest (balanced) stage
+    block_bytes = model.block_params * b
+    parts = layout.shard_parts
+
+    memory = {
+        "weights": stage_layers * ceil_div(model.block_params, parts) * b + model.other_params * b,
+        "gather buffers": (2 if hardware.lockstep else 3) * block_bytes if parts > 1 else 0,
+        "embedded tokens": batch * tokens * d * b,
+        "block activations": int(hardware.activation_units * m * n * d * b),
+        "pipeline in flight": (2 * micro * m * n * d * b) if layout.pp > 1 else 0,
+        "conditions": batch * text_tokens * (d + model.caption_channels) * b + batch * 77 * model.clip_channels * b,
+        "runtime reserve": int(hardware.reserve_gib * GIB),
+    }
+
+    a2a = 0 if layout.ulysses == 1 else stage_layers * micro * (layout.ulysses - 1) * 4 * m * n * (d // layout.ulysses) * b
+    gather = stage_layers * micro * (parts - 1) * ceil_div(model.block_params, parts) * b if parts > 1 else 0
+    shift = micro * m * n * d * b if layout.pp > 1 else 0  # every stage but the last sends (the largest)
+    out = (layout.world - 1) * batch * n * p * p * model.out_channels * b
+    sent = {"all-to-all": a2a, "weight gathers": gather, "stage transfers": shift, "output gather": out}
+
+    per_token_layer = 2 * 14 * d * d + 4 * tokens * d + 4 * text_tokens * d  # matmuls + self/cross attention
+    total_flops = (2 if guidance else 1) * tokens * model.num_layers * per_token_layer
+    flops = total_flops / layout.world
+    rate = hardware.peak_tflops * 1e12 * hardware.utilisation
+    compute = flops / rate
+    link = hardware.link_gb_s * 1e9
+    exposed = (a2a + shift + out) / link
+    if gather:  # overlapped with the previous block: only the excess shows
+        per_block_compute = compute / (stage_layers * micro)
+        per_block_gather = gather / (stage_layers * micro) / link
+        exposed += stage_layers * micro * max(0.0, per_block_gather - per_block_compute)
+    idle = (layout.pp - 1) / (micro + layout.pp - 1) if layout.pp > 1 else 0.0
+    return Plan(layout, memory, sent, flops, idle, compute, exposed)
+
+
+def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True) -> List[Layout]:
+    """Every valid layout of `cards` ranks (the rules of mesh.Mesh)."""
+    found = []
+    for cfg in CFG_DEGREES:
+        if cards % cfg or (cfg > 1 and not guidance):
+            continue
+        rest = cards // cfg
+        for u in range(1, rest + 1):
+            if rest % u or heads % u or rest // u > num_layers:
+                continue
+            for shard in (False, True):
+                if shard and cfg * u == 1:
+                    continue
+                found.append(Layout(cfg, u, rest // u, shard))
+    return found
+
+
+def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware) -> str:
+    """A text table, the fitting layouts first by step time."""
+    head = (f"{'layout':<34} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'sent GB/step':>12} "
+            f"{'idle':>5} {'step s':>7}  fits")
+    lines = [head, "-" * len(head)]
+    for pl in sorted(plans, key=lambda q: (not q.fits(card_gb), q.step_s)):
+        mem = pl.memory
+        act = mem["block activations"] + mem["embedded tokens"] + mem["pipeline in flight"]
+        lines.append(f"{pl.layout.name():<34} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
+                     f"{sum(pl.sent_bytes.values()) / 1e9:12.1f} {pl.idle_share:5.0%} {pl.step_s:7.1f}  "
+                     f"{'yes' if pl.fits(card_gb) else 'no'}")
+    lines.append(hardware.describe())
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""The memory and traffic planner (parallel/plan.py, describe --plan): its arithmetic against the
+released configuration's parameter count and hand-computed figures, its layouts against the mesh's
+rules, its predictions against measured peak RSS of CPU runs and the two published points."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from stepvideo_ms import describe
+from stepvideo_ms.parallel import Mesh
+from stepvideo_ms.parallel import plan as planner
+
+RELEASED = planner.ModelShape.from_config({})
+GRID_204F = (36, 34, 62)  # 204 frames 544x992 -> latents
+GB = 1e9
+
+
+def test_released_parameter_counts():
+    assert RELEASED.total_params == 29_342_478_400  # describe's count of the released config
+    assert RELEASED.block_params == 604_041_728 and RELEASED.num_layers == 48
+    assert RELEASED.width == 6144
+    assert describe.latent_grid(204, 544, 992) == GRID_204F
+
+
+def test_weights_traffic_and_idle_by_hand():
+    block, other, n = RELEASED.block_params, RELEASED.other_params, 75_888
+    full = planner.plan(RELEASED, planner.Layout(1, 4, 1, False), GRID_204F)
+    assert full.memory["weights"] == (48 * block + other) * 2
+    assert full.memory["gather buffers"] == 0
+    assert full.sent_bytes["all-to-all"] == 48 * 3 * 4 * 2 * (n // 4) * (6144 // 4) * 2  # (u-1) x qkv+out, batch 2
+    shard = planner.plan(RELEASED, planner.Layout(1, 4, 1, True), GRID_204F)
+    assert shard.memory["weights"] == 48 * (block // 4) * 2 + other * 2  # 1/4 of every block
+    assert shard.memory["gather buffers"] == 3 * block * 2
+    assert shard.sent_bytes["weight gathers"] == 48 * 3 * (block // 4) * 2
+    assert shard.sent_bytes["all-to-all"] == full.sent_bytes["all-to-all"]
+    assert shard.flops_per_card == full.flops_per_card
+    pipe = planner.plan(RELEASED, planner.Layout(1, 2, 2, False), GRID_204F)
+    assert pipe.idle_share == pytest.approx(1 / 3)  # 2 micro-batches through 2 stages: 3 ticks
+    assert pipe.memory["weights"] == (24 * block + other) * 2
+    assert pipe.sent_bytes["stage transfers"] == 2 * (n // 2) * 6144 * 2
+    cfg = planner.plan(RELEASED, planner.Layout(2, 1, 2, False), GRID_204F)
+    assert cfg.idle_share == pytest.approx(1 / 2)  # one sample per replica
+    assert cfg.sent_bytes["all-to-all"] == 0
+    # FLOPs: 2 x 14 D^2 of matmuls + 4 N D of attention + 4 Lk D of cross-attention per token and layer
+    per = 28 * 6144 ** 2 + 4 * n * 6144 + 4 * planner.TEXT_TOKENS * 6144
+    assert full.flops_per_card == pytest.approx(2 * n * 48 * per / 4)
+
+
+def test_published_points_within_ten_percent():
+    mindone = planner.plan(RELEASED, planner.Layout(1, 2, 2, False), GRID_204F)  # 45.83 GB per card
+    upstream = planner.plan(RELEASED, planner.Layout(1, 4, 1, False), GRID_204F)  # 77.64 GB per card
+    assert abs(mindone.peak_gib / 45.83 - 1) < 0.10, mindone.peak_gib
+    assert abs(upstream.peak_gib / 77.64 - 1) < 0.10, upstream.peak_gib
+    assert mindone.step_s == pytest.approx(3847 / 50, rel=0.10)  # the utilisation is calibrated on it
+
+
+@pytest.mark.parametrize("cards", [1, 2, 4, 8])
+def test_every_listed_layout_is_valid_for_the_mesh(cards):
+    found = planner.layouts(cards, RELEASED.heads, RELEASED.num_layers)
+    for layout in found:
+        mesh = Mesh.create(cards, 0, layout.ulysses, layout.pp, cfg_degree=layout.cfg, shard_weights=layout.shard)
+        mesh.check_model(RELEASED.heads, RELEASED.num_layers)
+    names = {(lay.cfg, lay.ulysses, lay.pp, lay.shard) for lay in found}
+    if cards == 4:
+        assert {(1, 4, 1, True), (2, 2, 1, False), (1, 2, 2, False), (1, 1, 4, False)} <= names
+        assert (1, 1, 4, True) not in names  # nothing to shard across
+    assert all(lay.cfg == 1 for lay in planner.layouts(cards, 48, 48, guidance=False))
+
+
+def test_describe_plan_lists_fitting_layouts(capsys):
+    assert describe.main(["--plan", "--cards", "4", "--card_gb", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "75,888 tokens" in out and "ulysses 4 x pp 1 + shard" in out
+    assert "ulysses 4 x pp 1 " not in out.replace("ulysses 4 x pp 1 + shard", "")  # 72 GiB: does not fit
+    assert "ulysses 2 x pp 2 " not in out.replace("ulysses 2 x pp 2 + shard", "")  # 47 GiB
+    assert "assumed:" in out and "910B" in out
+    with pytest.raises(SystemExit):
+        describe.main(["--plan"])
+    assert "--cards" in capsys.readouterr().err
+
+
+PROBES = [  # (layers, heads, head_dim, latent grid): not the size the CPU activation units were set on
+    (3, 16, 64, (3, 16, 32)),
+    pytest.param(2, 12, 64, (4, 16, 32), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("layers,heads,head_dim,grid", PROBES)
+def test_plan_matches_measured_cpu_rss(layers, heads, head_dim, grid):
+    config = {"num_attention_heads": heads, "attention_head_dim": head_dim, "num_layers": layers, "in_channels": 8,
+              "out_channels": 8, "caption_channels": [64, 32]}
+    # a fixed mmap threshold: glibc's dynamic one would keep the freed numpy temporaries of the random
+    # weights in the heap and count them as weights
+    env = {**os.environ, "GLOG_v": "3", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run([sys.executable, os.path.join(REPO, "tests", "rss_probe.py"), json.dumps(config),
+                          *map(str, grid)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    predicted = planner.plan(planner.ModelShape.from_config(config), planner.Layout(1, 1, 1, False), grid,
+                             hardware=planner.CPU, text_tokens=6 + 3)
+    assert measured["weights"] == pytest.approx(predicted.memory["weights"], rel=0.05)
+    assert measured["peak"] == pytest.approx(predicted.peak_bytes, rel=0.25), (measured, predicted.memory)
