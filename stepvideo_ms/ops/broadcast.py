@@ -14,9 +14,9 @@ from ..runtime import is_ascend
 
 
 def expand(t: Tensor, shape: Sequence[int]) -> Tensor:
-    """t broadcast to `shape` as a real tensor of that shape (CPU), or t itself on Ascend."""
+    """t broadcast to `shape` as a real tensor of that shape (a tiled copy; t itself if it has the shape)."""
     shape = tuple(int(s) for s in shape)
-    if is_ascend() or tuple(t.shape) == shape:
+    if tuple(t.shape) == shape:
         return t
     if t.ndim > len(shape):
         raise ValueError(f"expand: cannot broadcast {tuple(t.shape)} to {shape}")
