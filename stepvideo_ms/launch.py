@@ -35,12 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and servers")
     g.add_argument("--model_dir", required=True, help="the downloaded model directory (transformer/, scheduler/, ...)")
     g.add_argument("--transformer_dir", default=TRANSFORMER_DIR, help="sub-folder of the DiT (default: transformer)")
-    g.add_argument("--caption_url", default="127.0.0.1", help="caption server, http://HOST:PORT (host alone: port 5000)")
-    g.add_argument("--vae_url", default="127.0.0.1", help="VAE server, http://HOST:PORT (host alone: port 5001)")
+    g.add_argument("--caption_url", default="127.0.0.1",
+                   help="caption server, http://HOST:PORT (host alone: port 5000), or 'local': Step-1 and "
+                        "HunyuanCLIP in this process (rank 0 under msrun)")
+    g.add_argument("--vae_url", default="127.0.0.1",
+                   help="VAE server, http://HOST:PORT (host alone: port 5001), or 'local': the VAE in this process")
     g.add_argument("--auth_token", default=None, help="token of the servers (default: $STEPVIDEO_AUTH_TOKEN)")
     g.add_argument("--device", default=None, help="Ascend or CPU (default: Ascend when present)")
     g = p.add_argument_group("what to make")
-    g.add_argument("--prompt", required=True, help="the text prompt")
+    g.add_argument("--prompt", default=None, help="the text prompt (or --prompts_file, or --serve)")
+    g.add_argument("--prompts_file", default=None, metavar="JSONL",
+                   help="batch: one JSON object per line (prompt and any per-video setting, output_file_name); "
+                        "the world loads once and writes every video")
+    g.add_argument("--serve", action="store_true",
+                   help="keep the world loaded and serve an HTTP job API and a web page (rank 0)")
+    g.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (loopback unless a token)")
+    g.add_argument("--port", type=int, default=8000, help="--serve: port (0 picks a free one)")
+    g.add_argument("--queue_size", type=int, default=16, help="--serve: jobs that may wait")
     g.add_argument("--first_image_path", default=None, help="TI2V: the first frame (PNG/JPEG)")
     g.add_argument("--motion_score", type=float, default=None, help="TI2V: 2 steady, 5 default, 10/20 lively")
     g.add_argument("--num_frames", type=int, default=None, help="frames, rounded down to a multiple of 17 (task)")
@@ -81,9 +92,10 @@ def settings_from(args, task: str) -> GenerationSettings:
         neg_magic=args.neg_magic, seed=args.seed).resolved()
 
 
-def validate(args, world_size: int):
-    """Every check that needs no weights: -> (settings, transformer config, transformer path)."""
-    from . import checkpoint, video
+def validate_model(args, world_size: int):
+    """The checks of the model and the layout, shared by every mode: -> (task, transformer path)."""
+    from . import checkpoint
+    from .diffusion.backends import check_local_dirs
 
     if not os.path.isdir(args.model_dir):
         raise ValueError(f"--model_dir {args.model_dir}: no such directory")
@@ -91,14 +103,18 @@ def validate(args, world_size: int):
     config = checkpoint.read_config(transformer)
     checkpoint.checkpoint_files(transformer)  # the shards are all there
     task = "ti2v" if config.get("use_additional_conditions") else "t2v"
-    if task == "t2v" and args.first_image_path:
-        raise ValueError(f"--first_image_path is for TI2V, but {transformer} is a T2V model "
-                         "(use_additional_conditions is false): drop the image or use the TI2V weights")
-    settings = settings_from(args, task)
-    if task == "ti2v":
-        video.load_image(settings.first_image_path)  # readable, before anything else
     mesh = mesh_from(args, world_size, 0)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
+    check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
+    return task, transformer
+
+
+def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
+    """The layout against one video's settings: CFG parallel needs guidance, and the planner's memory
+    prediction must fit --card_gb (when given)."""
+    from .checkpoint import read_config
+
+    mesh = mesh_from(args, world_size, 0)
     if mesh.cfg_degree > 1 and settings.cfg_scale <= 1.0:
         raise ValueError(f"--cfg_degree {mesh.cfg_degree} runs the [cond, uncond] halves on two rank groups, but "
                          f"--cfg_scale {settings.cfg_scale} <= 1 has no unconditional half: use --cfg_degree 1 or a "
@@ -106,7 +122,21 @@ def validate(args, world_size: int):
     if args.card_gb is not None:
         from .runtime import pick_device
 
-        check_fits(args.card_gb, mesh, config, settings, pick_device(args.device))
+        check_fits(args.card_gb, mesh, read_config(transformer), settings, pick_device(args.device))
+
+
+def validate(args, world_size: int):
+    """Every check that needs no weights: -> (settings, transformer path)."""
+    from . import video
+
+    task, transformer = validate_model(args, world_size)
+    if task == "t2v" and args.first_image_path:
+        raise ValueError(f"--first_image_path is for TI2V, but {transformer} is a T2V model "
+                         "(use_additional_conditions is false): drop the image or use the TI2V weights")
+    settings = settings_from(args, task)
+    if task == "ti2v":
+        video.load_image(settings.first_image_path)  # readable, before anything else
+    check_layout_for(args, settings, transformer, world_size)
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise ValueError(f"--save_latents {args.save_latents}: give a path ending in .safetensors")
     return settings, transformer
@@ -198,7 +228,7 @@ def run(args) -> int:
     from .diffusion.scheduler import FlowMatchScheduler
     from .parallel import Conditioning, init_world, load_stage, make_communicator, parallel_denoise
     from .safetensors_io import save_file_atomic
-    from .serving.client import RemoteClient
+    from .diffusion.backends import open_backends
     from mindspore import Tensor
 
     timings = {}
@@ -216,12 +246,9 @@ def run(args) -> int:
     progress = not args.no_progress and rank == 0
     caption = vae = None
     if rank == 0:
-        caption = RemoteClient.for_caption(args.caption_url, token=args.auth_token)
-        vae = RemoteClient.for_vae(args.vae_url, token=args.auth_token)
         try:
-            caption.health()
-            if settings.task == "ti2v" or not args.no_video:
-                vae.health()
+            caption, vae = open_backends(args.model_dir, args.caption_url, args.vae_url, args.auth_token,
+                                         need_vae=settings.task == "ti2v" or not args.no_video, progress=progress)
         except BaseException:
             agree(comm, False, rank)
             raise
@@ -276,7 +303,7 @@ def run(args) -> int:
                           "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
                           "pp_degree": mesh.pp_degree, "stages": [str(r) for r in mesh.partition(model.num_layers)]},
              "device": rt.device}
-    mp4, js = pipe.save(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra)
+    mp4, js = pipe.write_outputs(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra)
     print(f"[run_parallel] video: {mp4}\n[run_parallel] record: {js}", flush=True)
     return 0
 
@@ -287,7 +314,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .serving.client import RemoteServerError
 
+    modes = [name for name, on in (("--prompt", args.prompt is not None), ("--prompts_file", args.prompts_file),
+                                   ("--serve", args.serve)) if on]
+    if len(modes) != 1:
+        parser.error("give exactly one of --prompt, --prompts_file, --serve" + (f" (got {', '.join(modes)})"
+                                                                                 if modes else ""))
+    if args.prompt is None:  # the flags of one video have no meaning for many
+        single = [flag for flag, on in (("--first_image_path", args.first_image_path), ("--save_latents", args.save_latents),
+                                        ("--no_video", args.no_video), ("--output_file_name", args.output_file_name),
+                                        ("--name_suffix", args.name_suffix)) if on]
+        if single:
+            parser.error(f"{', '.join(single)} belong(s) to one video (--prompt); with {modes[0]} give "
+                         "first_image_path / output_file_name per job")
     try:
+        if args.prompts_file:
+            from .batch import run_batch
+            return run_batch(args, world_size_from_env())
+        if args.serve:
+            from .generation_service.main import run_service
+            return run_service(args, world_size_from_env())
         return run(args)
     except (ValueError, CheckpointError) as exc:  # bad input: say what to change, no traceback
         print(f"run_parallel.py: error: {exc}", file=sys.stderr, flush=True)

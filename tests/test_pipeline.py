@@ -41,7 +41,7 @@ def settings(task, **kw):
 def test_writes_a_playable_mp4_and_its_json(pipeline, tmp_path):
     import imageio.v3 as iio
     task, pipe = pipeline
-    result = pipe(settings(task), save_path=str(tmp_path), output_file_name="clip")
+    result = pipe.generate(settings(task), save_path=str(tmp_path), output_file_name="clip")
     assert result.video_path == str(tmp_path / "clip.mp4")
     frames = np.stack(list(iio.imiter(result.video_path)))
     assert frames.shape == (17, 48, 80, 3) and frames.dtype == np.uint8
@@ -57,9 +57,9 @@ def test_writes_a_playable_mp4_and_its_json(pipeline, tmp_path):
 
 def test_same_seed_same_latents_other_seed_other_latents(pipeline):
     task, pipe = pipeline
-    a = pipe(settings(task)).latents
-    b = pipe(settings(task)).latents
-    c = pipe(settings(task, seed=6)).latents
+    a = pipe.generate(settings(task)).latents
+    b = pipe.generate(settings(task)).latents
+    c = pipe.generate(settings(task, seed=6)).latents
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 1e-3
 
@@ -77,15 +77,15 @@ def test_ti2v_conditions_frame_zero_only(pipeline):
 def test_argument_errors_come_before_any_work(pipeline, tmp_path):
     task, pipe = pipeline
     with pytest.raises(ValueError, match="height=0"):
-        pipe(settings(task, height=0), save_path=str(tmp_path))
+        pipe.generate(settings(task, height=0), save_path=str(tmp_path))
     other = "t2v" if task == "ti2v" else "ti2v"
     with pytest.raises(ValueError, match="does not fit this transformer|first image"):
-        pipe(settings(other, first_image_path=DEMO_IMAGE if other == "ti2v" else None), save_path=str(tmp_path))
+        pipe.generate(settings(other, first_image_path=DEMO_IMAGE if other == "ti2v" else None), save_path=str(tmp_path))
     if task == "ti2v":
         with pytest.raises(ValueError, match="first_image_path"):
-            pipe(settings(task, first_image_path=None))
+            pipe.generate(settings(task, first_image_path=None))
         bad = tmp_path / "broken.png"
         bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
         with pytest.raises(ValueError, match="not a readable image"):
-            pipe(settings(task, first_image_path=str(bad)))
+            pipe.generate(settings(task, first_image_path=str(bad)))
     assert not any(p.suffix == ".mp4" for p in tmp_path.iterdir())

@@ -1,11 +1,14 @@
 """The text encoders and the VAE in this process, behind the same methods as the HTTP client
-(`caption`, `vae_decode`, `vae_encode`), so the pipeline runs with either."""
+(`caption`, `vae_decode`, `vae_encode`), so the pipeline runs with either; and `open_backends`, the
+one place that turns a caption/VAE address (a server URL, or LOCAL for this process) into one."""
 from __future__ import annotations
 
 import os
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+LOCAL = "local"  # --caption_url local / --vae_url local: load the model into this process
 
 
 class InProcessBackends:
@@ -16,13 +19,16 @@ class InProcessBackends:
 
     @classmethod
     def from_model_dir(cls, model_dir: str, llm_dir: str = "step_llm", clip_dir: str = "hunyuan_clip",
-                       vae_dir: str = "vae", progress: bool = True) -> "InProcessBackends":
+                       vae_dir: str = "vae", progress: bool = True, caption: bool = True,
+                       vae: bool = True) -> "InProcessBackends":
+        """Load the caption encoders and/or the VAE (`caption`, `vae` pick) of a released model directory."""
         from ..models.caption import CaptionEncoder
         from ..models.vae import AutoencoderKL
 
-        encoder = CaptionEncoder.from_model_dir(model_dir, llm_dir=llm_dir, clip_dir=clip_dir, progress=progress)
-        vae = AutoencoderKL.from_pretrained(os.path.join(model_dir, vae_dir), progress=progress)
-        return cls(encoder, vae, progress)
+        encoder = (CaptionEncoder.from_model_dir(model_dir, llm_dir=llm_dir, clip_dir=clip_dir, progress=progress)
+                   if caption else None)
+        model = AutoencoderKL.from_pretrained(os.path.join(model_dir, vae_dir), progress=progress) if vae else None
+        return cls(encoder, model, progress)
 
     def caption(self, prompts: Sequence[str]) -> Dict[str, np.ndarray]:
         if self.caption_encoder is None:
@@ -38,3 +44,38 @@ class InProcessBackends:
         if self.vae is None:
             raise RuntimeError("no VAE loaded in this process")
         return self.vae.encode_numpy(frames, seed=seed, sample=sample, progress=self.progress)
+
+
+def is_local(url: Optional[str]) -> bool:
+    return url is None or str(url).strip().lower() == LOCAL
+
+
+def check_local_dirs(model_dir: str, caption_url: Optional[str], vae_url: Optional[str]) -> None:
+    """The folders an in-process encoder or VAE will read, checked before any weight is."""
+    wanted = ((["step_llm", "hunyuan_clip"] if is_local(caption_url) else []) +
+              (["vae"] if is_local(vae_url) else []))
+    for sub in wanted:
+        if not os.path.isdir(os.path.join(model_dir, sub)):
+            raise ValueError(f"{os.path.join(model_dir, sub)} is not a directory: the in-process "
+                             f"{'VAE' if sub == 'vae' else 'caption encoder'} needs it (or give a server URL)")
+
+
+def open_backends(model_dir: str, caption_url: Optional[str], vae_url: Optional[str], token: Optional[str] = None,
+                  need_vae: bool = True, progress: bool = True) -> Tuple[object, Optional[object]]:
+    """(text encoder, VAE): HTTP clients for server URLs (checked with /health), in-process models for
+    None or LOCAL. `need_vae=False` skips the VAE (no decode and no image to encode)."""
+    from ..serving.client import RemoteClient
+
+    text = vae = None
+    if not is_local(caption_url):
+        text = RemoteClient.for_caption(caption_url, token=token)
+        text.health()
+    if need_vae and not is_local(vae_url):
+        vae = RemoteClient.for_vae(vae_url, token=token)
+        vae.health()
+    if text is None or (need_vae and vae is None):
+        local = InProcessBackends.from_model_dir(model_dir, progress=progress, caption=text is None,
+                                                 vae=need_vae and vae is None)
+        text = text or local
+        vae = vae or (local if need_vae else None)
+    return text, vae

@@ -1,11 +1,17 @@
 """StepVideoPipeline: prompt (and first image) in, video out, for T2V and TI2V.
 
+The Python API (one process, everything loaded once):
+
+    pipe = StepVideoPipeline.from_pretrained(model_dir)        # encoders and VAE in-process
+    frames = pipe("a cat on a piano", infer_steps=30, seed=7)  # (t, h, w, 3) uint8
+    pipe.save(frames, "cat.mp4")
+
 The steps are separate so that a multi-rank run can place them: `encode_conditions` (text and
 image embeddings, rank 0), `initial_noise` (every rank, from the seed), `denoise` (one
 process; a parallel run calls `parallel.parallel_denoise` with the same Conditions), `decode` and
-`save` (rank 0). `__call__` chains them
-in one process. The pipeline talks to the text encoders and the VAE through two small
-interfaces, implemented both by the HTTP client and by in-process models.
+`write_outputs` (rank 0). `generate` chains them in one process for a GenerationSettings. The
+pipeline talks to the text encoders and the VAE through two small interfaces, implemented both by
+the HTTP client and by in-process models.
 """
 from __future__ import annotations
 
@@ -23,7 +29,10 @@ from ..models.dit import StepVideoModel
 from .. import video as video_io
 from .sampling import denoise
 from .scheduler import FlowMatchScheduler
-from .settings import GenerationSettings
+from .settings import PER_VIDEO_SETTINGS, GenerationSettings
+
+CALL_SETTINGS = tuple(PER_VIDEO_SETTINGS)  # what `pipe(prompt, **settings)` accepts
+OUTPUT_TYPES = ("np", "latent")
 
 
 class TextEncoder(Protocol):
@@ -87,6 +96,71 @@ class StepVideoPipeline:
         self.vae = vae
         self.progress = progress
 
+    @classmethod
+    def from_pretrained(cls, model_dir: str, device: Optional[str] = None, caption_url: Optional[str] = None,
+                        vae_url: Optional[str] = None, auth_token: Optional[str] = None,
+                        transformer_dir: str = "transformer", progress: bool = True) -> "StepVideoPipeline":
+        """Load a released model directory: the DiT, the scheduler, and the text encoders and VAE in this
+        process, or HTTP clients of the servers at `caption_url` / `vae_url` ('local' = in-process).
+        `device`: 'Ascend' or 'CPU' (default: Ascend when present). Every path and server is checked
+        before any weight is read."""
+        from .. import checkpoint, runtime
+        from .backends import check_local_dirs, open_backends
+
+        if not os.path.isdir(model_dir):
+            raise ValueError(f"model_dir={model_dir!r} is not a directory: pass the downloaded model folder")
+        transformer = os.path.join(model_dir, transformer_dir)
+        config = checkpoint.read_config(transformer)
+        checkpoint.checkpoint_files(transformer)
+        check_local_dirs(model_dir, caption_url, vae_url)
+        rt = runtime.init(device)
+        text, vae = open_backends(model_dir, caption_url, vae_url, token=auth_token, progress=progress)
+        model = StepVideoModel.from_pretrained(transformer, config=config, dtype=rt.compute_dtype, progress=progress)
+        scheduler = FlowMatchScheduler.from_dir(os.path.join(model_dir, "scheduler"))
+        return cls(model, scheduler, text, vae, progress=progress)
+
+    def settings_for(self, prompt: str, first_image: Optional[str] = None, **settings) -> GenerationSettings:
+        """The resolved GenerationSettings of a call (task defaults, rounding notes, every check)."""
+        unknown = sorted(set(settings) - set(CALL_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown}: pipe(prompt, first_image=..., **settings) takes "
+                             f"{list(CALL_SETTINGS)}")
+        if first_image is not None and not isinstance(first_image, (str, os.PathLike)):
+            raise ValueError(f"first_image must be the path of a PNG or JPEG file, got {type(first_image).__name__}")
+        if self.task == "t2v" and first_image is not None:
+            raise ValueError("first_image is for TI2V, but this transformer is T2V: drop it or load the TI2V weights")
+        s = GenerationSettings(prompt=prompt, task=self.task,
+                               first_image_path=None if first_image is None else os.fspath(first_image),
+                               **settings).resolved()
+        if s.task == "ti2v":
+            video_io.load_image(s.first_image_path)  # readable, before any model work
+        return s
+
+    def __call__(self, prompt: str, first_image: Optional[str] = None, output_type: str = "np",
+                 **settings) -> np.ndarray:
+        """Generate one video: frames (t, h, w, 3) uint8, or the final latents (1, f, c, h/16, w/16)
+        float32 with output_type='latent'. `settings`: any of CALL_SETTINGS (defaults: the task's)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: use one of {list(OUTPUT_TYPES)}")
+        s = self.settings_for(prompt, first_image, **settings)
+        latents = self.denoise(s, self.encode_conditions(s), self.initial_noise(s))
+        if output_type == "latent":
+            return latents
+        return video_io.frames_to_uint8(self.decode(latents)[0])
+
+    @staticmethod
+    def save(frames: np.ndarray, path: str, overwrite: bool = False) -> str:
+        """Write frames (t, h, w, 3) uint8 as an H.264 MP4 at 25 fps (atomically); refuses to replace a
+        file unless overwrite=True."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be (t, h, w, 3) uint8 as pipe(...) returns, got {frames.shape} {frames.dtype}")
+        if not str(path).lower().endswith(".mp4"):
+            raise ValueError(f"path={path!r}: give a file name ending in .mp4")
+        if os.path.exists(path) and not overwrite:
+            raise ValueError(f"{path} exists: pick another name or pass overwrite=True")
+        return video_io.write_mp4(frames, os.fspath(path))
+
     @property
     def task(self) -> str:
         return "ti2v" if self.transformer.use_additional_conditions else "t2v"
@@ -125,7 +199,7 @@ class StepVideoPipeline:
             raise RuntimeError("this pipeline has no VAE: give it a VAE client or an in-process VAE")
         return np.asarray(self.vae.vae_decode(latents), np.float32)
 
-    def save(self, frames: np.ndarray, s: GenerationSettings, save_path: str, output_file_name: str = "",
+    def write_outputs(self, frames: np.ndarray, s: GenerationSettings, save_path: str, output_file_name: str = "",
              name_suffix: str = "", extra: Optional[dict] = None) -> (str, str):
         """Write the MP4 (uint8, 540p centre crop when larger, 25 fps) and a JSON of the run beside it."""
         clip = video_io.crop_to_540p(video_io.frames_to_uint8(frames[0]))
@@ -140,7 +214,7 @@ class StepVideoPipeline:
         write_json(json_path, record)
         return mp4, json_path
 
-    def __call__(self, settings: GenerationSettings, save_path: Optional[str] = None, output_file_name: str = "",
+    def generate(self, settings: GenerationSettings, save_path: Optional[str] = None, output_file_name: str = "",
                  name_suffix: str = "", extra: Optional[dict] = None) -> GenerationResult:
         s = settings.resolved()
         if s.task != self.task:
@@ -159,7 +233,7 @@ class StepVideoPipeline:
             frames = self.decode(latents)
             timings["decode_s"] = time.perf_counter() - t0
             info = dict(extra or {}, timings=timings)
-            result.video_path, result.json_path = self.save(frames, s, save_path, output_file_name, name_suffix, info)
+            result.video_path, result.json_path = self.write_outputs(frames, s, save_path, output_file_name, name_suffix, info)
         return result
 
 

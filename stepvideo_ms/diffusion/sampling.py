@@ -1,7 +1,7 @@
 """The denoising loop: [cond, uncond] batch, classifier-free guidance, scheduler steps."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import mindspore as ms
@@ -12,6 +12,8 @@ from .scheduler import FlowMatchScheduler
 
 # predict(latent_batch, timestep_batch) -> velocity of the same shape as latent_batch
 Predictor = Callable[[Tensor, Tensor], Tensor]
+# on_step(steps_done, steps_total), called after every scheduler step (progress reports)
+StepCallback = Callable[[int, int], None]
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -25,7 +27,8 @@ def guide(prediction: Tensor, guidance_scale: float) -> Tensor:
 
 
 def denoise(predict: Predictor, latents: Tensor, scheduler: FlowMatchScheduler, num_inference_steps: int,
-            time_shift: float, guidance_scale: float, model_dtype=ms.float32, progress: bool = True) -> Tensor:
+            time_shift: float, guidance_scale: float, model_dtype=ms.float32, progress: bool = True,
+            on_step: Optional[StepCallback] = None) -> Tensor:
     """Run the flow-matching loop from `latents` (noise, float32); returns the final latents (float32)."""
     scheduler.set_timesteps(num_inference_steps, time_shift)
     latents = latents.astype(ms.float32)
@@ -37,4 +40,6 @@ def denoise(predict: Predictor, latents: Tensor, scheduler: FlowMatchScheduler, 
         if cfg:
             velocity = guide(velocity, guidance_scale)
         latents = scheduler.step(velocity, i, latents)
+        if on_step is not None:
+            on_step(i + 1, int(num_inference_steps))
     return latents

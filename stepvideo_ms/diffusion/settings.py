@@ -32,6 +32,18 @@ TASK_DEFAULTS = {
 }
 
 
+# the best-practice presets of the README's table (the web page's choices)
+PRESETS = {
+    "T2V": dict(task="t2v", num_frames=204, infer_steps=50, cfg_scale=9.0, time_shift=13.0),
+    "T2V-Turbo": dict(task="t2v", num_frames=204, infer_steps=15, cfg_scale=5.0, time_shift=17.0),
+    "TI2V": dict(task="ti2v", num_frames=102, infer_steps=50, cfg_scale=9.0, time_shift=13.0, motion_score=5.0),
+}
+
+# the settings one video may set (beyond its prompt and first image), and the type each takes
+PER_VIDEO_SETTINGS = {"num_frames": int, "height": int, "width": int, "infer_steps": int, "cfg_scale": float,
+                      "time_shift": float, "motion_score": float, "pos_magic": str, "neg_magic": str, "seed": int}
+
+
 @dataclass
 class GenerationSettings:
     prompt: str

@@ -238,8 +238,9 @@ class ParallelDiT:
 
 def parallel_denoise(mesh: Mesh, comm: Communicator, model: StepVideoModel, latents: Tensor, cond: Conditioning,
                      scheduler: FlowMatchScheduler, num_inference_steps: int, time_shift: float,
-                     guidance_scale: float, progress: bool = True, shards: Optional[BlockShards] = None) -> Tensor:
-    """The flow-matching loop of `sampling.denoise` with the DiT run on the mesh.
+                     guidance_scale: float, progress: bool = True, shards: Optional[BlockShards] = None,
+                     on_step=None) -> Tensor:
+    """The flow-matching loop of `sampling.denoise` with the DiT run on the mesh (`on_step` as there).
 
     latents: the initial noise (b, f, c, h, w), identical on every rank (same seed).
     cond: embeddings batched [cond, uncond] (2b) when guidance_scale > 1, else b.
@@ -258,4 +259,4 @@ def parallel_denoise(mesh: Mesh, comm: Communicator, model: StepVideoModel, late
                "pass the prompt embeddings only (no negative prompt without guidance)"))
     dit = ParallelDiT(mesh, comm, model, shards)
     return denoise(dit.predictor(cond), latents, scheduler, num_inference_steps, time_shift, guidance_scale,
-                   model_dtype=model.dtype, progress=progress and mesh.rank == 0)
+                   model_dtype=model.dtype, progress=progress and mesh.rank == 0, on_step=on_step)

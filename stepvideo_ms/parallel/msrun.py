@@ -43,9 +43,9 @@ class MsrunResult:
         return "\n".join(parts)
 
 
-def run_msrun(script: str, args: Sequence[str], workers: int, log_dir: str, timeout: float,
-              extra_env: Optional[Dict[str, str]] = None) -> MsrunResult:
-    """Run `script` on `workers` local msrun workers; waits at most `timeout` seconds."""
+def start_msrun(script: str, args: Sequence[str], workers: int, log_dir: str,
+                extra_env: Optional[Dict[str, str]] = None, stdout=subprocess.PIPE) -> subprocess.Popen:
+    """Start `script` on `workers` local msrun workers in a new session; returns the msrun process."""
     python_dir = os.path.dirname(sys.executable)
     msrun = os.path.join(python_dir, "msrun")
     if not os.path.isfile(msrun):
@@ -59,8 +59,14 @@ def run_msrun(script: str, args: Sequence[str], workers: int, log_dir: str, time
     os.makedirs(log_dir, exist_ok=True)
     cmd = [msrun, f"--worker_num={workers}", f"--local_worker_num={workers}", f"--master_port={free_port()}",
            f"--log_dir={log_dir}", "--join=True", script, *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=repo)
+
+
+def run_msrun(script: str, args: Sequence[str], workers: int, log_dir: str, timeout: float,
+              extra_env: Optional[Dict[str, str]] = None) -> MsrunResult:
+    """Run `script` on `workers` local msrun workers; waits at most `timeout` seconds."""
+    proc = start_msrun(script, args, workers, log_dir, extra_env)
     try:
         output, _ = proc.communicate(timeout=timeout)
         return MsrunResult(proc.returncode, log_dir, output)

@@ -92,7 +92,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
                   queue_wait_s=args.queue_wait_s, max_connections=args.max_connections)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("stepvideo_ms.serving")
-    if not _is_loopback(args.host) and not args.auth_token:
+    if not is_loopback(args.host) and not args.auth_token:
         log.warning("listening on %s without a token: anyone who reaches this port can use the device; "
                     "pass --auth_token or set %s", args.host, protocol.AUTH_ENV)
 

@@ -30,7 +30,7 @@ from .protocol import RequestError
 LOG = logging.getLogger("stepvideo_ms.serving")
 
 
-def _error(status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None) -> Response:
+def error_response(status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None) -> Response:
     resp = jsonify({"error": message, "field": field, "status": status})
     resp.status_code = status
     for k, v in (headers or {}).items():
@@ -53,6 +53,18 @@ def _read_body(limits: Limits) -> bytes:
     if len(body) != length:
         raise RequestError(f"the body ended after {len(body)} of {length} bytes", "body")
     return body
+
+
+def check_bearer(expected: Optional[str]) -> Optional[Response]:
+    """None when the request carries `Authorization: Bearer <expected>` (or no token is set), else the 401."""
+    if expected is None:
+        return None
+    header = request.headers.get("Authorization", "")
+    given = header[7:] if header[:7].lower() == "bearer " else ""
+    if not given or not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+        return error_response(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
+                      "(the server's --auth_token)", "Authorization", {"WWW-Authenticate": "Bearer"})
+    return None
 
 
 class ServerState:
@@ -98,14 +110,7 @@ def create_app(state: ServerState) -> Flask:
 
     @app.before_request
     def _authorize():
-        if state.auth_token is None:
-            return None
-        header = request.headers.get("Authorization", "")
-        given = header[7:] if header[:7].lower() == "bearer " else ""
-        if not given or not hmac.compare_digest(given.encode("utf-8"), state.auth_token.encode("utf-8")):
-            return _error(401, "missing or wrong token: send 'Authorization: Bearer <token>' "
-                          "(the server's --auth_token)", "Authorization", {"WWW-Authenticate": "Bearer"})
-        return None
+        return check_bearer(state.auth_token)
 
     @app.after_request
     def _count(resp):
@@ -116,9 +121,9 @@ def create_app(state: ServerState) -> Flask:
     def _http_error(exc: HTTPException):
         if exc.code == 404:
             served = sorted(p for svc in state.services.values() for p in svc.paths())
-            return _error(404, f"no endpoint {request.path}: this server serves {served} and "
+            return error_response(404, f"no endpoint {request.path}: this server serves {served} and "
                           f"{protocol.HEALTH_PATH} (start it with --enable_llm / --enable_vae for the others)")
-        return _error(exc.code or 500, exc.description or exc.name)
+        return error_response(exc.code or 500, exc.description or exc.name)
 
     @app.get(protocol.HEALTH_PATH)
     def _health():
@@ -131,14 +136,14 @@ def create_app(state: ServerState) -> Flask:
                 msg = protocol.decode(body, state.limits.max_header_bytes)
                 job = parse(msg)
             except RequestError as exc:
-                return _error(exc.status, exc.message, exc.field, {"Connection": "close"})
+                return error_response(exc.status, exc.message, exc.field, {"Connection": "close"})
             try:
                 fields, tensors, bf16 = state.queue.run(run, job)
             except QueueFull as exc:
-                return _error(503, f"{exc}; retry later", None, {"Retry-After": str(exc.retry_after_s)})
+                return error_response(503, f"{exc}; retry later", None, {"Retry-After": str(exc.retry_after_s)})
             except Exception as exc:  # the model failed: say so, log the trace, keep serving
                 LOG.error("%s failed:\n%s", path, traceback.format_exc())
-                return _error(500, f"{path} failed inside the model: {type(exc).__name__}: {exc}")
+                return error_response(500, f"{path} failed inside the model: {type(exc).__name__}: {exc}")
             pieces, length = protocol.encode_chunks(fields, tensors, bf16)
             return Response(protocol.iter_bytes(pieces), status=200, content_type=protocol.CONTENT_TYPE,
                             headers={"Content-Length": str(length)})
@@ -165,7 +170,7 @@ class _Handler(WSGIRequestHandler):
     def log_request(self, code="-", size="-"):
         LOG.info('%s "%s" %s', self.address_string(), self.requestline, getattr(code, "value", code))
 
-    def log_error(self, format, *args):  # noqa: A002 - http.server's signature
+    def logerror_response(self, format, *args):  # noqa: A002 - http.server's signature
         LOG.warning("%s %s", self.address_string(), format % args)
 
 

@@ -1,0 +1,9 @@
+"""`run_parallel.py --serve`: the loaded world takes jobs over HTTP and from a web page.
+
+- board.py  the jobs: a bounded queue of waiting jobs, each job's state and step progress
+- app.py    the Flask app of the job API and the page (auth, limits and the bounded threaded
+            server come from stepvideo_ms.serving)
+- page.html the web page (plain HTML + JS, no build step)
+- main.py   the rank loop: rank 0 serves and broadcasts each job (or a heartbeat) to every rank;
+            SIGTERM (or msrun's end) finishes the running job and stops every rank
+"""

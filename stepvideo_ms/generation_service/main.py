@@ -1,0 +1,114 @@
+"""The rank loop of `run_parallel.py --serve`.
+
+Every HEARTBEAT_S seconds (or as soon as a job is waiting) the ranks meet: first they agree whether
+any of them was asked to stop (SIGTERM or SIGINT, or msrun, their parent, gone), then rank 0
+broadcasts the next job or an idle beat. Each job runs on every rank (world.run_job); rank 0 records
+its progress step by step. On a stop request the running job is finished, the waiting ones are
+cancelled, the HTTP server closes and every rank returns.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Optional
+
+HEARTBEAT_S = 1.0
+LOG = logging.getLogger("stepvideo_ms.generation_service")
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT, or when the parent (msrun) is gone; checked between jobs."""
+
+    def __init__(self):
+        self.parent = os.getppid()
+        self.event = threading.Event()
+        self.reason: Optional[str] = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame):
+        self.reason = self.reason or signal.Signals(signum).name
+        self.event.set()
+
+    def requested(self) -> bool:
+        if not self.event.is_set() and os.getppid() != self.parent:
+            self.reason = f"parent process {self.parent} ended"
+            self.event.set()
+        return self.event.is_set()
+
+
+def run_service(args, world_size: int) -> int:
+    from ..batch import defaults_from
+    from ..launch import validate_model
+    from ..serving.limits import Limits
+    from ..serving.main import is_loopback
+    from ..serving.protocol import AUTH_ENV
+    from ..serving.server import BoundedWSGIServer
+    from ..jobs import Job
+    from ..world import GenerationWorld, JobFailed, any_rank, broadcast_json
+    from .app import ServiceState, create_app
+    from .board import JobBoard
+
+    token = args.auth_token or os.environ.get(AUTH_ENV) or None
+    if not is_loopback(args.host) and not token:
+        raise ValueError(f"--host {args.host} is not loopback: give --auth_token (or set {AUTH_ENV}); every "
+                         "request must then carry 'Authorization: Bearer TOKEN'")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port} is not a TCP port (0 picks a free one)")
+    if args.queue_size < 1:
+        raise ValueError(f"--queue_size {args.queue_size} must be at least 1")
+    task, transformer = validate_model(args, world_size)
+    save_path = os.path.abspath(args.save_path)
+    stop = StopRequest()
+    limits = Limits()
+    board = JobBoard(args.queue_size)
+    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {}, defaults_from(args))
+    holder = {}
+
+    def bind():  # rank 0, before any weight: a taken port fails in seconds
+        try:
+            holder["server"] = BoundedWSGIServer(args.host, args.port, create_app(state), limits.max_connections,
+                                                 limits.socket_timeout_s)
+        except OSError as exc:
+            raise ValueError(f"--serve cannot listen on {args.host}:{args.port} ({exc.strerror}): pick another "
+                             "--port") from None
+
+    world = GenerationWorld.start(args, task, transformer, before_load=bind)
+    rank = world.rank
+    server = holder.get("server")
+    if rank == 0:
+        import time
+        state.started = time.time()
+        state.info.update(world.info, load_s=round(world.load_s, 2))
+        threading.Thread(target=server.serve_forever, name="generation-service-http", daemon=True).start()
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"[run_parallel] service ready: http://{host}:{server.port}/ ({task}, world {world.mesh.world_size}, "
+              f"loaded in {world.load_s:.1f} s)" + (" (token required)" if token else ""), flush=True)
+    try:
+        while not any_rank(world.comm, world.mesh, stop.requested()):
+            rec = board.take(HEARTBEAT_S) if rank == 0 else None
+            command = broadcast_json(world.comm, {"id": rec.id, "job": rec.job.to_dict()} if rec else {"id": None},
+                                     rank)
+            if command["id"] is None:
+                continue
+            job = rec.job if rank == 0 else Job.from_dict(command["job"])
+            on_step = (lambda i, n, r=rec: board.progress(r, i, n)) if rank == 0 else None
+            try:
+                out = world.run_job(job, save_path, on_step=on_step, extra={"job_id": command["id"]})
+                if rank == 0:
+                    board.finish(rec, *out)
+                    print(f"[run_parallel] {rec.id} done: {out[0]}", flush=True)
+            except JobFailed as exc:
+                board.fail(rec, str(exc))
+                print(f"run_parallel.py: {rec.id} failed: {exc}", file=sys.stderr, flush=True)
+    finally:
+        if rank == 0:
+            dropped = board.close("the service stopped before this job ran")
+            server.shutdown()
+            server.server_close()
+            print(f"[run_parallel] service stopped ({stop.reason or 'error'}); {dropped} waiting job(s) dropped",
+                  flush=True)
+    return 0
