@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
 
-from .. import checkpoint
+from .. import checkpoint, ops
 from ..ops.attention import KeyMask
 from .common import LayerNorm, Linear, count_parameters, new_param
 from .embeddings import AdaLayerNormSingle, PixArtAlphaTextProjection
@@ -162,7 +162,8 @@ class StepVideoModel(nn.Cell):
         """Final modulation and projection, token by token: (b, n, D) -> (b, n, p*p*out_channels) for any
         n tokens of the grid (a sequence-parallel rank projects its own slice before gathering)."""
         shift, scale = mint.chunk(self.scale_shift_table[None] + inputs.embedded_timestep[:, None], 2, dim=1)
-        return self.proj_out(self.norm_out(x) * (1 + scale) + shift)
+        return self.proj_out(ops.modulated_layer_norm(x, self.norm_out.weight, self.norm_out.bias, scale, shift,
+                                                      self.norm_out.eps))
 
     def unpatchify(self, y: Tensor, grid: Tuple[int, int, int]) -> Tensor:
         """(b, f*h*w, p*p*c) projected tokens -> (b, f, c, h*p, w*p) latents."""

@@ -35,8 +35,7 @@ class SelfAttention(nn.Cell):
 
     def construct(self, x: Tensor, rope: Rope3D, core: Optional[AttentionCore] = None) -> Tensor:
         b, n, _ = x.shape
-        qkv = self.wqkv(x).reshape(b, n, self.n_heads, 3 * self.head_dim)
-        q, k, v = mint.split(qkv, [self.head_dim] * 3, dim=-1)
+        q, k, v = ops.linear_heads(x, self.wqkv.weight, self.n_heads, self.head_dim, 3)
         q = rope.apply(self.q_norm(q))
         k = rope.apply(self.k_norm(k))
         out = (core or plain_attention)(q, k, v)
@@ -57,8 +56,7 @@ class CrossAttention(nn.Cell):
     def construct(self, x: Tensor, context: Tensor, key_mask: Optional[Tensor]) -> Tensor:
         b, n, _ = x.shape
         q = self.q_norm(self.wq(x).reshape(b, n, self.n_heads, self.head_dim))
-        kv = self.wkv(context).reshape(b, context.shape[1], self.n_heads, 2 * self.head_dim)
-        k, v = mint.split(kv, [self.head_dim] * 2, dim=-1)
+        k, v = ops.linear_heads(context, self.wkv.weight, self.n_heads, self.head_dim, 2)
         out = ops.attention(q, self.k_norm(k), v, key_mask=key_mask)
         return self.wo(out.reshape(b, n, self.n_heads * self.head_dim))
 
@@ -100,11 +98,11 @@ class StepVideoTransformerBlock(nn.Cell):
                   rope: Rope3D, core: Optional[AttentionCore] = None) -> Tensor:
         mods = self.scale_shift_table[None] + t6.reshape(-1, 6, self.dim)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mint.chunk(mods, 6, dim=1)
-        h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = gate_msa * self.attn1(h, rope, core) + x
+        h = ops.modulated_layer_norm(x, self.norm1.weight, self.norm1.bias, scale_msa, shift_msa, self.norm1.eps)
+        x = ops.broadcast.mul(gate_msa, self.attn1(h, rope, core)) + x
         x = self.attn2(x, context, key_mask) + x
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
-        return gate_mlp * self.ff(h) + x
+        h = ops.modulated_layer_norm(x, self.norm2.weight, self.norm2.bias, scale_mlp, shift_mlp, self.norm2.eps)
+        return ops.broadcast.mul(gate_mlp, self.ff(h)) + x
 
 
 class PatchEmbed(nn.Cell):

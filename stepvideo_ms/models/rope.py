@@ -13,14 +13,20 @@ other tables than upstream's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 
+from ..ops.broadcast import expand
+from ..runtime import is_ascend
+
 ROPE_BASE = 1e4
+# CPU: the cos/sin tables are tiled to the rotated tensor's full shape (once per shape and forward)
+# while both together stay under this many bytes; beyond it they are broadcast (slower on CPU).
+MAX_FULL_TABLE_BYTES = 512 * 1024 * 1024
 
 
 def rope_channel_split(head_dim: int) -> Tuple[int, int, int]:
@@ -65,6 +71,7 @@ class Rope3D:
     cos: Tensor
     sin: Tensor
     split: Tuple[int, int, int]
+    _full: Dict[tuple, Tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def for_positions(cls, positions: np.ndarray, head_dim: int, dtype=ms.float32) -> "Rope3D":
@@ -81,9 +88,40 @@ class Rope3D:
 
     def apply(self, x: Tensor) -> Tensor:
         """Rotate x (b, n, heads, head_dim); n must equal the table length."""
-        parts = mint.split(x, list(self.split), dim=-1)
-        rotated = []
-        for part in parts:
-            a, b = mint.chunk(part, 2, dim=-1)
-            rotated.append(mint.cat([-b, a], dim=-1))
-        return x * self.cos + mint.cat(rotated, dim=-1) * self.sin
+        if is_ascend():  # pragma: no cover - needs an NPU
+            parts = mint.split(x, list(self.split), dim=-1)
+            rotated = []
+            for part in parts:
+                a, b = mint.chunk(part, 2, dim=-1)
+                rotated.append(mint.cat([-b, a], dim=-1))
+            return x * self.cos + mint.cat(rotated, dim=-1) * self.sin
+        # CPU: rotate-half of every part is one product by a signed permutation matrix (exact), and
+        # the tables are tiled to x's shape so that every product is between equal shapes
+        cos, sin, turn = self._cpu_tables(tuple(x.shape), x.dtype)
+        head_dim = x.shape[-1]
+        rotated = mint.matmul(x.reshape(-1, head_dim), turn).reshape(x.shape)
+        return x * cos + rotated * sin
+
+    def _cpu_tables(self, shape: tuple, dtype) -> Tuple[Tensor, Tensor, Tensor]:
+        key = (shape, dtype)
+        if key not in self._full:
+            turn = Tensor(rotate_half_matrix(self.split), dtype)
+            cos, sin = self.cos.astype(dtype), self.sin.astype(dtype)
+            if 2 * int(np.prod(shape)) * 4 <= MAX_FULL_TABLE_BYTES:
+                cos, sin = expand(cos, shape), expand(sin, shape)
+            self._full[key] = (cos, sin, turn)
+        return self._full[key]
+
+
+def rotate_half_matrix(split: Sequence[int]) -> np.ndarray:
+    """(d, d) signed permutation R with x @ R = each part of x rotated by half: (a, b) -> (-b, a)."""
+    dim = int(sum(split))
+    turn = np.zeros((dim, dim), dtype=np.float32)
+    start = 0
+    for size in split:
+        half = size // 2
+        for j in range(half):
+            turn[start + half + j, start + j] = -1.0  # first half of the output: -b
+            turn[start + j, start + half + j] = 1.0   # second half: a
+        start += size
+    return turn

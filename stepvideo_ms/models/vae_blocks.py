@@ -18,6 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 
 from .. import ops
+from ..ops.broadcast import repeat_axis
 from ..ops.frame_norm import frame_group_norm
 from .common import new_param
 from .vae_config import NORM_EPS, NORM_GROUPS
@@ -88,16 +89,6 @@ class FrameGroupNorm(nn.Cell):
     def construct(self, x: Tensor, silu: bool = False) -> Tensor:
         out = frame_group_norm(x, self.groups, self.weight, self.bias, self.eps)
         return ops.silu(out) if silu else out
-
-
-def repeat_axis(x: Tensor, axis: int, times: int) -> Tensor:
-    """Each entry along `axis` repeated `times` times in place (nearest upsampling, repeat_interleave)."""
-    if times == 1:
-        return x
-    shape = tuple(x.shape)
-    x = x.expand_dims(axis + 1)
-    x = x.broadcast_to(shape[:axis + 1] + (times,) + shape[axis + 1:])
-    return x.reshape(shape[:axis] + (shape[axis] * times,) + shape[axis + 1:])
 
 
 def pixel_shuffle_up(x: Tensor, factor: int) -> Tensor:

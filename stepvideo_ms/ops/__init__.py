@@ -6,7 +6,8 @@ with the fused kernel; callers never test the backend themselves.
 from .attention import KeyMask, attention
 from .conv import conv2d, conv3d, conv3d_native
 from .embedding import embedding
-from .norms import group_norm, layer_norm, rms_norm
+from .linear import linear, linear_heads
+from .norms import group_norm, layer_norm, modulated_layer_norm, rms_norm
 from .activations import gelu_tanh, silu
 from .patch import patch_embed
 
@@ -17,6 +18,9 @@ __all__ = [
     "gelu_tanh",
     "group_norm",
     "layer_norm",
+    "linear",
+    "linear_heads",
+    "modulated_layer_norm",
     "patch_embed",
     "rms_norm",
     "silu",

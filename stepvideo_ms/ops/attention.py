@@ -18,6 +18,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from ..runtime import is_ascend
+from .broadcast import add, expand
 
 # Upper bound on the score block held at once on CPU (float32 bytes).
 DEFAULT_MAX_SCORE_BYTES = 128 * 1024 * 1024
@@ -110,40 +111,61 @@ def query_block_size(batch: int, heads: int, sq: int, sk: int, max_score_bytes: 
     return int(max(1, min(sq, max_score_bytes // per_query)))
 
 
+_bmm_bt = ops.BatchMatMul(transpose_b=True)
+
+
 def _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes):
-    b, sq, h, _ = q.shape
+    b, sq, h, d = q.shape
     sk = k.shape[1]
     out_dtype = q.dtype
-    qh = mint.permute(q, (0, 2, 1, 3)).astype(ms.float32)  # b h sq d
-    kt = mint.permute(k, (0, 2, 3, 1)).astype(ms.float32)  # b h d sk
-    vh = mint.permute(v, (0, 2, 1, 3)).astype(ms.float32)  # b h sk d
+    rows = b * h
+    # (b*h, s, d), contiguous: one transpose kernel each (batched matmuls on permuted views copy
+    # slowly); the scale goes on the queries (sk/d times fewer products than on the scores)
+    qh = ops.transpose(_f32(q) * scale, (0, 2, 1, 3)).reshape(rows, sq, d)
+    kh = ops.transpose(_f32(k), (0, 2, 1, 3)).reshape(rows, sk, d)
+    vh = ops.transpose(_f32(v), (0, 2, 1, 3)).reshape(rows, sk, d)
     drop = None
     if key_mask is not None:
         drop = mint.logical_not(key_mask.astype(ms.bool_)).reshape(b, 1, 1, sk)
+        drop = expand(drop, (b, h, 1, sk)).reshape(rows, 1, sk)
     if bias is not None:
-        bias = bias.astype(ms.float32)
+        bias = _f32(bias)
         while bias.ndim < 4:
             bias = bias.expand_dims(0)
-    block = query_block_size(b, h, sq, sk, max_score_bytes)
+        bias = expand(bias, (b, h, bias.shape[2], sk)).reshape(rows, bias.shape[2], sk)
+    # whole (sample, head) rows at a time while their scores fit, else query blocks of one row;
+    # either way every slice is along the leading axis of a contiguous tensor
+    if sq * sk * 4 <= max_score_bytes:
+        group, qblock = max(1, max_score_bytes // (sq * sk * 4)), sq
+    else:
+        group, qblock = 1, query_block_size(1, 1, sq, sk, max_score_bytes)
     neg = Tensor(np.finfo(np.float32).min, ms.float32)
     outs = []
-    for start in range(0, sq, block):
-        stop = min(sq, start + block)
-        scores = mint.matmul(qh[:, :, start:stop], kt) * scale  # b h n sk
-        if bias is not None:
-            scores = scores + (bias[:, :, start:stop] if bias.shape[2] != 1 else bias)
-        block_drop = drop
-        if causal:
-            rows = np.arange(start, stop)[:, None]
-            cols = np.arange(sk)[None, :]
-            future = Tensor(cols > rows).reshape(1, 1, stop - start, sk)
-            block_drop = future if block_drop is None else mint.logical_or(block_drop, future)
-        if block_drop is not None:
-            scores = scores.masked_fill(block_drop, neg)
-        probs = mint.softmax(scores, dim=-1)
-        outs.append(mint.matmul(probs, vh))  # b h n d
-    out = outs[0] if len(outs) == 1 else mint.cat(outs, dim=2)
-    return mint.permute(out, (0, 2, 1, 3)).astype(out_dtype)
+    for r0 in range(0, rows, group):
+        r1 = min(rows, r0 + group)
+        pieces = []
+        for start in range(0, sq, qblock):
+            stop = min(sq, start + qblock)
+            qb = qh[r0:r1] if qblock == sq else qh[r0:r1, start:stop]
+            scores = _bmm_bt(qb, kh[r0:r1])  # g n sk
+            if bias is not None:
+                scores = add(scores, bias[r0:r1] if bias.shape[1] == 1 or qblock == sq else bias[r0:r1, start:stop])
+            block_drop = None if drop is None else expand(drop[r0:r1], scores.shape)
+            if causal:
+                future = Tensor(np.arange(sk)[None, :] > np.arange(start, stop)[:, None]).reshape(1, stop - start, sk)
+                future = expand(future, scores.shape)
+                block_drop = future if block_drop is None else mint.logical_or(block_drop, future)
+            if block_drop is not None:
+                scores = scores.masked_fill(block_drop, neg)
+            pieces.append(mint.matmul(mint.softmax(scores, dim=-1), vh[r0:r1]))  # g n d
+        outs.append(pieces[0] if len(pieces) == 1 else mint.cat(pieces, dim=1))
+    out = outs[0] if len(outs) == 1 else mint.cat(outs, dim=0)
+    out = ops.transpose(out.reshape(b, h, sq, d), (0, 2, 1, 3))
+    return out if out_dtype == ms.float32 else out.astype(out_dtype)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == ms.float32 else t.astype(ms.float32)
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,6 +21,7 @@ call: padding=((2, 0), (1, 1), (1, 1)).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -160,15 +161,13 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], ndim: int, strides
 
 def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pads, max_cols_bytes: int) -> Tensor:
     dtype = x.dtype
-    x = x.astype(ms.float32)
-    weight = weight.astype(ms.float32)
-    bias = None if bias is None else bias.astype(ms.float32)
+    x, weight, bias = _f32(x), _f32(weight), None if bias is None else _f32(bias)
     n, c, *sizes = x.shape
     co, _, *kernel = weight.shape
     out_sizes = [output_size(s, k, st, p) for s, k, st, p in zip(sizes, kernel, strides, pads)]
     if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and all(p == (0, 0) for p in pads):
         # pointwise: the native CPU kernel handles 1x1x1 well (faster than a matmul here)
-        return ops.conv3d(x, weight, bias, pad_mode="valid").astype(dtype)
+        return _as(ops.conv3d(x, weight, bias, pad_mode="valid"), dtype)
     taps = kernel[0] * kernel[1] * kernel[2]
     # The gathered columns come ordered (tap, channel) and the weight (channel, tap): reorder
     # whichever is smaller (a big kernel applied at few positions must not copy its weight).
@@ -176,7 +175,8 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
     if reorder_cols:
         wmat = weight.reshape(co, c * taps)
     else:
-        wmat = mint.permute(weight, (2, 3, 4, 1, 0)).reshape(taps * c, co)
+        # a transpose kernel (one copy) is faster on CPU than reshaping a permuted view
+        wmat = ops.transpose(weight.reshape(co, c, taps), (2, 1, 0)).reshape(taps * c, co)
     samples = []
     for i in range(n):
         pieces, rows, rows_span = [], None, None  # pieces: (Co, frames, rows, Wo) per block
@@ -185,7 +185,7 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
             if (first, end) != rows_span:  # bands of one frame share their input rows
                 rows_span = (first, end)
                 rows = _channels_last_rows(x[i] if rows_span == (0, sizes[0]) else x[i, :, first:end], c)
-            index = Tensor(tap_index(block, sizes, kernel, strides, pads, first, end))
+            index = _tap_index_tensor(block, tuple(sizes), tuple(kernel), tuple(strides), pads, first, end)
             cols = rows[index]  # (positions, taps, C)
             if reorder_cols:  # weight (Co, C*taps) @ columns (C*taps, positions); the output is small
                 cols = mint.permute(cols, (2, 1, 0)).reshape(c * taps, index.shape[0])
@@ -198,7 +198,21 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
             pieces.append(mint.permute(out.reshape(t1 - t0, h1 - h0, out_sizes[2], co), (3, 0, 1, 2)))
         samples.append(_assemble(pieces, out_sizes[1]))
     out = samples[0].expand_dims(0) if n == 1 else ops.stack(samples, axis=0)
-    return out.astype(dtype)
+    return _as(out, dtype)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == ms.float32 else t.astype(ms.float32)
+
+
+def _as(t: Tensor, dtype) -> Tensor:
+    return t if t.dtype == dtype else t.astype(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_index_tensor(block, sizes, kernel, strides, pads, first: int, end: int) -> Tensor:
+    """`tap_index` as a device tensor, memoised: a decode asks for the same few indices many times."""
+    return Tensor(tap_index(block, sizes, kernel, strides, pads, first, end))
 
 
 def _channels_last_rows(x: Tensor, c: int) -> Tensor:

@@ -40,7 +40,7 @@ def _frame_group_norm_cpu(x: Tensor, groups: int, weight: Tensor, bias: Tensor, 
     b, c, t, h, w = x.shape
     planes, per_group = b * c * t, c // groups
     dtype = x.dtype
-    flat = x.astype(ms.float32).reshape(1, planes, h, w)
+    flat = (x if dtype == ms.float32 else x.astype(ms.float32)).reshape(1, planes, h, w)
 
     def group_mean(values: Tensor) -> np.ndarray:  # per-plane sums -> the group's mean, per plane
         sums = mint.sum(values.reshape(planes, h * w), dim=-1).asnumpy().astype(np.float64)
@@ -55,4 +55,5 @@ def _frame_group_norm_cpu(x: Tensor, groups: int, weight: Tensor, bias: Tensor, 
     centred = ops.batch_norm(flat, Tensor(group_mean(flat)), ones, ones, zeros, False, 0.0, _NO_EPS)
     var = Tensor(group_mean(centred * centred))
     out = ops.batch_norm(centred, zeros, var, per_plane(weight), per_plane(bias), False, 0.0, eps)
-    return out.reshape(b, c, t, h, w).astype(dtype)
+    out = out.reshape(b, c, t, h, w)
+    return out if dtype == ms.float32 else out.astype(dtype)

@@ -7,23 +7,49 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from ..runtime import is_ascend
+from .broadcast import expand
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """Layer norm over the last axis (biased variance, as PyTorch), optional affine."""
     if is_ascend():
         return mint.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    dtype = x.dtype
-    xf = x.astype(ms.float32)
-    mean = mint.mean(xf, dim=-1, keepdim=True)
-    centred = xf - mean
-    var = mint.mean(centred * centred, dim=-1, keepdim=True)
-    out = centred * mint.rsqrt(var + eps)
-    if weight is not None:
-        out = out * weight.astype(ms.float32)
-    if bias is not None:
-        out = out + bias.astype(ms.float32)
-    return out.astype(dtype)
+    return _layer_norm_cpu(x, weight, bias, eps)
+
+
+def modulated_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Tensor,
+                         shift: Tensor, eps: float) -> Tensor:
+    """layer_norm(x) * (1 + scale) + shift (adaLN modulation): x (b, n, D), scale and shift (b, 1, D)."""
+    if is_ascend():  # pragma: no cover - needs an NPU
+        return layer_norm(x, weight, bias, eps) * (1 + scale) + shift
+    # CPU: the modulation folds into the layer norm's own scale and shift, one fused call per sample
+    dim = x.shape[-1]
+    scale = scale.reshape(-1, dim).astype(ms.float32)
+    shift = shift.reshape(-1, dim).astype(ms.float32)
+    if scale.shape[0] != shift.shape[0] or scale.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"modulated_layer_norm: scale{tuple(scale.shape)} and shift{tuple(shift.shape)} must "
+                         f"have one row per sample of x{tuple(x.shape)} (or one row)")
+    gain = 1 + scale
+    gamma = gain if weight is None else gain * weight.astype(ms.float32)
+    beta = shift if bias is None else shift + gain * bias.astype(ms.float32)
+    if scale.shape[0] == 1:
+        return _layer_norm_cpu(x, gamma[0], beta[0], eps)
+    outs = [_layer_norm_cpu(x[i], gamma[i], beta[i], eps) for i in range(x.shape[0])]
+    return ops.stack(outs, axis=0)
+
+
+def _layer_norm_cpu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """MindSpore's fused LayerNorm kernel (one pass; the composed form is several times slower)."""
+    dtype, dim = x.dtype, x.shape[-1]
+    xf = x if dtype == ms.float32 else x.astype(ms.float32)
+    gamma = mint.ones((dim,), dtype=ms.float32) if weight is None else _f32(weight)
+    beta = mint.zeros((dim,), dtype=ms.float32) if bias is None else _f32(bias)
+    out = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)(xf, gamma, beta)[0]
+    return out if dtype == ms.float32 else out.astype(dtype)
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == ms.float32 else t.astype(ms.float32)
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
@@ -31,10 +57,14 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     if is_ascend() and weight is not None:
         return _rms_norm_ascend(x, weight, eps)
     dtype = x.dtype
-    xf = x.astype(ms.float32)
-    out = (xf * mint.rsqrt(mint.mean(xf * xf, dim=-1, keepdim=True) + eps)).astype(dtype)
+    xf = _f32(x)
+    # CPU: every product is between equal shapes (broadcasting kernels are slow there, see broadcast.py)
+    inv = mint.rsqrt(mint.mean(xf * xf, dim=-1, keepdim=True) + eps)
+    out = xf * expand(inv, xf.shape)
+    if dtype != ms.float32:
+        out = out.astype(dtype)
     if weight is not None:
-        out = out * weight
+        out = out * expand(weight, out.shape)
     return out
 
 

@@ -3,6 +3,8 @@ from typing import Optional
 
 from mindspore import Tensor, mint
 
+from .linear import linear
+
 
 def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Conv2d(kernel=stride=p) of x (n, c, h, w) by weight (d, c, p, p), flattened to (n, h/p*w/p, d).
@@ -21,4 +23,4 @@ def patch_embed(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     else:
         patches = x.reshape(n, c, h // p, p, w // p, p)
         patches = mint.permute(patches, (0, 2, 4, 1, 3, 5)).reshape(n, (h // p) * (w // p), c * p * p)
-    return mint.nn.functional.linear(patches, weight.reshape(d, c * p * p), bias)
+    return linear(patches, weight.reshape(d, c * p * p), bias)
