@@ -82,8 +82,8 @@ def test_describe_plan_lists_fitting_layouts(capsys):
     assert "--cards" in capsys.readouterr().err
 
 
-PROBES = [  # (layers, heads, head_dim, latent grid): not the size the CPU activation units were set on
-    (3, 16, 64, (3, 16, 32)),
+PROBES = [  # (layers, heads, head_dim, latent grid): the default one is not the size the CPU activation
+    (3, 16, 64, (3, 16, 32)),  # units were set on (that is the slow one)
     pytest.param(2, 12, 64, (4, 16, 32), marks=pytest.mark.slow),
 ]
 

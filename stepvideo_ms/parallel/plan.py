@@ -17,8 +17,9 @@ pipeline.py, ulysses.py, shard.py):
   temporaries (2) (the feed-forward phase, x + h + 4D hidden + 4D GELU = 10 units, is smaller;
   attention is fused, no N x N scores). Memory pools do not pack that tightly: the target's
   `activation_units` is CALIBRATED, 30 on Ascend (puts both published points, mindone's ulysses 2 x
-  pp 2 and upstream's ulysses 4, within 7 %) and 72 on the CPU backend (measured peak RSS of small
-  runs: tests/test_plan.py checks it on other sizes);
+  pp 2 and upstream's ulysses 4, within 7 %) and 44 on the CPU backend (peak RSS of a 2-layer,
+  12 x 64 DiT on a 4x16x32 latent grid with the CPU kernels of issue 11; tests/test_plan.py checks it
+  on another size);
 - pipeline: the stage's input/output of each micro-batch in flight (M x m x n x D);
 - conditions: the caption context (B, Lk, D) and the text embeddings;
 - a fixed runtime reserve (framework, HCCL buffers, kernel workspaces): the target's `reserve_gib`.
@@ -66,7 +67,7 @@ class Hardware:
 # MindSpore's CPU backend as tests and benchmarks run it: float32, lockstep gathers, RSS measured above
 # the process's size after start-up (no reserve); activation units from measured peak RSS.
 CPU = Hardware(name="CPU backend", peak_tflops=0.25, utilisation=1.0, link_gb_s=5.0, dtype_bytes=4,
-               activation_units=72.0, reserve_gib=0.0, lockstep=True)
+               activation_units=44.0, reserve_gib=0.0, lockstep=True)
 
 
 @dataclass(frozen=True)
