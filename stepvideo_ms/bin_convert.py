@@ -22,7 +22,7 @@ import shutil
 import struct
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from tqdm.auto import tqdm

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .diffusion.settings import TASK_DEFAULTS, GenerationSettings
+from .diffusion.settings import GenerationSettings
 
 TRANSFORMER_DIR = "transformer"
 SCHEDULER_DIR = "scheduler"

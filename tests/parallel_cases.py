@@ -144,3 +144,12 @@ def output_path(out_dir: str, case: Case, rank: int) -> str:
 
 def reference_path(out_dir: str, case: Case) -> str:
     return os.path.join(out_dir, f"{case.name}.reference.npy")
+
+
+def read_reports(out_dir: str, world: int) -> List[dict]:
+    """The JSON report each rank of a worker launch wrote (tests/parallel_worker.py), in rank order."""
+    reports = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"report.rank{rank}.json"), "r", encoding="utf-8") as fh:
+            reports.append(json.load(fh))
+    return reports

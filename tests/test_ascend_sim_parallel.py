@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from parallel_cases import KINDS, Case, case_inputs, output_path, reference_path, save_cases, tolerance, write_model
+from parallel_cases import (KINDS, Case, case_inputs, output_path, read_reports, reference_path, save_cases,
+                            tolerance, write_model)
 from stepvideo_ms.parallel.msrun import run_msrun
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
@@ -68,19 +69,12 @@ def launches(run_dir):
     return launch
 
 
-def _reports(out: str, world: int):
-    reports = []
-    for rank in range(world):
-        with open(os.path.join(out, f"report.rank{rank}.json"), "r", encoding="utf-8") as fh:
-            reports.append(json.load(fh))
-    return reports
-
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
 @pytest.mark.parametrize("world", [2, 4])
 def test_native_communicator_matches_numpy(launches, world):
     out, result = launches(world)
-    failures = [f"rank {r}: {m}" for r, rep in enumerate(_reports(out, world)) for m in rep["comm"]]
+    failures = [f"rank {r}: {m}" for r, rep in enumerate(read_reports(out, world)) for m in rep["comm"]]
     assert not failures, "\n".join(failures) + "\n" + result.logs()
     assert "device ascend-sim" in result.logs()
 
@@ -89,7 +83,7 @@ def test_native_communicator_matches_numpy(launches, world):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_simulated_parallel_latents_equal_single_process(run_dir, launches, case):
     out, result = launches(case.world)
-    loading = [f"rank {r}: {m}" for r, rep in enumerate(_reports(out, case.world)) for m in rep["loading"][case.name]]
+    loading = [f"rank {r}: {m}" for r, rep in enumerate(read_reports(out, case.world)) for m in rep["loading"][case.name]]
     assert not loading, "\n".join(loading)
     ranks = [np.load(output_path(out, case, r)) for r in range(case.world)]
     for r, got in enumerate(ranks[1:], start=1):
@@ -105,7 +99,7 @@ def test_simulated_parallel_latents_equal_single_process(run_dir, launches, case
 @pytest.mark.parametrize("world", [2, 4])
 def test_simulated_hccl_rules_and_deadlocks(launches, world):
     out, result = launches(world)
-    reports = _reports(out, world)
+    reports = read_reports(out, world)
     assert all("sim" in rep for rep in reports), "the simulation's checks did not run"
     failures = [f"rank {r}: {m}" for r, rep in enumerate(reports) for m in rep["sim"]]
     assert not failures, "\n".join(failures)

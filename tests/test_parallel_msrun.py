@@ -6,14 +6,13 @@ latents (2 denoising steps, CFG batch as two micro-batches) must match the singl
 within 1e-4 x (1 + max|x|) on every rank, and be identical across ranks. Grids of 27 and 5 tokens
 make the sequence split uneven (padding, and at 4-way a rank with no real token).
 """
-import json
 import os
 
 import numpy as np
 import pytest
 
-from parallel_cases import (KINDS, Case, case_inputs, output_path, reference_latents, save_cases, tolerance,
-                            write_model)
+from parallel_cases import (KINDS, Case, case_inputs, output_path, read_reports, reference_latents, save_cases,
+                            tolerance, write_model)
 from stepvideo_ms.parallel.msrun import run_msrun
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
@@ -78,19 +77,12 @@ def launches(models_dir, tmp_path_factory):
     return launch
 
 
-def _reports(out: str, world: int):
-    reports = []
-    for rank in range(world):
-        with open(os.path.join(out, f"report.rank{rank}.json"), "r", encoding="utf-8") as fh:
-            reports.append(json.load(fh))
-    return reports
-
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 120)
 @pytest.mark.parametrize("world", [2, 4])
 def test_communicator_operations_match_numpy(launches, world):
     out, result = launches(world)
-    failures = [f"rank {r}: {msg}" for r, rep in enumerate(_reports(out, world)) for msg in rep["comm"]]
+    failures = [f"rank {r}: {msg}" for r, rep in enumerate(read_reports(out, world)) for msg in rep["comm"]]
     assert not failures, "\n".join(failures) + "\n" + result.logs()
 
 
@@ -98,7 +90,7 @@ def test_communicator_operations_match_numpy(launches, world):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_parallel_latents_equal_single_process(launches, references, case):
     out, result = launches(case.world)
-    loading = [f"rank {r}: {m}" for r, rep in enumerate(_reports(out, case.world)) for m in rep["loading"][case.name]]
+    loading = [f"rank {r}: {m}" for r, rep in enumerate(read_reports(out, case.world)) for m in rep["loading"][case.name]]
     assert not loading, "a rank holds more or less than its share of the weights:\n" + "\n".join(loading)
     ranks = [np.load(output_path(out, case, r)) for r in range(case.world)]
     for r, got in enumerate(ranks[1:], start=1):

@@ -50,7 +50,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         epilog="Two hosts, 16 cards: on each host run the same command with --nnodes 2 --master_addr HOST0 "
                "--ulysses 8 --pp 2 and --node_rank 0 (on HOST0) or 1.")
     p.add_argument("--model_dir", required=True, help="the downloaded model directory")
-    p.add_argument("--prompt", default=None, help=f"the text prompt (default: upstream's example)")
+    p.add_argument("--prompt", default=None, help="the text prompt (default: upstream's example)")
     if task == "ti2v":
         p.add_argument("--first_image_path", required=True, help="the first frame (PNG/JPEG)")
         p.add_argument("--motion_score", type=float, default=None, help="2 steady, 5 default, 10/20 lively")
@@ -301,8 +301,8 @@ def run_filtered(cmd: List[str], env: dict, verbose: bool, log_dir: str, tolerat
     t.join(timeout=5)
     text = b"".join(err_lines).decode("utf-8", errors="replace")
     if rc != 0 and tolerate_scheduler and only_second_scheduler_failed(text):
-        print(f"msrun: this node's workers succeeded; its own scheduler could not start because node 0's holds "
-              f"the port on this machine (a one-machine simulation of several hosts)", file=sys.stderr, flush=True)
+        print("msrun: this node's workers succeeded; its own scheduler could not start because node 0's holds "
+              "the port on this machine (a one-machine simulation of several hosts)", file=sys.stderr, flush=True)
         return 0
     if not verbose:
         if MSRUN_FAILURE in text and "Traceback (most recent call last)" in text:

@@ -6,10 +6,10 @@ describe it without allocating its weights.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn
+from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import Zero, One, initializer
 
 from .. import ops

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn
+from mindspore import Tensor, mint, nn
 
 from .. import ops
 from .common import LayerNorm, Linear, RMSNorm, new_param
