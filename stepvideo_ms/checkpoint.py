@@ -22,6 +22,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 from tqdm.auto import tqdm
 
+from .ops.conv import clear_weight_caches
 from .safetensors_io import SafetensorsFile
 
 MAX_LISTED = 20
@@ -119,6 +120,7 @@ def load_into(
             parts.append(f"wrong shapes ({len(wrong_shape)}): " + "; ".join(wrong_shape[:MAX_LISTED]))
         parts.append("check that the config matches the weights (and the model directory is the right one)")
         raise CheckpointError("\n  ".join(parts))
+    clear_weight_caches(cell)  # layouts made from the old weights go (and free their storage)
     loaded = {}
     order = sorted(params, key=lambda n: (where[n][0].path, n))  # one shard after the other
     for name in tqdm(order, desc=f"loading {type(cell).__name__}", unit="tensor", disable=not progress, leave=False):

@@ -102,3 +102,56 @@ def test_cpu_path_is_the_default_off_ascend(monkeypatch):
     x, w = _rand((1, 4, 3, 4, 4), 17), _rand((4, 4, 3, 3, 3), 18)
     assert conv3d(x, w, None, 1, CAUSAL3).shape == (1, 4, 3, 4, 4)
     assert conv3d(x, w, None, 2, CAUSAL3).shape == (1, 4, 2, 2, 2)
+
+
+
+def test_matmul_weight_is_laid_out_once_and_remade_after_set_data(monkeypatch):
+    """The cached layout gives the uncached result, is built once per weight, and is remade every time
+    set_data gives the weight new values, however many loads come between two calls (the allocator
+    reuses freed addresses: the cache must not take a new weight for the old one)."""
+    x, b = _rand((1, 4, 3, 5, 6), 1), _rand((5,), 3)
+    w = ms.Parameter(_rand((5, 4, 3, 3, 3), 2), name="w")
+    cache, layouts = conv_mod.MatmulWeight(), []
+    real_layout = conv_mod._matmul_layout
+    monkeypatch.setattr(conv_mod, "_matmul_layout", lambda weight: layouts.append(1) or real_layout(weight))
+
+    def cached():
+        return conv3d(x, w, b, 1, CAUSAL3, weight_cache=cache).asnumpy()
+
+    def uncached():
+        return conv3d_native(x, w, b, 1, CAUSAL3).asnumpy()
+
+    first = cached()
+    np.testing.assert_array_equal(cached(), first)
+    assert len(layouts) == 1  # the second call reused the layout
+    for seed in range(10, 22):
+        for extra in range(seed % 3):  # 0-2 loads between two calls, each freeing the previous storage
+            w.set_data(_rand(w.shape, 100 * seed + extra))
+        w.set_data(_rand(w.shape, seed))
+        ref = uncached()
+        np.testing.assert_allclose(cached(), ref, rtol=0, atol=1e-5 * (1 + np.abs(ref).max()))
+    assert len(layouts) == 13  # once per new weight, never per call
+
+
+def test_clear_weight_caches_forgets_every_layout():
+    from stepvideo_ms.models.vae_blocks import CausalConv, FrameConv2d
+
+    class Two(ms.nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.a = CausalConv(4, 4, 3)
+            self.b = FrameConv2d(4, 4, 3)
+
+        def construct(self, x):
+            return self.b(self.a(x))
+
+    model = Two()
+    for _, p in model.parameters_and_names():
+        p.set_data(_rand(p.shape, 5))
+    out = model(_rand((1, 4, 2, 4, 4), 6)).asnumpy()
+    assert out.shape == (1, 4, 2, 4, 4)
+    caches = [model.a.conv.matmul_weight, model.b.matmul_weight]
+    assert all(c._layout is not None for c in caches)
+    assert conv_mod.clear_weight_caches(model) == 2
+    assert all(c._layout is None and c._source is None for c in caches)
+    np.testing.assert_array_equal(model(_rand((1, 4, 2, 4, 4), 6)).asnumpy(), out)

@@ -166,3 +166,25 @@ def test_from_pretrained_folder_and_file(tiny, tmp_path):
         AutoencoderKL.from_pretrained(str(tmp_path), dtype=ms.float32, progress=False)
     with pytest.raises(FileNotFoundError, match="vae_v2.safetensors"):
         AutoencoderKL.from_pretrained(str(tmp_path / "missing"), progress=False)
+
+
+def test_loading_new_weights_into_a_used_model_decodes_with_the_new_ones(tmp_path):
+    """The conv cells keep their weights' CPU matmul layout between calls: loading other weights into
+    a model that already decoded must give exactly what a fresh model with those weights gives."""
+    from stepvideo_ms import checkpoint
+
+    files = []
+    for seed in (0, 1):
+        tensors = {n: p.asnumpy() for n, p in _randomise(AutoencoderKL.from_config(TINY), seed).parameters_and_names()}
+        files.append(str(tmp_path / f"w{seed}.safetensors"))
+        save_file_atomic(tensors, files[-1])
+    latents = np.random.default_rng(3).standard_normal((1, 3, TINY["z_channels"], 1, 2)).astype(np.float32)
+    used = AutoencoderKL.from_config(TINY)
+    checkpoint.load_into(used, files[0], progress=False)
+    first = used.decode(latents, progress=False).asnumpy()
+    checkpoint.load_into(used, files[1], progress=False)
+    again = used.decode(latents, progress=False).asnumpy()
+    fresh = AutoencoderKL.from_config(TINY)
+    checkpoint.load_into(fresh, files[1], progress=False)
+    np.testing.assert_array_equal(again, fresh.decode(latents, progress=False).asnumpy())
+    assert np.abs(again - first).max() > 1e-3

@@ -43,9 +43,10 @@ class Conv3d(nn.Cell):
         self.padding = padding
         self.weight = new_param((chan_out, chan_in) + self.kernel, dtype)
         self.bias = new_param((chan_out,), dtype)
+        self.matmul_weight = ops.MatmulWeight()  # the weight's CPU layout, kept between calls
 
     def construct(self, x: Tensor) -> Tensor:
-        return ops.conv3d(x, self.weight, self.bias, self.stride, self.padding)
+        return ops.conv3d(x, self.weight, self.bias, self.stride, self.padding, weight_cache=self.matmul_weight)
 
 
 class FrameConv2d(nn.Cell):
@@ -58,9 +59,11 @@ class FrameConv2d(nn.Cell):
         self.padding = ((0, 0),) + tuple(padding)
         self.weight = new_param((chan_out, chan_in, kernel, kernel), dtype)
         self.bias = new_param((chan_out,), dtype)
+        self.matmul_weight = ops.MatmulWeight()  # the weight's CPU layout, kept between calls
 
     def construct(self, x: Tensor) -> Tensor:
-        return ops.conv3d(x, self.weight.expand_dims(2), self.bias, self.stride, self.padding)
+        return ops.conv3d(x, self.weight.expand_dims(2), self.bias, self.stride, self.padding,
+                          weight_cache=self.matmul_weight)
 
 
 class CausalConv(nn.Cell):

@@ -4,7 +4,7 @@ Each function has a CPU implementation that runs on MindSpore's CPU backend and 
 with the fused kernel; callers never test the backend themselves.
 """
 from .attention import KeyMask, attention
-from .conv import conv2d, conv3d, conv3d_native
+from .conv import MatmulWeight, clear_weight_caches, conv2d, conv3d, conv3d_native
 from .embedding import embedding
 from .linear import linear, linear_heads
 from .norms import group_norm, layer_norm, modulated_layer_norm, rms_norm

@@ -11,7 +11,8 @@ rewrites a convolution as a matrix product:
   padded copy, no strided slicing and no cropping (MindSpore's CPU slicing and padding kernels
   are slow; its gather moves memory several times faster than concatenating shifted slices);
 - pointwise (1x1x1, unpadded, stride 1) convolutions keep the native kernel, which is fast there;
-- one matmul by the weight laid out (taps*C, Co), per tile of output positions (whole frames,
+- one matmul by the weight laid out (taps*C, Co) (laid out once per weight when the caller keeps
+  a `MatmulWeight` for it, as the VAE's conv cells do), per tile of output positions (whole frames,
   or bands of rows of one frame), the tiles sized so one im2col matrix never exceeds
   `max_cols_bytes`; each tile reads only its input frames, so beyond input and output the
   memory held is one tile's worth.
@@ -45,12 +46,16 @@ def conv3d(
     stride: IntOrSeq = 1,
     padding: PaddingSpec = 0,
     max_cols_bytes: int = DEFAULT_MAX_COLS_BYTES,
+    *,
+    weight_cache: Optional["MatmulWeight"] = None,
 ) -> Tensor:
     """Cross-correlation of x (N, C, T, H, W) with weight (Co, C, kt, kh, kw), plus bias (Co,).
 
     stride: int or (st, sh, sw).
     padding: zeros added to each side: int, (pt, ph, pw) (both sides) or
         ((t_front, t_back), (h_top, h_bottom), (w_left, w_right)).
+    weight_cache: on CPU, keeps this weight's matmul layout between calls (one per weight; unused
+        on Ascend).
     Returns (N, Co, To, Ho, Wo) in x's dtype.
     """
     strides = _as_tuple(stride, 3, "stride")
@@ -58,7 +63,7 @@ def conv3d(
     _check(x, weight, bias, 5, strides, pads)
     if is_ascend():
         return _conv3d_ascend(x, weight, bias, strides, pads)
-    return _conv_matmul(x, weight, bias, strides, pads, max_cols_bytes)
+    return _conv_matmul(x, weight, bias, strides, pads, max_cols_bytes, weight_cache)
 
 
 def conv2d(
@@ -159,8 +164,10 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], ndim: int, strides
 # CPU: one gather (im2col) and one matmul per tile of output positions
 
 
-def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pads, max_cols_bytes: int) -> Tensor:
+def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pads, max_cols_bytes: int,
+                 weight_cache: Optional["MatmulWeight"] = None) -> Tensor:
     dtype = x.dtype
+    source = weight
     x, weight, bias = _f32(x), _f32(weight), None if bias is None else _f32(bias)
     n, c, *sizes = x.shape
     co, _, *kernel = weight.shape
@@ -174,9 +181,10 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
     reorder_cols = out_sizes[0] * out_sizes[1] * out_sizes[2] < co
     if reorder_cols:
         wmat = weight.reshape(co, c * taps)
+    elif weight_cache is not None:
+        wmat = weight_cache.get(source, lambda: _matmul_layout(weight))
     else:
-        # a transpose kernel (one copy) is faster on CPU than reshaping a permuted view
-        wmat = ops.transpose(weight.reshape(co, c, taps), (2, 1, 0)).reshape(taps * c, co)
+        wmat = _matmul_layout(weight)
     samples = []
     for i in range(n):
         pieces, rows, rows_span = [], None, None  # pieces: (Co, frames, rows, Wo) per block
@@ -199,6 +207,57 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
         samples.append(_assemble(pieces, out_sizes[1]))
     out = samples[0].expand_dims(0) if n == 1 else ops.stack(samples, axis=0)
     return _as(out, dtype)
+
+
+def _matmul_layout(weight: Tensor) -> Tensor:
+    """(Co, C, kt, kh, kw) -> (taps*C, Co), rows ordered (tap, channel) like the gathered columns."""
+    co, c = weight.shape[:2]
+    # a transpose kernel (one copy) is faster on CPU than reshaping a permuted view
+    return ops.transpose(weight.reshape(co, c, -1), (2, 1, 0)).reshape(-1, co)
+
+
+class MatmulWeight:
+    """One conv weight's CPU matmul layout, made on first use and remade when the weight changes.
+
+    Laying the weight out costs a copy of it (about 40% of a 512-channel conv at 8x8 on CPU), so a
+    cell that owns a conv weight keeps one of these and passes it as `weight_cache`. The layout is
+    reused while the weight tensor still reads the storage it was made from: `Parameter.set_data`
+    (which checkpoint loading uses) gives the weight new storage, and this object holds a view of
+    the old storage so its address cannot be handed to another tensor meanwhile. Writes in place
+    into the weight's storage (assign, copy_, item assignment) are not seen: call `clear()` after
+    them (`clear_weight_caches(cell)` does it for a whole model; `checkpoint.load_into` calls it).
+    """
+
+    __slots__ = ("_source", "_layout")
+
+    def __init__(self) -> None:
+        self._source: Optional[Tensor] = None
+        self._layout: Optional[Tensor] = None
+
+    def get(self, weight: Tensor, make) -> Tensor:
+        """The layout `make()` builds from `weight`, made again only if `weight` is a new one."""
+        src = self._source
+        if (self._layout is None or src is None or weight.data_ptr() != src.data_ptr()
+                or tuple(weight.shape) != tuple(src.shape) or weight.dtype != src.dtype):
+            self._layout = None  # drop the old layout before making the new one
+            self._layout = make()
+            self._source = weight.view(tuple(weight.shape))  # keeps the storage (and so its address) alive
+        return self._layout
+
+    def clear(self) -> None:
+        self._source = None
+        self._layout = None
+
+
+def clear_weight_caches(cell) -> int:
+    """Forget every `MatmulWeight` layout held by `cell` and its sub-cells; returns how many."""
+    count = 0
+    for _, sub in cell.cells_and_names():
+        for value in vars(sub).values():
+            if isinstance(value, MatmulWeight):
+                value.clear()
+                count += 1
+    return count
 
 
 def _f32(t: Tensor) -> Tensor:
