@@ -16,7 +16,6 @@ directory), then presents it as `hccl_world_group`; no other CPU collective is u
 """
 from __future__ import annotations
 
-import inspect
 import os
 import secrets
 import tempfile
@@ -26,7 +25,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from . import accounting
+from . import accounting, patching
 from .side_channel import Channel
 
 ENV_TIMEOUT = "STEPVIDEO_SIM_HCCL_TIMEOUT"
@@ -91,13 +90,7 @@ def need_world(what: str) -> _World:
 def bind_call(name: str, args, kwargs) -> Dict[str, object]:
     """The call bound to the real function's (or class constructor's) signature, defaults applied
     (TypeError as on the device)."""
-    sig = inspect.signature(_originals[name])
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError as err:
-        raise TypeError(f"{name}(): {err}") from None
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    return patching.bind(_originals[name], name, args, kwargs)
 
 
 # ---- host <-> wire ---------------------------------------------------------------------------
