@@ -66,6 +66,18 @@ def rms_norm_emulator(real):
     return rms_norm
 
 
+def _check_eps(op: str, eps) -> None:
+    if not isinstance(eps, float):
+        raise TypeError(f"For '{op}', 'eps' must be a float, got {eps!r}")
+
+
+def _check_affine(op: str, a, shape) -> None:
+    """The optional `weight` and `bias` of a norm are tensors of exactly `shape`."""
+    for arg in ("weight", "bias"):
+        if a[arg] is not None and tuple(require_tensor(op, arg, a[arg]).shape) != tuple(shape):
+            raise ValueError(f"For '{op}', {arg}{tuple(a[arg].shape)} must have the shape {tuple(shape)}")
+
+
 # ---------------------------------------------------------------------------------------------
 # mint.nn.functional.layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05)
 
@@ -78,15 +90,12 @@ def layer_norm_emulator(real):
             shape = (shape,)
         if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) for s in shape):
             raise TypeError(f"For 'layer_norm', 'normalized_shape' must be an int, tuple or list, got {shape!r}")
-        if not isinstance(a["eps"], float):
-            raise TypeError(f"For 'layer_norm', 'eps' must be a float, got {a['eps']!r}")
+        _check_eps("layer_norm", a["eps"])
         require_dtype("layer_norm", "input", x, FLOATS)
         n = len(shape)
         if tuple(x.shape[x.ndim - n:]) != tuple(shape):
             raise ValueError(f"For 'layer_norm', normalized_shape {tuple(shape)} is not the end of input{tuple(x.shape)}")
-        for arg in ("weight", "bias"):
-            if a[arg] is not None and tuple(require_tensor("layer_norm", arg, a[arg]).shape) != tuple(shape):
-                raise ValueError(f"For 'layer_norm', {arg}{tuple(a[arg].shape)} must be normalized_shape {tuple(shape)}")
+        _check_affine("layer_norm", a, tuple(shape))
         axes = tuple(range(x.ndim - n, x.ndim))
         xf = x.astype(ms.float32)
         centred = xf - mint.mean(xf, dim=axes, keepdim=True)
@@ -109,14 +118,11 @@ def group_norm_emulator(real):
         groups = a["num_groups"]
         if not isinstance(groups, int) or isinstance(groups, bool):
             raise TypeError(f"For 'group_norm', 'num_groups' must be an int, got {groups!r}")
-        if not isinstance(a["eps"], float):
-            raise TypeError(f"For 'group_norm', 'eps' must be a float, got {a['eps']!r}")
+        _check_eps("group_norm", a["eps"])
         if groups < 1 or x.ndim < 2 or x.shape[1] % groups:
             raise ValueError(f"For 'group_norm', num_groups={groups} must be >= 1 and divide the channels of input{tuple(x.shape)}")
         require_dtype("group_norm", "input", x, FLOATS)
-        for arg in ("weight", "bias"):
-            if a[arg] is not None and tuple(require_tensor("group_norm", arg, a[arg]).shape) != (x.shape[1],):
-                raise ValueError(f"For 'group_norm', {arg}{tuple(a[arg].shape)} must be ({x.shape[1]},)")
+        _check_affine("group_norm", a, (x.shape[1],))
         out = real(x.astype(ms.float32), groups, _f32(a["weight"]), _f32(a["bias"]), a["eps"])
         return out.astype(x.dtype)
     return group_norm
