@@ -213,14 +213,10 @@ def check_outputs(args) -> None:
 
 
 def output_stem(args, settings: GenerationSettings) -> str:
-    """The MP4/JSON name: a numbered suffix when that name exists already, unless --overwrite."""
-    from .diffusion.pipeline import safe_stem
-    from .output_files import free_stem
+    """The MP4/JSON name this run writes: a numbered suffix when that name exists already, unless --overwrite."""
+    from .diffusion.pipeline import output_stem as stem_in
 
-    stem = args.output_file_name or safe_stem(settings.prompt)
-    if args.name_suffix:
-        stem = f"{stem}-{args.name_suffix}"
-    return free_stem(os.path.abspath(args.save_path), stem, args.overwrite)
+    return stem_in(args.save_path, settings.prompt, args.output_file_name, args.name_suffix, args.overwrite)
 
 
 def world_size_from_env() -> int:
@@ -344,8 +340,8 @@ def run(args) -> int:
                           "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
                           "pp_degree": mesh.pp_degree, "stages": [str(r) for r in mesh.partition(model.num_layers)]},
              "device": rt.device}
-    os.makedirs(args.save_path, exist_ok=True)
-    mp4, js = pipe.write_outputs(frames, settings, args.save_path, output_stem(args, settings), "", extra)
+    mp4, js = pipe.write_outputs(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra,
+                                 overwrite=args.overwrite)
     print(f"[run_parallel] video: {mp4}\n[run_parallel] record: {js}", flush=True)
     return 0
 

@@ -157,12 +157,7 @@ class GenerationWorld:
             timings["decode_s"] = time.perf_counter() - t0
             timings["job_s"] = time.perf_counter() - t_start
             record = dict(self.info, timings=dict(timings, load_once_s=self.load_s), **(extra or {}))
-            from .diffusion.pipeline import safe_stem
-            from .output_files import free_stem
-
-            os.makedirs(save_path, exist_ok=True)  # an existing name gets a numbered suffix unless --overwrite
-            stem = free_stem(save_path, job.output_file_name or safe_stem(s.prompt),
-                             overwrite=getattr(self.args, "overwrite", False))
-            return self.pipe.write_outputs(frames, s, save_path, stem, "", record)
+            return self.pipe.write_outputs(frames, s, save_path, job.output_file_name, "", record,
+                                           overwrite=getattr(self.args, "overwrite", False))
         except Exception as exc:
             raise JobFailed(f"decoding or writing failed: {type(exc).__name__}: {exc}") from exc

@@ -200,12 +200,12 @@ class StepVideoPipeline:
         return np.asarray(self.vae.vae_decode(latents), np.float32)
 
     def write_outputs(self, frames: np.ndarray, s: GenerationSettings, save_path: str, output_file_name: str = "",
-             name_suffix: str = "", extra: Optional[dict] = None) -> (str, str):
-        """Write the MP4 (uint8, 540p centre crop when larger, 25 fps) and a JSON of the run beside it."""
+                      name_suffix: str = "", extra: Optional[dict] = None, overwrite: bool = False) -> (str, str):
+        """Write the MP4 (uint8, 540p centre crop when larger, 25 fps) and a JSON of the run beside it,
+        under a name no earlier video holds (`output_stem`) unless `overwrite`."""
         clip = video_io.crop_to_540p(video_io.frames_to_uint8(frames[0]))
-        stem = output_file_name or safe_stem(s.prompt)
-        if name_suffix:
-            stem = f"{stem}-{name_suffix}"
+        os.makedirs(save_path, exist_ok=True)
+        stem = output_stem(save_path, s.prompt, output_file_name, name_suffix, overwrite)
         mp4 = video_io.write_mp4(clip, os.path.join(save_path, f"{stem}.mp4"))
         record = {"settings": s.to_dict(), "video": os.path.basename(mp4), "frames": int(clip.shape[0]),
                   "size": [int(clip.shape[1]), int(clip.shape[2])]}
@@ -235,6 +235,18 @@ class StepVideoPipeline:
             info = dict(extra or {}, timings=timings)
             result.video_path, result.json_path = self.write_outputs(frames, s, save_path, output_file_name, name_suffix, info)
         return result
+
+
+def output_stem(save_path: str, prompt: str, output_file_name: str = "", name_suffix: str = "",
+                overwrite: bool = False) -> str:
+    """The MP4/JSON name: the given name (else the prompt's start) and suffix, with a numbered suffix
+    when a video of that name exists in `save_path` already, unless `overwrite`."""
+    from ..output_files import free_stem
+
+    stem = output_file_name or safe_stem(prompt)
+    if name_suffix:
+        stem = f"{stem}-{name_suffix}"
+    return free_stem(os.path.abspath(save_path), stem, overwrite)
 
 
 def safe_stem(prompt: str, limit: int = 50) -> str:
