@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stepvideo_ms.bin_convert import ConvertError, convert_dir, convert_file
-from stepvideo_ms.torch_bin import TorchBinError
+from stepvideo_ms.formats.bin_convert import ConvertError, convert_dir, convert_file
+from stepvideo_ms.formats.torch_bin import TorchBinError
 
 EPILOG = """\
 single file:  --pt_filename F.bin [--sf_filename F.safetensors] [--config_path config.json]

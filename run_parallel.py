@@ -7,7 +7,7 @@ from stepvideo_ms.console import quiet_process
 
 quiet_process()  # before MindSpore is imported: it reads its log level once
 
-from stepvideo_ms.launch import main  # noqa: E402
+from stepvideo_ms.generation.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_convert.py [--size_mib 1152] [--workdir /tmp] [--keep]
 
 Builds a state dict of float32 and bfloat16 tensors (32 MiB each, plus a few small ones) with
-stepvideo_ms.torch_bin_writer.save_bin, then runs `python convert.py` on it in a child process and
+stepvideo_ms.formats.torch_bin_writer.save_bin, then runs `python convert.py` on it in a child process and
 reads the child's peak RSS (VmHWM in /proc). For scale, in the same run it also times a plain
 `cp` + `sync` of the file and the peak RSS of a child that only imports the converter. The input
 was just written (and flushed), so it is read from the page cache (warm). Temporary files are removed at the end
@@ -26,7 +26,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from stepvideo_ms.torch_bin_writer import save_bin  # noqa: E402
+from stepvideo_ms.formats.torch_bin_writer import save_bin  # noqa: E402
 
 TENSOR_MIB = 32
 
@@ -118,7 +118,7 @@ def main():
 
         out = os.path.join(work, "model.safetensors")
         secs, rss = run_measured(["convert.py", "--pt_filename", src, "--sf_filename", out, "--no_progress"])
-        _, base_rss = run_measured(["-c", "import stepvideo_ms.bin_convert"])
+        _, base_rss = run_measured(["-c", "import stepvideo_ms.formats.bin_convert"])
         copy_secs = run_timed(["sh", "-c", 'cp "$0" "$1" && sync "$1"', src, os.path.join(work, "copy.bin")])
         mib = size / 2**20
         print(f"convert.py : {secs:6.2f} s  {mib / secs:7.1f} MiB/s (read, write, fsync, re-read and verify)  "

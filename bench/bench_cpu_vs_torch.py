@@ -37,7 +37,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import Tensor  # noqa: E402
 
 from stepvideo_ms import runtime  # noqa: E402
-from stepvideo_ms.tiny import random_state  # noqa: E402
+from stepvideo_ms.tools.tiny import random_state  # noqa: E402
 
 SEED = 11
 DIT = dict(num_attention_heads=8, attention_head_dim=128, in_channels=64, out_channels=64, num_layers=4,

@@ -83,7 +83,7 @@ def main():
     print(json.dumps(result, indent=1))
     if a.out:
         sys.path.insert(0, REPO)
-        from stepvideo_ms.atomic import write_json
+        from stepvideo_ms.formats.atomic import write_json
         write_json(a.out, result)
 
 

@@ -52,7 +52,7 @@ def config_of(args) -> dict:
 def write_model(folder: str, config: dict) -> None:
     from mindspore.nn.utils import no_init_parameters
     from stepvideo_ms.models.dit import StepVideoModel
-    from stepvideo_ms.safetensors_io import save_file_atomic
+    from stepvideo_ms.formats.safetensors_io import save_file_atomic
 
     with no_init_parameters():
         model = StepVideoModel.from_config(config)

@@ -121,7 +121,7 @@ def main() -> int:
     args = parser.parse_args()
     runtime.init("CPU")
     from stepvideo_ms.models.vae import AutoencoderKL
-    from stepvideo_ms.safetensors_io import SafetensorsFile, load_file
+    from stepvideo_ms.formats.safetensors_io import SafetensorsFile, load_file
 
     if not args.skip_conv:
         conv_bench()

@@ -29,7 +29,7 @@ mkdir -p "$LOGS"
 
 echo "[demo] building the tiny model directories"
 for task in t2v ti2v; do
-  "$PY" -P -m stepvideo_ms.tiny "$OUT/tiny_$task" --task "$task" --force > "$LOGS/tiny_$task.log" 2>&1 \
+  "$PY" -P -m stepvideo_ms tiny "$OUT/tiny_$task" --task "$task" --force > "$LOGS/tiny_$task.log" 2>&1 \
     || { cat "$LOGS/tiny_$task.log" >&2; exit 1; }
 done
 

@@ -6,7 +6,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .atomic import atomic_output
+from .formats.atomic import atomic_output
 from .diffusion.settings import FPS
 
 

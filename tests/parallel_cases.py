@@ -70,7 +70,7 @@ def _weight(name: str, shape, rng: np.random.Generator) -> np.ndarray:
 def write_model(folder: str, kind: str, seed: int = 0) -> str:
     """A random-weight tiny DiT directory (config.json + one safetensors file)."""
     from stepvideo_ms.models.dit import StepVideoModel
-    from stepvideo_ms.safetensors_io import save_file_atomic
+    from stepvideo_ms.formats.safetensors_io import save_file_atomic
 
     os.makedirs(folder, exist_ok=True)
     config = model_config(kind)

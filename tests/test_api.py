@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from stepvideo_ms import launch
-from stepvideo_ms.safetensors_io import load_file
+from stepvideo_ms.generation import cli
+from stepvideo_ms.formats.safetensors_io import load_file
 
 DEMO_IMAGE = os.path.join(REPO, "assets", "demo.png")
 SMALL = dict(num_frames=17, height=48, width=80, infer_steps=2)
@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
     def make(task):
         if task not in built:
             out = tmp_path_factory.mktemp(f"api_{task}") / "model"
-            subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(out), "--task", task], check=True,
+            subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", str(out), "--task", task], check=True,
                            cwd=REPO, capture_output=True, env={**os.environ, "GLOG_v": "3"})
             built[task] = str(out)
         return built[task]
@@ -125,7 +125,7 @@ def test_one_process_command_line_equals_the_api(api, tmp_path):
     if task == "ti2v":
         image = DEMO_IMAGE
         args += ["--first_image_path", image, "--motion_score", "5"]
-    assert launch.main(args) == 0
+    assert cli.main(args) == 0
     latents = load_file(str(tmp_path / "latents.safetensors"))["latents"]
     expected = pipe("a red house", first_image=image, output_type="latent", seed=4, **SMALL)
     np.testing.assert_allclose(latents, expected, rtol=0, atol=1e-5)

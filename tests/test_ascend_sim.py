@@ -189,7 +189,7 @@ def run_sim(args, timeout=600):
 
 def test_verify_passes_under_ascend_sim(golden_dir):
     """The six float32 kinds with the float32 policy and the three bf16 cases with the bf16 policy."""
-    proc = run_sim(["-m", "stepvideo_ms.verify", "--golden", golden_dir, "--device", "ascend-sim"])
+    proc = run_sim(["-m", "stepvideo_ms", "verify", "--golden", golden_dir, "--device", "ascend-sim"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if " PASS " in line}
     assert {"clip", "dit_t2v", "dit_ti2v", "sampler", "step_llm", "vae"} <= set(lines), proc.stdout
@@ -210,7 +210,7 @@ def test_ascend_branches_under_the_simulation():
 @pytest.fixture(scope="module")
 def sim_server(tmp_path_factory):
     from serving_support import ServerProcess
-    from stepvideo_ms.tiny import write_tiny_model
+    from stepvideo_ms.tools.tiny import write_tiny_model
 
     model = write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0, task="t2v")
     srv = ServerProcess(model, str(tmp_path_factory.mktemp("logs")), "sim", "--port", 0,

@@ -121,7 +121,7 @@ def sim_served(tmp_path_factory):
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
 def test_run_parallel_under_simulation_equals_single_process(sim_served, tmp_path):
     """TI2V on 45 tokens, ulysses 2 x pp 2 (AlltoAll on sub-groups, send/recv between stages)."""
-    from stepvideo_ms.safetensors_io import load_file
+    from stepvideo_ms.formats.safetensors_io import load_file
     from test_run_parallel import _args
 
     model, url = sim_served

@@ -6,10 +6,10 @@ import pytest
 import mindspore as ms
 from mindspore import nn
 
-from stepvideo_ms import checkpoint
-from stepvideo_ms.checkpoint import CheckpointError
+from stepvideo_ms.formats import checkpoint
+from stepvideo_ms.formats.checkpoint import CheckpointError
 from stepvideo_ms.models.common import Linear
-from stepvideo_ms.safetensors_io import SafetensorsError, f32_to_bf16_bits, save_file_atomic
+from stepvideo_ms.formats.safetensors_io import SafetensorsError, f32_to_bf16_bits, save_file_atomic
 
 
 class Tiny(nn.Cell):
@@ -109,7 +109,7 @@ def test_select_loads_only_a_stage_and_ignores_other_keys(tmp_path):
 
 
 def test_bf16_checkpoint_is_cast_to_the_policy_dtype(tmp_path):
-    from stepvideo_ms.safetensors_io import bf16_to_f32
+    from stepvideo_ms.formats.safetensors_io import bf16_to_f32
     w = weights()
     raw = {k: v for k, v in w.items()}
     # write a BF16 file by hand: the safetensors numpy API has no bfloat16

@@ -12,10 +12,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from stepvideo_ms import bin_convert
-from stepvideo_ms.safetensors_io import SafetensorsFile, f32_to_bf16_bits
-from stepvideo_ms.torch_bin import ForbiddenGlobalError, TorchBinError, TorchCheckpoint, load_bin
-from stepvideo_ms.torch_bin_writer import save_bin
+from stepvideo_ms.formats import bin_convert
+from stepvideo_ms.formats.safetensors_io import SafetensorsFile, f32_to_bf16_bits
+from stepvideo_ms.formats.torch_bin import ForbiddenGlobalError, TorchBinError, TorchCheckpoint, load_bin
+from stepvideo_ms.formats.torch_bin_writer import save_bin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
@@ -340,7 +340,7 @@ def _sharded(folder):
 
 
 def test_sharded_directory_converts_with_an_index(tmp_path):
-    from stepvideo_ms.checkpoint import checkpoint_files
+    from stepvideo_ms.formats.checkpoint import checkpoint_files
 
     shards = _sharded(tmp_path / "pt")
     assert run_cli("--pt_dir", str(tmp_path / "pt"), "--sf_dir", str(tmp_path / "sf")) == 0

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from stepvideo_ms import launch
-from stepvideo_ms.safetensors_io import load_file
+from stepvideo_ms.generation import cli
+from stepvideo_ms.formats.safetensors_io import load_file
 
 SCRIPTS = os.path.join(REPO, "scripts")
 TOKEN = "s3cret-deploy-token"
@@ -58,7 +58,7 @@ def processes_mentioning(text):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     for task in ("t2v", "ti2v"):  # same seed: the T2V directory's servers serve both
-        subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(root / "models" / task), "--task", task],
+        subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", str(root / "models" / task), "--task", task],
                        check=True, cwd=REPO, capture_output=True)
     return root
 
@@ -191,7 +191,7 @@ def test_servers_runs_two_hosts_and_stop_for_real(models, capsys):
             console.append(results[rank].stdout + results[rank].stderr)
             assert results[rank].returncode == 0, results[rank].stdout + results[rank].stderr
         single = root / "single.safetensors"
-        assert launch.main(["--model_dir", str(root / "models" / "t2v"), "--caption_url", urls[1], "--vae_url",
+        assert cli.main(["--model_dir", str(root / "models" / "t2v"), "--caption_url", urls[1], "--vae_url",
                             urls[3], "--prompt", launch_prompt(), *SMALL, "--no_video", "--save_latents",
                             str(single), "--auth_token", TOKEN]) == 0
         console.append("".join(capsys.readouterr()))

@@ -6,7 +6,7 @@ from mindspore import Tensor
 
 from stepvideo_ms.models.dit import StepVideoModel, text_key_mask
 from stepvideo_ms.models.rope import Rope3D, grid_positions, rope_channel_split
-from stepvideo_ms.describe import build_empty
+from stepvideo_ms.tools.describe import build_empty
 
 
 def test_grid_positions_follow_frame_row_column_order():

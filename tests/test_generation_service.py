@@ -36,7 +36,7 @@ def frames_of(path):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     out = tmp_path_factory.mktemp("svc_t2v") / "model"
-    subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(out), "--task", "t2v"], check=True, cwd=REPO,
+    subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", str(out), "--task", "t2v"], check=True, cwd=REPO,
                    capture_output=True, env={**os.environ, "GLOG_v": "3"})
     return str(out)
 
@@ -69,7 +69,7 @@ def test_prompts_file_reports_the_bad_line_and_writes_the_others(batch):
     assert written == ["first.json", "first.mp4", "second.json", "second.mp4"], logs
     record = json.loads((out / "videos" / "first.json").read_text())
     assert record["settings"]["seed"] == 3 and record["prompts_file"]["line"] == 1
-    assert record["parallel"]["ulysses_degree"] == 2 and "load_once_s" in record["timings"]
+    assert record["parallel"]["ulysses_degree"] == 2 and "load_s" in record["timings"]
     assert frames_of(out / "videos" / "first.mp4").shape == (17, 48, 80, 3)
 
 
@@ -178,19 +178,19 @@ def test_sigterm_finishes_the_running_job_drops_the_queue_and_stops_every_rank(s
     (["--prompts_file", "/nonexistent/jobs.jsonl"], "no such file"),
 ])
 def test_mode_arguments_are_checked_first(model, tmp_path, capsys, monkeypatch, extra, message):
-    from stepvideo_ms import launch
+    from stepvideo_ms.generation import cli
     monkeypatch.delenv("STEPVIDEO_AUTH_TOKEN", raising=False)
-    assert launch.main(["--model_dir", model, "--caption_url", "local", "--vae_url", "local",
+    assert cli.main(["--model_dir", model, "--caption_url", "local", "--vae_url", "local",
                         "--save_path", str(tmp_path / "out"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_prompts_file_without_a_usable_line_stops_before_loading(model, tmp_path, capsys):
-    from stepvideo_ms import launch
+    from stepvideo_ms.generation import cli
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"prompt": "x", "first_image_path": "a.png"}\n\nnot json\n')
-    assert launch.main(["--model_dir", model, "--prompts_file", str(jobs), "--save_path", str(tmp_path / "out"),
+    assert cli.main(["--model_dir", model, "--prompts_file", str(jobs), "--save_path", str(tmp_path / "out"),
                         "--caption_url", "local", "--vae_url", "local"]) == 2
     err = capsys.readouterr().err
     assert "jobs.jsonl line 1: first_image_path is for TI2V" in err and "jobs.jsonl line 3: not valid JSON" in err
@@ -198,15 +198,15 @@ def test_a_prompts_file_without_a_usable_line_stops_before_loading(model, tmp_pa
 
 
 def test_exactly_one_mode(model, capsys):
-    from stepvideo_ms import launch
+    from stepvideo_ms.generation import cli
     with pytest.raises(SystemExit) as exc:
-        launch.main(["--model_dir", model, "--prompt", "x", "--serve"])
+        cli.main(["--model_dir", model, "--prompt", "x", "--serve"])
     assert exc.value.code == 2 and "exactly one of --prompt, --prompts_file, --serve" in capsys.readouterr().err
 
 
 def test_single_video_flags_are_refused_for_many(model, capsys):
-    from stepvideo_ms import launch
+    from stepvideo_ms.generation import cli
     with pytest.raises(SystemExit) as exc:
-        launch.main(["--model_dir", model, "--serve", "--first_image_path", "a.png", "--save_latents", "l.safetensors"])
+        cli.main(["--model_dir", model, "--serve", "--first_image_path", "a.png", "--save_latents", "l.safetensors"])
     assert exc.value.code == 2
     assert "--first_image_path, --save_latents belong(s) to one video" in capsys.readouterr().err

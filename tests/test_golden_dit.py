@@ -1,7 +1,7 @@
 """The DiT and the denoising loop against the upstream PyTorch outputs (../shared/golden)."""
 import pytest
 
-from stepvideo_ms import verify
+from stepvideo_ms.tools import verify
 
 
 @pytest.mark.parametrize("case", ["dit_t2v", "dit_ti2v", "sampler"])
@@ -14,7 +14,7 @@ def test_verify_case_passes(golden_dir, case, capsys):
 def test_verify_fails_on_a_wrong_golden_output(golden_dir, tmp_path, capsys):
     """A perturbed output must be reported as FAIL with a non-zero exit: the check can fail."""
     import numpy as np
-    from stepvideo_ms.safetensors_io import SafetensorsFile, load_file, save_file_atomic
+    from stepvideo_ms.formats.safetensors_io import SafetensorsFile, load_file, save_file_atomic
 
     io = load_file(f"{golden_dir}/dit_t2v_io.safetensors")
     meta = SafetensorsFile(f"{golden_dir}/dit_t2v_io.safetensors").metadata

@@ -224,7 +224,7 @@ def test_block_layout_slices_cover_every_element_once():
 
 
 def test_safetensors_get_range_reads_flat_element_ranges(tmp_path):
-    from stepvideo_ms.safetensors_io import SafetensorsFile, save_file_atomic
+    from stepvideo_ms.formats.safetensors_io import SafetensorsFile, save_file_atomic
 
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     save_file_atomic({"x": x}, str(tmp_path / "t.safetensors"))

@@ -20,7 +20,7 @@ DEMO_IMAGE = os.path.join(REPO, "assets", "demo.png")
 @pytest.fixture(scope="module", params=["t2v", "ti2v"])
 def pipeline(request, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp(f"tiny_{request.param}") / "model"
-    subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(model_dir), "--task", request.param],
+    subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", str(model_dir), "--task", request.param],
                    check=True, cwd=REPO, capture_output=True, env={**os.environ, "GLOG_v": "3"})
     transformer = str(model_dir / "transformer")
     model = StepVideoModel.from_pretrained(transformer, progress=False)

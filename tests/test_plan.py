@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from stepvideo_ms import describe
+from stepvideo_ms.tools import describe
 from stepvideo_ms.parallel import Mesh
 from stepvideo_ms.parallel import plan as planner
 

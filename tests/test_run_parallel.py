@@ -13,9 +13,9 @@ import pytest
 
 from conftest import REPO
 from serving_support import ServerProcess
-from stepvideo_ms import launch
+from stepvideo_ms.generation import checks, cli
 from stepvideo_ms.parallel.msrun import run_msrun
-from stepvideo_ms.safetensors_io import load_file
+from stepvideo_ms.formats.safetensors_io import load_file
 
 LAUNCH_TIMEOUT = 420
 ODD_GRID = ["--num_frames", "17", "--height", "48", "--width", "80"]  # latents 3 x 3 x 5: 45 tokens
@@ -26,7 +26,7 @@ LAYOUTS = [(2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (1, 1, 2, True)
 
 def _make_model(tmp_path_factory, task):
     out = tmp_path_factory.mktemp(f"tiny_{task}") / "model"
-    subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(out), "--task", task, "--seed", "3"],
+    subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", str(out), "--task", task, "--seed", "3"],
                    check=True, cwd=REPO, capture_output=True, env={**os.environ, "GLOG_v": "3"})
     return str(out)
 
@@ -53,7 +53,7 @@ def _args(task, model, url, out_dir, extra=()):
 def single(served, tmp_path_factory):
     task, model, url = served
     out = tmp_path_factory.mktemp(f"single_{task}")
-    assert launch.main(_args(task, model, url, out)) == 0
+    assert cli.main(_args(task, model, url, out)) == 0
     return load_file(str(out / "latents.safetensors"))["latents"], out
 
 
@@ -119,32 +119,32 @@ def test_validation_errors_name_the_argument(t2v_model, tmp_path, monkeypatch, c
     monkeypatch.setenv("MS_WORKER_NUM", world)
     args = ["--model_dir", t2v_model, "--caption_url", DEAD, "--vae_url", DEAD, "--prompt", "x",
             "--save_path", str(tmp_path), *extra]
-    assert launch.main(args) == 2
+    assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err, err
     assert not any(tmp_path.iterdir())
 
 
 def test_missing_model_dir_and_shard(t2v_model, tmp_path, capsys):
-    assert launch.main(["--model_dir", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert cli.main(["--model_dir", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "--model_dir" in capsys.readouterr().err
     import shutil
     broken = tmp_path / "broken"
     shutil.copytree(t2v_model, broken)
     (broken / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors").unlink()
-    assert launch.main(["--model_dir", str(broken), "--prompt", "x", "--caption_url", DEAD]) == 2
+    assert cli.main(["--model_dir", str(broken), "--prompt", "x", "--caption_url", DEAD]) == 2
     assert "missing shard" in capsys.readouterr().err
 
 
 def test_unreachable_server_is_named(t2v_model, tmp_path, capsys):
-    assert launch.main(["--model_dir", t2v_model, "--prompt", "x", "--caption_url", DEAD, "--vae_url", DEAD,
+    assert cli.main(["--model_dir", t2v_model, "--prompt", "x", "--caption_url", DEAD, "--vae_url", DEAD,
                         "--save_path", str(tmp_path)]) == 1
     assert "127.0.0.1:9" in capsys.readouterr().err
 
 
 # ---- output files: numbered names, --overwrite, the save folder, the token --------------------------
 def test_existing_output_name_gets_a_number_unless_overwrite(tmp_path):
-    from stepvideo_ms.output_files import free_stem
+    from stepvideo_ms.generation.outputs import free_stem
 
     assert free_stem(str(tmp_path), "clip") == "clip"
     (tmp_path / "clip.mp4").write_bytes(b"first run")
@@ -152,14 +152,14 @@ def test_existing_output_name_gets_a_number_unless_overwrite(tmp_path):
     (tmp_path / "clip-1.json").write_text("{}")  # a JSON alone also holds the name
     assert free_stem(str(tmp_path), "clip") == "clip-2"
     assert free_stem(str(tmp_path), "clip", overwrite=True) == "clip"
-    args = launch.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--save_path", str(tmp_path),
+    args = cli.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--save_path", str(tmp_path),
                                              "--output_file_name", "clip"])
-    settings = launch.settings_from(args, "t2v")
-    assert launch.output_stem(args, settings) == "clip-2"
+    settings = checks.settings_from(args, "t2v")
+    assert checks.output_stem(args, settings) == "clip-2"
 
 
 def test_save_folder_checks_create_nothing(tmp_path):
-    from stepvideo_ms.output_files import check_save_folder
+    from stepvideo_ms.generation.outputs import check_save_folder
 
     assert check_save_folder(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
     (tmp_path / "f").write_text("x")
@@ -171,10 +171,10 @@ def test_save_folder_checks_create_nothing(tmp_path):
 
 
 def test_token_is_recorded_as_set_or_not_set(monkeypatch):
-    from stepvideo_ms.output_files import public_arguments
+    from stepvideo_ms.generation.outputs import public_arguments
 
     monkeypatch.delenv("STEPVIDEO_AUTH_TOKEN", raising=False)
-    args = launch.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--auth_token", "s3cret"])
+    args = cli.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--auth_token", "s3cret"])
     assert public_arguments(args)["auth_token"] == "set" and args.auth_token == "s3cret"
     args.auth_token = None
     assert public_arguments(args)["auth_token"] == "not set"
@@ -183,6 +183,6 @@ def test_token_is_recorded_as_set_or_not_set(monkeypatch):
 
 
 def test_rounding_note_is_not_also_a_warning(recwarn):
-    args = launch.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--height", "50"])
-    settings = launch.settings_from(args, "t2v")
+    args = cli.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--height", "50"])
+    settings = checks.settings_from(args, "t2v")
     assert settings.height == 48 and len(settings.notes) == 1 and len(recwarn) == 0

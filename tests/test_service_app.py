@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from stepvideo_ms.generation_service.app import ServiceState, create_app
-from stepvideo_ms.generation_service.board import JobBoard
+from stepvideo_ms.generation.service.app import ServiceState, create_app
+from stepvideo_ms.generation.service.board import JobBoard
 from stepvideo_ms.serving.limits import Limits
 
 

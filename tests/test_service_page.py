@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("page")
     model = root / "model"
-    subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(model), "--task", "t2v"], check=True, cwd=REPO,
+    subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", str(model), "--task", "t2v"], check=True, cwd=REPO,
                    capture_output=True, env={**os.environ, "GLOG_v": "3"})
     out, err = open(root / "service.out", "w"), open(root / "service.err", "w")
     proc = subprocess.Popen([sys.executable, "run_parallel.py", "--serve", "--port", "0", "--model_dir", str(model),

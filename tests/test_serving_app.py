@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stepvideo_ms.models.vae_config import CHECKPOINT_FILE, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION
-from stepvideo_ms.safetensors_io import SafetensorsFile, save_file_atomic
+from stepvideo_ms.formats.safetensors_io import SafetensorsFile, save_file_atomic
 from stepvideo_ms.serving import protocol
 from stepvideo_ms.serving.device_queue import DeviceQueue
 from stepvideo_ms.serving.limits import Limits
@@ -17,7 +17,7 @@ from stepvideo_ms.serving.services import VaeService
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from stepvideo_ms.tiny import write_tiny_model
+    from stepvideo_ms.tools.tiny import write_tiny_model
 
     return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=4)
 

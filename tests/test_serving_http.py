@@ -20,7 +20,7 @@ PROMPTS = ["一只小红狐狸在雪地里奔跑，镜头缓缓推进。", "A pa
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from stepvideo_ms.tiny import write_tiny_model
+    from stepvideo_ms.tools.tiny import write_tiny_model
 
     return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0, task="t2v")
 

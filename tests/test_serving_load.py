@@ -21,7 +21,7 @@ HEAVY = ["一只熊猫在竹林里吃竹子。" * 40] * 16  # a caption job long
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from stepvideo_ms.tiny import write_tiny_model
+    from stepvideo_ms.tools.tiny import write_tiny_model
 
     return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=1, task="t2v")
 

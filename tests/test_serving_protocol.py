@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load, save as st_save
 
-from stepvideo_ms.safetensors_io import bf16_to_f32, f32_to_bf16_bits
+from stepvideo_ms.formats.safetensors_io import bf16_to_f32, f32_to_bf16_bits
 from stepvideo_ms.serving import protocol
 from stepvideo_ms.serving.client import normalize_url
 from stepvideo_ms.serving.device_queue import DeviceQueue, QueueFull

@@ -12,10 +12,10 @@ from stepvideo_ms.models import step_tokenizer as st
 from stepvideo_ms.models.caption import CaptionEncoder, check_prompts, round_to_bf16
 from stepvideo_ms.models.hunyuan_clip import CLIP_MAX_LENGTH, BertModel, HunyuanClip, load_bert
 from stepvideo_ms.models.step_llm import MultiQueryAttention, Step1Model, alibi_slopes, alibi_sqrt_bias, ffn_width
-from stepvideo_ms.safetensors_io import save_file_atomic
-from stepvideo_ms.tokenizer_build import train_step1_sentencepiece, write_bert_vocab
-from stepvideo_ms.verification import load_all_kinds
-from stepvideo_ms.verify import check_case
+from stepvideo_ms.formats.safetensors_io import save_file_atomic
+from stepvideo_ms.tools.tokenizer_build import train_step1_sentencepiece, write_bert_vocab
+from stepvideo_ms.tools.verification import load_all_kinds
+from stepvideo_ms.tools.verify import check_case
 
 CORPUS = [
     "A cat walks on the moon.",

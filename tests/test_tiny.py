@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from stepvideo_ms import checkpoint, tiny
+from stepvideo_ms.formats import checkpoint
+from stepvideo_ms.tools import tiny
 from stepvideo_ms.models.vae_config import LATENT_FRAMES_PER_CHUNK
-from stepvideo_ms.safetensors_io import SafetensorsFile
+from stepvideo_ms.formats.safetensors_io import SafetensorsFile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPECTED_FILES = {
@@ -115,7 +116,7 @@ def test_every_part_loads_and_the_chain_gives_finite_varied_outputs(tiny_t2v):
 
 def test_ti2v_cli(tmp_path):
     out = tmp_path / "ti2v"
-    r = subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(out), "--task", "ti2v", "--seed", "3"],
+    r = subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", str(out), "--task", "ti2v", "--seed", "3"],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "GLOG_v": "3"})
     assert r.returncode == 0, r.stderr[-2000:]
@@ -134,6 +135,6 @@ def test_ti2v_cli(tmp_path):
     v = model(x, Tensor(np.array([0.5], np.float32)), y, mask, clip, cond, 5.0).asnumpy()
     assert v.shape == shape and np.isfinite(v).all() and v.std() > 0.05
     assert SafetensorsFile(str(out / "transformer" / tiny.DIT_SHARDS[0])).metadata == {"format": "pt"}
-    again = subprocess.run([sys.executable, "-m", "stepvideo_ms.tiny", str(out)], cwd=REPO, capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", str(out)], cwd=REPO, capture_output=True,
                            text=True, timeout=300, env={**os.environ, "GLOG_v": "3"})
     assert again.returncode == 2 and "--force" in again.stderr

@@ -6,13 +6,13 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from stepvideo_ms import verify
-from stepvideo_ms.checkpoint import CheckpointError
+from stepvideo_ms.tools import verify
+from stepvideo_ms.formats.checkpoint import CheckpointError
 from stepvideo_ms.models import vae_config
 from stepvideo_ms.models.vae import (
     FRAMES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION, AutoencoderKL, VAEConfig, blend_chunks,
 )
-from stepvideo_ms.safetensors_io import save_file_atomic
+from stepvideo_ms.formats.safetensors_io import save_file_atomic
 
 TINY = {"z_channels": 2, "encoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1},
         "decoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}, "version": 2}
@@ -171,7 +171,7 @@ def test_from_pretrained_folder_and_file(tiny, tmp_path):
 def test_loading_new_weights_into_a_used_model_decodes_with_the_new_ones(tmp_path):
     """The conv cells keep their weights' CPU matmul layout between calls: loading other weights into
     a model that already decoded must give exactly what a fresh model with those weights gives."""
-    from stepvideo_ms import checkpoint
+    from stepvideo_ms.formats import checkpoint
 
     files = []
     for seed in (0, 1):

@@ -155,11 +155,11 @@ def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
 
 def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = True) -> None:
     """run_parallel.py's own checks, here, once (argparse errors exit 2 by themselves)."""
-    from .. import launch
+    from ..generation import checks, cli
     from ..serving.client import RemoteClient, RemoteServerError
 
-    rp = launch.build_parser().parse_args(rp_argv)
-    launch.validate(rp, world)
+    rp = cli.build_parser().parse_args(rp_argv)
+    checks.validate(rp, world)
     if node_rank != 0 or not servers:  # only rank 0 (on host 0) talks to the servers
         return
     needed = [("caption", RemoteClient.for_caption(rp.caption_url, token=rp.auth_token, retries=0))]
@@ -340,7 +340,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:  # a checkpoint problem or a server that does not answer
-        from ..checkpoint import CheckpointError
+        from ..formats.checkpoint import CheckpointError
 
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2 if isinstance(exc, CheckpointError) else 1

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from ..atomic import write_json
+from ..formats.atomic import write_json
 from ..console import quiet_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

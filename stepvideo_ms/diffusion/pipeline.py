@@ -24,7 +24,7 @@ from typing import Dict, Optional, Protocol, Tuple
 import numpy as np
 from mindspore import Tensor
 
-from ..atomic import write_json
+from ..formats.atomic import write_json
 from ..models.dit import StepVideoModel
 from .. import video as video_io
 from .sampling import denoise
@@ -104,7 +104,8 @@ class StepVideoPipeline:
         process, or HTTP clients of the servers at `caption_url` / `vae_url` ('local' = in-process).
         `device`: 'Ascend' or 'CPU' (default: Ascend when present). Every path and server is checked
         before any weight is read."""
-        from .. import checkpoint, runtime
+        from ..formats import checkpoint
+        from .. import runtime
         from .backends import check_local_dirs, open_backends
 
         if not os.path.isdir(model_dir):
@@ -241,7 +242,7 @@ def output_stem(save_path: str, prompt: str, output_file_name: str = "", name_su
                 overwrite: bool = False) -> str:
     """The MP4/JSON name: the given name (else the prompt's start) and suffix, with a numbered suffix
     when a video of that name exists in `save_path` already, unless `overwrite`."""
-    from ..output_files import free_stem
+    from ..generation.outputs import free_stem
 
     stem = output_file_name or safe_stem(prompt)
     if name_suffix:

@@ -20,7 +20,7 @@ import numpy as np
 import mindspore as ms
 
 from ..runtime import compute_dtype, is_ascend
-from ..safetensors_io import bf16_to_f32, f32_to_bf16_bits
+from ..formats.safetensors_io import bf16_to_f32, f32_to_bf16_bits
 from .hunyuan_clip import CLIP_ENCODER_DIR, CLIP_TOKENIZER_DIR, HunyuanClip
 from .step_llm import StepTextEncoder
 from .step_tokenizer import STEP_TOKENIZER_FILE

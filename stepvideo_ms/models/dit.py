@@ -15,7 +15,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
 
-from .. import checkpoint, ops
+from ..formats import checkpoint
+from .. import ops
 from ..ops.attention import KeyMask
 from .common import LayerNorm, Linear, count_parameters, new_param
 from .embeddings import AdaLayerNormSingle, PixArtAlphaTextProjection

@@ -19,8 +19,9 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 from mindspore import ops as msops
 
-from .. import checkpoint, ops
-from ..safetensors_io import SafetensorsFile
+from ..formats import checkpoint
+from .. import ops
+from ..formats.safetensors_io import SafetensorsFile
 from .common import EmbeddingTable, LayerNorm, Linear
 
 CLIP_ENCODER_DIR = "clip_text_encoder"

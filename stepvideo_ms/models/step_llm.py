@@ -24,7 +24,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
 
-from .. import checkpoint, ops
+from ..formats import checkpoint
+from .. import ops
 from ..runtime import compute_dtype
 from .common import EmbeddingTable, Linear, RMSNorm, count_parameters
 from .step_tokenizer import STEP_MAX_LENGTH, STEP_TOKENIZER_FILE, StepTokenizer

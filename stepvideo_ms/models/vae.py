@@ -20,7 +20,8 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 from tqdm.auto import tqdm
 
-from .. import checkpoint, runtime
+from ..formats import checkpoint
+from .. import runtime
 from .vae_blocks import (
     CausalConv, Conv3d, ConvPixelShuffleUp, ConvPixelUnshuffleDown, Downsample2D, Downsample3D, FrameGroupNorm,
     Level, Mid, Resnet3DBlock, Upsample2D, Upsample3D, average_down, causal_padding, duplicate_up,

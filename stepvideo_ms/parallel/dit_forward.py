@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import mindspore as ms
 from mindspore import Tensor, mint
 
-from .. import checkpoint
+from ..formats import checkpoint
 from ..diffusion.sampling import Predictor, denoise, uses_guidance
 from ..diffusion.scheduler import FlowMatchScheduler
 from ..models.dit import DiTInputs, StepVideoModel

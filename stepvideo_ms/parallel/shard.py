@@ -23,10 +23,10 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 from tqdm.auto import tqdm
 
-from .. import checkpoint
+from ..formats import checkpoint
 from ..models.dit import StepVideoModel
 from ..models.layers import StepVideoTransformerBlock
-from ..safetensors_io import SafetensorsFile
+from ..formats.safetensors_io import SafetensorsFile
 from .comm import Communicator
 from .mesh import Mesh
 

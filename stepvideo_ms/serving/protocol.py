@@ -38,7 +38,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..safetensors_io import bf16_to_f32, f32_to_bf16_bits
+from ..formats.safetensors_io import bf16_to_f32, f32_to_bf16_bits
 
 CONTENT_TYPE = "application/x-stepvideo-tensors"
 PROTOCOL = "stepvideo-tensors/1"

@@ -17,11 +17,11 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    from . import bf16_cpu, hccl, npu_ops
+    from . import bf16_cpu, hccl, hccl_dist, npu_ops
 
     npu_ops.install()  # first: its emulators own the NPU-only names that bf16_cpu would also wrap
     bf16_cpu.install()
-    hccl.install()  # HCCL across msrun workers, and the host-sync accounting
+    hccl.install(hccl_dist.PATCHES)  # HCCL and mint.distributed across msrun workers, and the host-sync accounting
     _installed = True
 
 

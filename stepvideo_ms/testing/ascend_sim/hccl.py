@@ -320,15 +320,14 @@ _PATCHES = (  # (module, attribute, original key, emulator)
 )
 
 
-def install() -> None:
-    """Replace the HCCL entry points in this process (called once by the package's install())."""
+def install(more: Sequence[Tuple[str, str, str, object]] = ()) -> None:
+    """Replace the HCCL entry points in this process, and `more` patches of the same form (the package's
+    install() passes hccl_dist's: that module builds on this one, so this one does not import it)."""
     import importlib
     import atexit
 
-    from . import hccl_dist
-
     accounting.install()
-    for module_name, attr, key, emulator in _PATCHES + hccl_dist.PATCHES:
+    for module_name, attr, key, emulator in _PATCHES + tuple(more):
         module = importlib.import_module(module_name)
         original = getattr(module, attr)
         if original is emulator:

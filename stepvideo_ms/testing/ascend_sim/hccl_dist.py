@@ -89,7 +89,7 @@ def recv(*args, **kwargs) -> int:
     return 0
 
 
-PATCHES = (  # (module, attribute, original key, emulator), installed by hccl.install()
+PATCHES = (  # (module, attribute, original key, emulator), given to hccl.install() by the package install()
     ("mindspore.mint.distributed", "init_process_group", "init_process_group", init_process_group),
     ("mindspore.mint.distributed", "is_initialized", "is_initialized", is_initialized),
     ("mindspore.mint.distributed", "get_rank", "dist_get_rank", dist_get_rank),

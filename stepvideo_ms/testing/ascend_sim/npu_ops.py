@@ -16,6 +16,7 @@ import functools
 from typing import Optional
 
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, mint, ops
 
 from .patching import bind, original, replace
@@ -206,12 +207,25 @@ def mint_conv3d_emulator(real):
             raise NotImplementedError("the simulation emulates conv3d with dilation 1 and groups 1 only")
         if x.shape[1] != w.shape[1]:
             raise ValueError(f"For 'conv3d', input has {x.shape[1]} channels, weight{tuple(w.shape)} expects {w.shape[1]}")
-        from ...ops.conv import DEFAULT_MAX_COLS_BYTES, _conv_matmul  # the CPU strategy, float32
-
-        out = _conv_matmul(x.astype(ms.float32), w.astype(ms.float32), _f32(bias), stride,
-                           tuple((p, p) for p in padding), DEFAULT_MAX_COLS_BYTES)
-        return out.astype(x.dtype)
+        out = conv3d_float32(x, w, bias, stride, padding)
+        return Tensor(out).astype(x.dtype)
     return conv3d
+
+
+def conv3d_float32(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding) -> np.ndarray:
+    """The emulated kernel's arithmetic: a float32 convolution of the device's own, independent of the
+    product's CPU conv (numpy windows and one BLAS product per output frame, to bound the memory)."""
+    xa = np.pad(x.astype(ms.float32).asnumpy(), [(0, 0), (0, 0)] + [(p, p) for p in padding])
+    wa = w.astype(ms.float32).asnumpy()
+    kernel = wa.shape[2:]
+    windows = np.lib.stride_tricks.sliding_window_view(xa, kernel, axis=(2, 3, 4))
+    windows = windows[:, :, ::stride[0], ::stride[1], ::stride[2]]  # (N, C, To, Ho, Wo, kt, kh, kw)
+    frames = [np.tensordot(windows[:, :, t], wa, axes=([1, 4, 5, 6], [1, 2, 3, 4]))  # (N, Ho, Wo, Co)
+              for t in range(windows.shape[2])]
+    out = np.stack(frames, axis=1).transpose(0, 4, 1, 2, 3)  # (N, Co, To, Ho, Wo)
+    if bias is not None:
+        out = out + bias.astype(ms.float32).asnumpy().reshape(1, -1, 1, 1, 1)
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 # (owner, name) -> emulator factory (given the real function)

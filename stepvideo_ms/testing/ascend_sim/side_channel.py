@@ -15,9 +15,16 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from ...atomic import write_bytes
 
 POLL_FIRST, POLL_MAX = 0.0005, 0.01  # seconds between looks for a message: doubling up to POLL_MAX
+
+
+def write_bytes(dest: str, data: bytes) -> None:
+    """Publish a message whole: written beside its name, then renamed (a reader never sees half of it)."""
+    tmp = f"{dest}.{os.getpid()}.part"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, dest)
 
 
 class DeadlockError(RuntimeError):

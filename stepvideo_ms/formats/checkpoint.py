@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 from tqdm.auto import tqdm
 
-from .ops.conv import clear_weight_caches
+from ..ops.conv import clear_weight_caches
 from .safetensors_io import SafetensorsFile
 
 MAX_LISTED = 20

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .diffusion.settings import PER_VIDEO_SETTINGS, GenerationSettings
+from ..diffusion.settings import PER_VIDEO_SETTINGS, GenerationSettings
 
 JOB_KEYS = ("prompt", "first_image_path", "output_file_name", *PER_VIDEO_SETTINGS)
 MAX_PROMPTS_FILE_BYTES = 64 * 1024 * 1024
@@ -31,14 +31,24 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,119}$")
 class Job:
     settings: GenerationSettings  # resolved
     output_file_name: str = ""    # empty: the writer names the file from the prompt
+    name_suffix: str = ""         # appended to the file name (run_parallel.py --name_suffix)
+    save_latents: Optional[str] = None  # also write the final latents there (safetensors, key 'latents')
+    no_video: bool = False        # stop after the latents: no VAE decode, no MP4
 
     def to_dict(self) -> dict:
-        return {"settings": self.settings.to_dict(), "output_file_name": self.output_file_name}
+        return {"settings": self.settings.to_dict(), "output_file_name": self.output_file_name,
+                "name_suffix": self.name_suffix, "save_latents": self.save_latents, "no_video": self.no_video}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Job":
         """A job resolved elsewhere (rank 0), rebuilt on another rank: no re-validation."""
-        return cls(GenerationSettings(**data["settings"]), data["output_file_name"])
+        return cls(GenerationSettings(**data["settings"]), data["output_file_name"], data.get("name_suffix", ""),
+                   data.get("save_latents"), bool(data.get("no_video", False)))
+
+
+def defaults_from(args) -> dict:
+    """The per-video settings given on the command line: the defaults of every job."""
+    return {name: getattr(args, name) for name in PER_VIDEO_SETTINGS if getattr(args, name, None) is not None}
 
 
 def _typed(name: str, value, kind):
@@ -58,7 +68,7 @@ def _typed(name: str, value, kind):
 def job_from_dict(data, task: str, defaults: Optional[Mapping] = None, check_image: bool = True) -> Job:
     """A checked, resolved Job from a JSON object; `defaults` fill the settings it leaves out.
     Raises ValueError naming the key and the fix."""
-    from . import video
+    from .. import video
 
     if not isinstance(data, dict):
         raise ValueError(f"a job must be a JSON object, got {type(data).__name__}")

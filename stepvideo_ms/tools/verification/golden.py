@@ -1,5 +1,4 @@
-"""Golden-data cases: each runs one of our modules on a case's inputs and returns its outputs
-beside the golden ones.
+"""A golden case and the registry of case kinds (verification/__init__ re-exports them).
 
 A case NAME is two files, NAME_weights.safetensors (state dict, `config` metadata) and
 NAME_io.safetensors (`in.*` inputs, `out`/`out.*` outputs). Its kind is the longest registered
@@ -14,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import mindspore as ms
 
-from ..safetensors_io import SafetensorsFile, load_file
+from ...formats.safetensors_io import SafetensorsFile, load_file
 
 Outputs = List[Tuple[str, np.ndarray, np.ndarray]]  # (output name, ours, golden)
 REFERENCE_PREFIX = "ref.fp32."  # bf16 cases: the same module in float32, whose distance to `out` is the floor
@@ -83,10 +82,3 @@ def register(kind: str, rtol: float):
 def kind_of(name: str) -> Optional[CaseKind]:
     matches = [k for k in REGISTRY if name == k or name.startswith(k + "_")]
     return REGISTRY[max(matches, key=len)] if matches else None
-
-
-def load_all_kinds():
-    """Import the modules that register case kinds."""
-    from . import dit_cases  # noqa: F401
-    from . import vae_case  # noqa: F401
-    from . import text_cases  # noqa: F401

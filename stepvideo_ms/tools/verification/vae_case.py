@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from mindspore import Tensor
 
-from .. import checkpoint
-from ..models.vae import AutoencoderKL, blend_chunks
-from . import GoldenCase, Outputs, register, to_numpy
+from ...formats import checkpoint
+from ...models.vae import AutoencoderKL, blend_chunks
+from .golden import GoldenCase, Outputs, register, to_numpy
 
 VAE_RTOL = 1e-3
 

@@ -16,7 +16,7 @@ import threading
 from typing import Optional
 
 HEARTBEAT_S = 1.0
-LOG = logging.getLogger("stepvideo_ms.generation_service")
+LOG = logging.getLogger("stepvideo_ms.generation.service")
 
 
 class StopRequest:
@@ -41,13 +41,12 @@ class StopRequest:
 
 
 def run_service(args, world_size: int) -> int:
-    from ..batch import defaults_from
-    from ..launch import validate_model
-    from ..serving.limits import Limits
-    from ..serving.main import is_loopback
-    from ..serving.protocol import AUTH_ENV
-    from ..serving.server import BoundedWSGIServer
-    from ..jobs import Job
+    from ..checks import validate_model
+    from ...serving.limits import Limits
+    from ...serving.main import is_loopback
+    from ...serving.protocol import AUTH_ENV
+    from ...serving.server import BoundedWSGIServer
+    from ..jobs import Job, defaults_from
     from ..world import GenerationWorld, JobFailed, any_rank, broadcast_json
     from .app import ServiceState, create_app
     from .board import JobBoard
@@ -60,7 +59,7 @@ def run_service(args, world_size: int) -> int:
         raise ValueError(f"--port {args.port} is not a TCP port (0 picks a free one)")
     if args.queue_size < 1:
         raise ValueError(f"--queue_size {args.queue_size} must be at least 1")
-    from ..output_files import check_save_folder
+    from ..outputs import check_save_folder
 
     save_path = check_save_folder(args.save_path)
     task, transformer = validate_model(args, world_size)

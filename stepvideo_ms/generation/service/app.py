@@ -26,12 +26,12 @@ from typing import Optional
 from flask import Flask, Response, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from .. import __version__
-from ..atomic import atomic_output
-from ..diffusion.settings import TASK_DEFAULTS, labelled_presets
+from ... import __version__
+from ...formats.atomic import atomic_output
+from ...diffusion.settings import TASK_DEFAULTS, labelled_presets
 from ..jobs import JOB_KEYS, job_from_dict
-from ..serving.limits import Limits
-from ..serving.server import check_bearer, error_response
+from ...serving.limits import Limits
+from ...serving.server import check_bearer, error_response
 from .board import BoardFull, JobBoard, NotCancellable
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -129,7 +129,7 @@ def _save_upload(state: ServiceState, job_id: str, blob: bytes) -> str:
 
 
 def create_app(state: ServiceState) -> Flask:
-    app = Flask("stepvideo_ms.generation_service")
+    app = Flask("stepvideo_ms.generation.service")
     app.config["MAX_CONTENT_LENGTH"] = state.limits.max_body_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = state.limits.max_body_bytes
 

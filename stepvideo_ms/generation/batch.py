@@ -11,24 +11,18 @@ import os
 import sys
 import time
 
-from .diffusion.settings import PER_VIDEO_SETTINGS
-
-
-def defaults_from(args) -> dict:
-    """The per-video settings given on the command line: the defaults of every job."""
-    return {name: getattr(args, name) for name in PER_VIDEO_SETTINGS if getattr(args, name, None) is not None}
 
 
 def output_name(number: int, job) -> str:
-    from .diffusion.pipeline import safe_stem
+    from ..diffusion.pipeline import safe_stem
 
     return job.output_file_name or f"line{number:04d}_{safe_stem(job.settings.prompt)}"
 
 
 def run_batch(args, world_size: int) -> int:
-    from .jobs import read_prompts_file
-    from .launch import validate_model
-    from .output_files import check_save_folder
+    from .jobs import defaults_from, read_prompts_file
+    from .checks import validate_model
+    from .outputs import check_save_folder
     from .world import GenerationWorld, JobFailed
 
     check_save_folder(args.save_path)

@@ -15,8 +15,8 @@ import json
 import os
 from typing import Iterable, List, Sequence
 
-from .atomic import write_bytes
-from .models.step_tokenizer import BOS_ID, EOS_ID, STEP_CONTROL_TOKENS, STEP_MASK_TOKENS
+from ..formats.atomic import write_bytes
+from ..models.step_tokenizer import BOS_ID, EOS_ID, STEP_CONTROL_TOKENS, STEP_MASK_TOKENS
 
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MIN_STEP_VOCAB = 16

@@ -5,10 +5,10 @@ from typing import Optional
 
 from mindspore import Tensor
 
-from ..diffusion.sampling import denoise
-from ..diffusion.scheduler import FlowMatchScheduler
-from ..models.dit import StepVideoModel
-from . import GoldenCase, Outputs, register, to_numpy
+from ...diffusion.sampling import denoise
+from ...diffusion.scheduler import FlowMatchScheduler
+from ...models.dit import StepVideoModel
+from .golden import GoldenCase, Outputs, register, to_numpy
 
 TRANSFORMER_RTOL = 1e-4
 

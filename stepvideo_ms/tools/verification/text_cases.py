@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from mindspore import Tensor
 
-from .. import checkpoint
-from ..models.hunyuan_clip import BertModel
-from ..models.step_llm import Step1Model
-from . import GoldenCase, Outputs, register
+from ...formats import checkpoint
+from ...models.hunyuan_clip import BertModel
+from ...models.step_llm import Step1Model
+from .golden import GoldenCase, Outputs, register
 
 TEXT_RTOL = 1e-4
 

@@ -1,0 +1,125 @@
+"""Describe the released-size DiT without allocating its weights, and plan its parallel layouts.
+
+    python -m stepvideo_ms describe [--config transformer/config.json] [--ti2v] [--layers]
+    python -m stepvideo_ms describe --plan --frames 204 --height 544 --width 992 --cards 4 [--card_gb 64]
+
+Builds StepVideoModel under MindSpore's `no_init_parameters` (parameters hold shapes, no data)
+and prints the parameter count, the per-block shapes and the memory the weights need. With
+--plan: every layout of --cards ranks with its predicted peak memory per card, bytes sent per
+card per step, pipeline idle share and step time (parallel/plan.py; the hardware figures are
+stated assumptions), the layouts that fit --card_gb first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from typing import List, Optional
+
+import mindspore as ms
+from mindspore.nn.utils import no_init_parameters
+
+from ..models.common import count_parameters
+from ..models.dit import StepVideoModel
+
+
+def build_empty(config: dict) -> StepVideoModel:
+    with no_init_parameters():
+        return StepVideoModel.from_config(config, dtype=ms.bfloat16)
+
+
+def describe(model: StepVideoModel, per_layer: bool = False) -> str:
+    shapes = OrderedDict((n, tuple(p.shape)) for n, p in model.parameters_and_names())
+    total = count_parameters(model)
+    block = [(n[len("transformer_blocks.0."):], s) for n, s in shapes.items() if n.startswith("transformer_blocks.0.")]
+    per_block = sum(_numel(s) for _, s in block)
+    lines = [
+        f"StepVideoModel: {model.num_layers} layers x {model.num_attention_heads} heads x {model.attention_head_dim}"
+        f" (width {model.inner_dim}), in {model.in_channels}, out {model.out_channels},"
+        f" additional conditions {model.use_additional_conditions}",
+        f"parameters: {total:,} ({total / 1e9:.2f} B); bf16 weights {total * 2 / 2**30:.1f} GiB",
+        f"per block: {per_block:,} x {model.num_layers} = {per_block * model.num_layers:,};"
+        f" outside the blocks: {total - per_block * model.num_layers:,}",
+        "block parameters:",
+    ]
+    lines += [f"  transformer_blocks.N.{n:<28} {s}" for n, s in block]
+    lines.append("other parameters:")
+    lines += [f"  {n:<45} {s}" for n, s in shapes.items() if not n.startswith("transformer_blocks.")]
+    if per_layer:
+        lines.append("all parameters:")
+        lines += [f"  {n:<55} {s}" for n, s in shapes.items()]
+    return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def latent_grid(frames: int, height: int, width: int) -> tuple:
+    """(latent frames, latent height, latent width) of a request, with run_parallel's rounding rules."""
+    from ..diffusion.settings import GenerationSettings
+
+    s = GenerationSettings("plan", "t2v", num_frames=frames, height=height, width=width).resolved()
+    return tuple(s.latent_shape(1)[i] for i in (1, 3, 4))
+
+
+def plan_text(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
+              show_all: bool = False, hardware=None) -> str:
+    from ..parallel import plan as planner
+
+    hardware = hardware or planner.Hardware()
+    shape = planner.ModelShape.from_config(config)
+    grid = latent_grid(frames, height, width)
+    plans = [planner.plan(shape, layout, grid, hardware=hardware)
+             for layout in planner.layouts(cards, shape.heads, shape.num_layers)]
+    fitting = [p for p in plans if p.fits(card_gb)]
+    shown = plans if show_all else fitting
+    f, h, w = grid
+    title = (f"{frames} frames {height}x{width} -> latents {f}x{h}x{w} = {f * h * w:,} tokens; "
+             f"{shape.total_params:,} parameters (bf16); {cards} cards"
+             + (f" of {card_gb:g} GiB" if card_gb else "") + f": {len(fitting)} of {len(plans)} layouts fit")
+    if not shown:
+        return title + "\nnone fits: use more cards, --shard_weights layouts, or fewer frames / a smaller size"
+    return title + "\n" + planner.table(shown, card_gb, hardware)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stepvideo_ms describe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a transformer config.json (default: the released Step-Video-T2V config)")
+    parser.add_argument("--ti2v", action="store_true", help="with use_additional_conditions (Step-Video-TI2V)")
+    parser.add_argument("--layers", action="store_true", help="list every parameter of every layer")
+    g = parser.add_argument_group("planning (--plan)")
+    g.add_argument("--plan", action="store_true", help="list the parallel layouts of --cards with memory, traffic, time")
+    g.add_argument("--frames", type=int, default=204, help="video frames (204)")
+    g.add_argument("--height", type=int, default=544, help="pixels (544)")
+    g.add_argument("--width", type=int, default=992, help="pixels (992)")
+    g.add_argument("--cards", type=int, default=None, help="number of cards (world size)")
+    g.add_argument("--card_gb", type=float, default=None, help="memory per card in GiB: list only layouts that fit")
+    g.add_argument("--all", action="store_true", help="also list the layouts that do not fit --card_gb")
+    args = parser.parse_args(argv)
+    config = {}
+    if args.config:
+        with open(args.config, "r", encoding="utf-8") as fh:
+            config = json.load(fh)
+    if args.ti2v:
+        config["use_additional_conditions"] = True
+    if args.plan:
+        if args.cards is None or args.cards < 1:
+            parser.error("--plan needs --cards N (a positive number of cards)")
+        if args.card_gb is not None and args.card_gb <= 0:
+            parser.error(f"--card_gb {args.card_gb:g} must be positive (GiB per card, e.g. 64)")
+        try:
+            print(plan_text(config, args.frames, args.height, args.width, args.cards, args.card_gb, args.all))
+        except ValueError as exc:
+            parser.error(str(exc))
+        return 0
+    print(describe(build_empty(config), args.layers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
