@@ -30,7 +30,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return out.reshape(*lead, weight.shape[0])
 
 
-def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: int) -> List[Tensor]:
+def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: int,
+                 scale: Optional[Tensor] = None) -> List[Tensor]:
     """A fused per-head projection (upstream's wqkv / wkv) cut into its parts.
 
     weight (heads*parts*head_dim, in) maps x (b, n, in) to (b, n, heads, parts*head_dim); returns
@@ -38,17 +39,24 @@ def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: in
     Ascend: one product, then a split. CPU: elementwise kernels on the strided views a split
     gives are ~50x slower than on contiguous tensors, so each part is its own product by the
     weight rows it needs (one gather), and comes out contiguous.
+    scale: the weight is int8 with these per-row scales (ops.quant).
     """
+    from .quant import linear_int8
+
+    def product(rows_weight, rows_scale):
+        return linear(x, rows_weight) if scale is None else linear_int8(x, rows_weight, rows_scale)
+
     b, n, _ = x.shape
     if weight.shape[0] != heads * parts * head_dim:
         raise ValueError(f"linear_heads: weight{tuple(weight.shape)} has {weight.shape[0]} rows, expected "
                          f"heads*parts*head_dim = {heads}*{parts}*{head_dim}")
     if is_ascend():  # pragma: no cover - needs an NPU
-        out = linear(x, weight).reshape(b, n, heads, parts * head_dim)
+        out = product(weight, scale).reshape(b, n, heads, parts * head_dim)
         return list(mint.split(out, [head_dim] * parts, dim=-1))
     outs = []
     for part in range(parts):
         rows = (np.arange(heads)[:, None] * parts * head_dim + part * head_dim + np.arange(head_dim)[None, :])
-        part_weight = ops.gather(weight, Tensor(rows.reshape(-1).astype(np.int32)), 0)
-        outs.append(linear(x, part_weight).reshape(b, n, heads, head_dim))
+        index = Tensor(rows.reshape(-1).astype(np.int32))
+        part_scale = None if scale is None else ops.gather(scale, index, 0)
+        outs.append(product(ops.gather(weight, index, 0), part_scale).reshape(b, n, heads, head_dim))
     return outs

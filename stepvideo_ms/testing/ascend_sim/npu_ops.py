@@ -6,7 +6,8 @@ layouts, shapes, mask polarity and shapes per `sparse_mode`) and computes the do
 float32, rounded to the output dtype as an NPU does.
 
 Replaced: ops.flash_attention_score, ops.rms_norm, ops.conv3d (P.Conv3D: float16/float32 only),
-mint.nn.functional.{layer_norm, group_norm, embedding, conv3d}. What the product never calls
+mint.nn.functional.{layer_norm, group_norm, embedding, conv3d}, and the W8A16 matmul
+ops.auto_generate.WeightQuantBatchMatmul (quant_matmul.py). What the product never calls
 (dropout, TND layout, prefix and band sparse modes, ALiBi-compressed real_shift) is refused with
 NotImplementedError rather than emulated loosely.
 """
@@ -214,8 +215,21 @@ def mint_conv3d_emulator(real):
     return conv3d
 
 
+def _auto_generate():
+    from mindspore.ops import auto_generate
+
+    return auto_generate
+
+
+def _weight_quant_matmul(real):
+    from . import quant_matmul
+
+    return quant_matmul.emulator(real)
+
+
 # (owner, name) -> emulator factory (given the real function)
 EMULATORS = (
+    (_auto_generate(), "WeightQuantBatchMatmul", _weight_quant_matmul),
     (ops, "flash_attention_score", flash_attention.emulator),
     (ops, "rms_norm", rms_norm_emulator),
     (ops, "conv3d", ops_conv3d_emulator),
