@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ring_degree", type=int, default=1, help="must be 1: ring attention is not supported")
     g.add_argument("--shard_weights", action="store_true",
                    help="each rank keeps 1/(cfg x ulysses) of its stage's blocks, gathered just before each block runs")
+    g.add_argument("--weights", choices=("full", "int8"), default=None,
+                   help="int8: the DiT blocks' linear layers hold int8 weights with one scale per output channel "
+                        "(half the memory and gather traffic of bf16), quantized while loading released weights or "
+                        "read from a convert.py --quantize int8 folder (default: what the transformer folder holds)")
     g.add_argument("--card_gb", type=float, default=None,
                    help="memory per card (GiB): refuse a layout predicted not to fit (default: the device's, when known)")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -115,10 +119,18 @@ def validate_model(args, world_size: int):
     config = checkpoint.read_config(transformer)
     checkpoint.checkpoint_files(transformer)  # the shards are all there
     task = "ti2v" if config.get("use_additional_conditions") else "t2v"
+    weights_of(args, config, transformer)  # --weights against what the folder holds
     mesh = mesh_from(args, world_size, 0)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
     check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
     return task, transformer
+
+
+def weights_of(args, config: dict, transformer: str) -> str:
+    """The DiT's weights for this run: --weights, else what the transformer folder holds."""
+    from .ops.quant import resolve_weights
+
+    return resolve_weights(getattr(args, "weights", None), config, transformer)
 
 
 def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
@@ -134,7 +146,8 @@ def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
     if args.card_gb is not None:
         from .runtime import pick_device
 
-        check_fits(args.card_gb, mesh, read_config(transformer), settings, pick_device(args.device))
+        config = read_config(transformer)
+        check_fits(args.card_gb, mesh, config, settings, pick_device(args.device), weights_of(args, config, transformer))
 
 
 def validate(args, world_size: int):
@@ -160,7 +173,7 @@ def mesh_from(args, world_size: int, rank: int):
                        args.cfg_degree, args.shard_weights)
 
 
-def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> None:
+def check_fits(card_gb: float, mesh, config: dict, settings, device: str, weights: str = "full") -> None:
     """Refuse (before any weight is read) a layout the planner predicts not to fit `card_gb` GiB per card
     (the CPU backend's profile on CPU: float32, memory per rank; the 910B profile otherwise)."""
     from .parallel import plan as planner
@@ -169,14 +182,15 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> Non
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
     hardware = planner.CPU if device == "CPU" else planner.Hardware()
     shape = planner.ModelShape.from_config(config)
-    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights)
+    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, weights)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
     guidance = settings.cfg_scale > 1.0
     predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
     if predicted.fits(card_gb):
         return
     others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)
-              for other in planner.layouts(mesh.world_size, shape.heads, shape.num_layers, settings.cfg_scale > 1.0)]
+              for other in planner.layouts(mesh.world_size, shape.heads, shape.num_layers, settings.cfg_scale > 1.0,
+                                           weights)]
     fitting = sorted((q for q in others if q.fits(card_gb)), key=lambda q: q.step_s)
     hint = (f"layouts of {mesh.world_size} cards predicted to fit: "
             + "; ".join(f"{q.layout.arguments()} ({q.peak_gib:.1f} GiB)" for q in fitting[:3])) if fitting else \
@@ -271,7 +285,9 @@ def run(args) -> int:
     if card_gb:
         from .checkpoint import read_config
 
-        check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), read_config(transformer), settings, rt.device)
+        config = read_config(transformer)
+        check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), config, settings, rt.device,
+                   weights_of(args, config, transformer))
     world_size, rank = init_world()
     mesh = mesh_from(args, world_size, rank)
     comm = make_communicator(mesh)
@@ -292,10 +308,11 @@ def run(args) -> int:
               f"{settings.infer_steps} steps, cfg {settings.cfg_scale}, shift {settings.time_shift}; "
               f"world {world_size} = " + (f"cfg {mesh.cfg_degree} x " if mesh.cfg_degree > 1 else "")
               + f"ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}" + (", sharded weights" if mesh.shard_weights else "")
+              + (f", {args.weights} weights" if args.weights else "")
               + f"; device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
 
     t0 = time.perf_counter()
-    model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress)
+    model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress, weights=args.weights)
     timings["load_s"] = time.perf_counter() - t0
     scheduler = FlowMatchScheduler.from_dir(os.path.join(args.model_dir, SCHEDULER_DIR))
     pipe = StepVideoPipeline(model, scheduler, text_encoder=caption, vae=vae, progress=progress)
@@ -339,6 +356,7 @@ def run(args) -> int:
              "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
                           "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
                           "pp_degree": mesh.pp_degree, "stages": [str(r) for r in mesh.partition(model.num_layers)]},
+             "weights": model.weights,
              "device": rt.device}
     mp4, js = pipe.write_outputs(frames, settings, args.save_path, args.output_file_name, args.name_suffix, extra,
                                  overwrite=args.overwrite)

@@ -104,7 +104,8 @@ class GenerationWorld:
             raise
         if not all_ok(comm, ok, rank):
             raise PeerFailed("rank 0 failed before loading (see its log); stopping this rank")
-        model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress)
+        model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress,
+                                   weights=getattr(args, "weights", None))
         load_s = time.perf_counter() - t0
         scheduler = FlowMatchScheduler.from_dir(os.path.join(args.model_dir, SCHEDULER_DIR))
         pipe = StepVideoPipeline(model, scheduler, text_encoder=text, vae=vae, progress=progress)
@@ -112,7 +113,8 @@ class GenerationWorld:
                 "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
                              "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
                              "pp_degree": mesh.pp_degree,
-                             "stages": [str(r) for r in mesh.partition(model.num_layers)]}}
+                             "stages": [str(r) for r in mesh.partition(model.num_layers)]},
+                "weights": model.weights}
         return cls(args, rt, mesh, comm, model, scheduler, pipe, rank, progress, load_s, info, shards)
 
     @property
