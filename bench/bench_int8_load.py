@@ -103,34 +103,35 @@ def main():
         counter = ByteCounter()
 
         def held(model):
-            return sum(int(np.prod(q.shape)) * (1 if q.dtype == ms.int8 else 4) for _, q in model.parameters_and_names())
+            return sum(int(np.prod(q.shape)) * (1 if q.dtype == ms.int8 else 4) for _, q in model.parameters_and_names()
+                       if not q.has_init)
 
-        runs = {
-            "full, released bf16": lambda: StepVideoModel.from_pretrained(bf16_dir, progress=False, weights="full"),
-            "int8, released bf16": lambda: StepVideoModel.from_pretrained(bf16_dir, progress=False, weights="int8"),
-            "int8, converted int8": lambda: StepVideoModel.from_pretrained(int8_dir, progress=False),
-            "shard 1/4, full, bf16": lambda: load_sharded_stage(bf16_dir, Mesh.create(4, 0, 4, 1, shard_weights=True),
-                                                                ms.float32, False, "full"),
-            "shard 1/4, int8, bf16": lambda: load_sharded_stage(bf16_dir, Mesh.create(4, 0, 4, 1, shard_weights=True),
-                                                                ms.float32, False, "int8"),
-            "shard 1/4, int8, int8": lambda: load_sharded_stage(int8_dir, Mesh.create(4, 0, 4, 1, shard_weights=True),
-                                                                ms.float32, False, None),
-        }
+        def whole(folder, weights):
+            return [lambda: StepVideoModel.from_pretrained(folder, progress=False, weights=weights)]
+
+        def shares(folder, weights):  # the 4 ranks' loads of ulysses 4 --shard_weights, one after the other
+            return [lambda r=r: load_sharded_stage(folder, Mesh.create(4, r, 4, 1, shard_weights=True), ms.float32,
+                                                   False, weights) for r in range(4)]
+
+        runs = {"full, released bf16": whole(bf16_dir, "full"), "int8, released bf16": whole(bf16_dir, "int8"),
+                "int8, converted int8": whole(int8_dir, None), "shard 4 ranks, full, bf16": shares(bf16_dir, "full"),
+                "shard 4 ranks, int8, bf16": shares(bf16_dir, "int8"),
+                "shard 4 ranks, int8, int8": shares(int8_dir, None)}
         times = {k: [] for k in runs}
         read, memory = {}, {}
         for _ in range(a.rounds):
-            for name, fn in runs.items():
-                counter.count = 0
-                t0 = time.perf_counter()
-                out = fn()
-                times[name].append(time.perf_counter() - t0)
-                read[name] = counter.count
-                if isinstance(out, tuple):
-                    model, shards = out
-                    memory[name] = held(model) + shards.nbytes()
-                else:
-                    memory[name] = held(out)
-                del out
+            for name, parts in runs.items():
+                reads, held_bytes, elapsed = [], [], 0.0
+                for part in parts:  # one model, or each rank's share
+                    counter.count = 0
+                    t0 = time.perf_counter()
+                    out = part()
+                    elapsed += time.perf_counter() - t0
+                    reads.append(counter.count)
+                    held_bytes.append(held(out[0]) + out[1].nbytes() if isinstance(out, tuple) else held(out))
+                    del out
+                times[name].append(elapsed)
+                read[name], memory[name] = reads, held_bytes
         params = sum(int(np.prod(q.shape)) for _, q in StepVideoModel.from_pretrained(
             int8_dir, progress=False).parameters_and_names() if not q.name.endswith("_scale"))
         print(f"load average {os.getloadavg()[0]:.1f}; DiT {a.layers} blocks x {a.heads} heads x {a.head_dim} "
@@ -138,10 +139,12 @@ def main():
               f"int8 folder {folder_bytes(int8_dir) / 2**20:.0f} MiB (convert.py --quantize int8: {convert_s:.1f} s, "
               f"{report.quantized} weights); median of rounds 2..{a.rounds} (CPU policy: full = float32 in memory)")
         base = np.median(times["full, released bf16"][1:] or times["full, released bf16"])
+        print("  (shard rows: the 4 ranks' loads in turn; read and held per rank, min-max)")
         for name in runs:
             t = np.median(times[name][1:] or times[name])
-            print(f"  {name:24s} load {t:6.2f} s (x{t / base:.2f})  read {read[name] / 2**20:7.1f} MiB  "
-                  f"held {memory[name] / 2**20:7.1f} MiB")
+            r, m = np.array(read[name]) / 2**20, np.array(memory[name]) / 2**20
+            span = (lambda v: f"{v.min():6.1f}" + (f"-{v.max():.1f}" if len(v) > 1 else "      "))
+            print(f"  {name:26s} load {t:6.2f} s (x{t / base:.2f})  read {span(r)} MiB  held {span(m)} MiB")
 
 
 if __name__ == "__main__":

@@ -130,3 +130,56 @@ def test_bf16_weights_halve_on_disk(golden_dir, tmp_path):
     for key in names:  # quantized from the bf16 values, which are exact in float32
         q, s = quantize_rows(bf16_to_f32(f.get(key, upcast_bf16=False)))
         np.testing.assert_array_equal(out.get(key), q)
+
+
+def test_uneven_row_cuts_gather_back_to_the_full_int8_blocks(tmp_path, monkeypatch):
+    """3 ranks holding different numbers of rows (the DiT's shapes split evenly, so the cut is moved by one
+    row): each rank reads only its rows (and derives their scales), and the gathered working block
+    equals the block of the single-process int8 model."""
+    from mindspore import mint
+    from stepvideo_ms.parallel import Mesh, shard
+    from stepvideo_ms.parallel.shard import BlockGatherer, BlockLayout, load_sharded_stage
+    from stepvideo_ms.safetensors_io import save_file_atomic
+
+    balanced = shard.cut_rows
+
+    def one_row_off(layouts, parts):
+        weights, scales, rest = balanced(layouts, parts)
+        rows = list(scales.bounds)
+        rows[1] -= 1
+        ends = np.concatenate([[0], np.cumsum([c for r, c in weights.shapes for _ in range(r)])])
+        return (BlockLayout(weights.names, weights.shapes, tuple(int(ends[r]) for r in rows)),
+                BlockLayout(scales.names, scales.shapes, tuple(rows)), rest)
+
+    monkeypatch.setattr(shard, "cut_rows", one_row_off)
+
+    config = {"num_attention_heads": 3, "attention_head_dim": 16, "num_layers": 2, "in_channels": 4,
+              "out_channels": 4, "caption_channels": [24, 8]}
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    state = tiny.random_state(StepVideoModel.from_config(config), 1, "uneven")
+    save_file_atomic(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    full = StepVideoModel.from_pretrained(str(folder), progress=False, weights="int8")
+    loaded = [load_sharded_stage(str(folder), Mesh.create(3, r, 3, 1, shard_weights=True), ms.float32, False, "int8")
+              for r in range(3)]
+    int8_layout = loaded[0][1].layouts[0]
+    sizes = {b - a for a, b in zip(int8_layout.bounds[:-1], int8_layout.bounds[1:])}
+    assert len(sizes) > 1, "the cut should be uneven here"
+
+    class AllRanks:  # all_gather of the 3 ranks' slices of the tensor this rank passes
+        lockstep, rank = True, 0
+
+        def all_gather(self, x, group, axis=0):
+            for layer, flats in loaded[0][1].flats.items():
+                for g, flat in enumerate(flats):
+                    if flat is x:
+                        return mint.cat([loaded[r][1].flats[layer][g] for r in range(3)])
+            raise AssertionError("unknown tensor")
+
+    gatherer = BlockGatherer(AllRanks(), (0, 1, 2), loaded[0][1], loaded[0][0], [0, 1])
+    for layer in (0, 1):
+        got = dict(gatherer.block(layer).parameters_and_names())
+        for name, want in full.transformer_blocks[layer].parameters_and_names():
+            assert got[name].dtype == want.dtype
+            np.testing.assert_array_equal(got[name].asnumpy(), want.asnumpy(), err_msg=f"{layer} {name}")

@@ -13,10 +13,11 @@ after the current one, so that the transfer runs while the current block compute
 vector is dropped once its values are in the working block. A lockstep communicator (the CPU
 world-collective one) gathers on demand, and an idle pipeline slot makes the same gather with zeros.
 
-With int8 weights (--weights int8) a block has two dtype groups, each flattened, sliced and gathered
-on its own: the int8 linear weights (1 byte an element) and the rest (scales, norms, modulation
-table, in the working dtype). Slicing released float weights quantizes the whole rows a slice
-touches; a slice holding scales reads the rows they scale (a converted int8 folder has them stored).
+With int8 weights (--weights int8) a block has three groups, each flattened, sliced and gathered on
+its own: the int8 linear weights (1 byte an element) cut at whole rows (balanced by elements), their
+scales cut at the same rows (so a rank slicing released float weights reads its rows once and
+derives their scales from them; a converted int8 folder has them stored), and the rest (norms,
+modulation table) in the working dtype, cut evenly.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class BlockLayout:
 
     names: Tuple[str, ...]
     shapes: Tuple[Tuple[int, ...], ...]
+    bounds: Optional[Tuple[int, ...]] = None  # set by `cut`: rank j holds flat elements bounds[j]..bounds[j+1]
 
     @classmethod
     def of(cls, block: nn.Cell) -> "BlockLayout":
@@ -60,7 +62,19 @@ class BlockLayout:
         return sum(self.sizes)
 
     def shard_size(self, parts: int) -> int:
+        if self.bounds is not None:
+            return max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
         return -(-self.total // parts)
+
+    def span(self, index: int, parts: int) -> Tuple[int, int]:
+        """The flat elements rank `index` of `parts` holds (equal slices, the last one short, unless cut)."""
+        if self.bounds is not None:
+            return self.bounds[index], self.bounds[index + 1]
+        size = self.shard_size(parts)
+        return min(index * size, self.total), min((index + 1) * size, self.total)
+
+    def same_parameters(self, other: "BlockLayout") -> bool:
+        return (self.names, self.shapes) == (other.names, other.shapes)
 
     def pieces(self, start: int, stop: int):
         """(name index, first, last) of every parameter overlapping flat elements start..stop, with
@@ -74,12 +88,27 @@ class BlockLayout:
 
 
 def block_layouts(block: nn.Cell) -> Tuple[BlockLayout, ...]:
-    """A block's parameters cut into dtype groups, each flattened on its own: the int8 weights (with
-    --weights int8), then every other parameter (their scales, norms, modulation table)."""
+    """A block's parameters in groups, each flattened on its own: with --weights int8 the int8 weights,
+    their scales (in the same order), then every other parameter (norms, modulation table)."""
     pairs = list(block.parameters_and_names())
-    groups = [[(n, p) for n, p in pairs if p.dtype == ms.int8], [(n, p) for n, p in pairs if p.dtype != ms.int8]]
-    return tuple(BlockLayout(tuple(n for n, _ in g), tuple(tuple(int(s) for s in p.shape) for _, p in g))
-                 for g in groups if g)
+    int8 = [n for n, p in pairs if p.dtype == ms.int8]
+    scales = [n + SCALE_SUFFIX for n in int8]
+    groups = [int8, scales, [n for n, _ in pairs if n not in set(int8) | set(scales)]]
+    shapes = {n: tuple(int(s) for s in p.shape) for n, p in pairs}
+    return tuple(BlockLayout(tuple(g), tuple(shapes[n] for n in g)) for g in groups if g)
+
+
+def cut_rows(layouts: Tuple[BlockLayout, ...], parts: int) -> Tuple[BlockLayout, ...]:
+    """With int8 weights, slice them by whole rows (balanced by elements) and give each rank the scales of
+    exactly its rows: a rank quantizing released weights reads its rows once and derives their scales."""
+    if len(layouts) < 3:
+        return layouts
+    weights, scales, rest = layouts
+    row_len = np.concatenate([np.full(shape[0], shape[1], np.int64) for shape in weights.shapes])
+    ends = np.concatenate([[0], np.cumsum(row_len)])  # flat element offset of each row's start
+    rows = [0] + [int(np.searchsorted(ends, j * weights.total / parts)) for j in range(1, parts)] + [len(row_len)]
+    return (BlockLayout(weights.names, weights.shapes, tuple(int(ends[r]) for r in rows)),
+            BlockLayout(scales.names, scales.shapes, tuple(rows)), rest)
 
 
 def _group_dtype(layout: BlockLayout, block: nn.Cell, dtype):
@@ -120,10 +149,14 @@ class _PieceReader:
 
     def __init__(self, where: Dict[str, SafetensorsFile]):
         self.where = where
+        self._scales: Dict[Tuple[str, int, int], np.ndarray] = {}  # (weight, first row, last row) -> scales
 
     def read(self, key: str, int8: bool, lo: int, hi: int) -> np.ndarray:
         if key not in self.where and key.endswith(SCALE_SUFFIX):  # scales of a float checkpoint's weight
             weight = key[:-len(SCALE_SUFFIX)]
+            kept = self._scales.pop((weight, lo, hi), None)
+            if kept is not None:  # derived while quantizing these very rows
+                return kept
             f, cols = self.where[weight], self.where[weight].shape(weight)[1]
             return row_scales(f.get_range(weight, lo * cols, hi * cols).reshape(-1, cols))
         f = self.where[key]
@@ -131,7 +164,9 @@ class _PieceReader:
             return f.get_range(key, lo, hi)
         cols = f.shape(key)[1]
         first, last = lo // cols, -(-hi // cols)
-        q, _ = quantize_rows(f.get_range(key, first * cols, last * cols).reshape(-1, cols))
+        q, scales = quantize_rows(f.get_range(key, first * cols, last * cols).reshape(-1, cols))
+        if lo % cols == 0 and hi % cols == 0:
+            self._scales[(key, first, last)] = scales
         return q.reshape(-1)[lo - first * cols:hi - first * cols]
 
 
@@ -148,10 +183,10 @@ def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool =
     model = StepVideoModel.from_pretrained(path, config, dtype=dtype, select=lambda n: _block_layer(n) is None,
                                            progress=progress, weights=weights)
     block0 = model.transformer_blocks[0]
-    layouts = block_layouts(block0)
-    dtypes = [_group_dtype(g, block0, dtype) for g in layouts]
     group = mesh.shard_group
     parts, index = len(group), group.index(mesh.rank)
+    layouts = cut_rows(block_layouts(block0), parts)
+    dtypes = [_group_dtype(g, block0, dtype) for g in layouts]
     mine = list(mesh.stage_layers(model.num_layers))
 
     files = [SafetensorsFile(f) for f in checkpoint.checkpoint_files(path)]
@@ -173,7 +208,7 @@ def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool =
         mine_flats = []
         for g, gdtype in zip(layouts, dtypes):
             size = g.shard_size(parts)
-            start, stop = index * size, min((index + 1) * size, g.total)
+            start, stop = g.span(index, parts)
             flat = np.zeros(size, np.int8 if gdtype == ms.int8 else np.float32)
             at = 0
             for i, lo, hi in g.pieces(start, stop):
@@ -200,7 +235,8 @@ class BlockGatherer:
         self.work = StepVideoTransformerBlock(model.inner_dim, model.attention_head_dim, model.dtype,
                                               getattr(model, "weights", "full"))
         self.work.set_train(False)
-        if block_layouts(self.work) != shards.layouts:
+        mine = block_layouts(self.work)
+        if len(mine) != len(shards.layouts) or not all(a.same_parameters(b) for a, b in zip(mine, shards.layouts)):
             raise ValueError("the working block's parameters do not match the shards' layout")
         named = dict(self.work.parameters_and_names())
         self._params = [[named[n] for n in g.names] for g in shards.layouts]
@@ -219,6 +255,9 @@ class BlockGatherer:
             if at + 1 < len(self.order) and self.order[at + 1] not in self._pending:
                 self._pending[self.order[at + 1]] = self._gather(self.order[at + 1])
         for full, params, g in zip(fulls, self._params, self.shards.layouts):
+            if g.bounds is not None:  # uneven slices, each padded to the largest: keep each rank's own part
+                size, parts = g.shard_size(self.shards.parts), self.shards.parts
+                full = mint.cat([full[j * size:j * size + g.bounds[j + 1] - g.bounds[j]] for j in range(parts)])
             offset = 0
             for param, size, shape in zip(params, g.sizes, g.shapes):
                 param.set_data(full[offset:offset + size].reshape(shape))
