@@ -92,18 +92,18 @@ def stage_loading_failures(model, mesh, shards) -> List[str]:
                                 f"(sharded {mesh.shard_weights}) but loaded={not param.has_init}")
         elif param.has_init:
             failures.append(f"{name}: shared parameter not loaded")
-    from stepvideo_ms.parallel.shard import block_layouts
+    from stepvideo_ms.parallel.shard import block_layouts, cut_rows
 
     block = per_block[0]
     parts = len(mesh.shard_group)
-    groups = [g.total for g in block_layouts(model.transformer_blocks[0])] if mesh.shard_weights else [block]
-    if sum(groups) != block:
-        failures.append(f"dtype groups {groups} do not add up to the block's {block} elements")
-    # 1/N of every block of the stage (the last slice of each dtype group padded)
-    want = len(mine) * sum(-(-g // parts) for g in groups)
+    groups = cut_rows(block_layouts(model.transformer_blocks[0]), parts)
+    if sum(g.total for g in groups) != block:
+        failures.append(f"groups of {[g.total for g in groups]} elements do not add up to the block's {block}")
+    # 1/N of every block of the stage (each group's slices padded to its largest one)
+    want = len(mine) * (sum(g.shard_size(parts) for g in groups) if mesh.shard_weights else block)
     held = held_block_elements(model, shards)
     if held != want:
-        failures.append(f"holds {held} block elements, expected {want} = {len(mine)} blocks x ceil({block}/{parts})")
+        failures.append(f"holds {held} block elements, expected {want} ({len(mine)} blocks, 1/{parts} of each)")
     if shards is not None and sorted(shards.flats) != sorted(mine):
         failures.append(f"shards of layers {sorted(shards.flats)}, stage layers {sorted(mine)}")
     return failures
