@@ -9,7 +9,8 @@ import mindspore as ms
 from mindspore import Tensor
 
 import convert
-from stepvideo_ms import checkpoint, tiny
+from stepvideo_ms import checkpoint
+from stepvideo_ms import tiny
 from stepvideo_ms.models.dit import StepVideoModel
 from stepvideo_ms.models.int8_folder import QuantizeError, int8_weight_names, quantize_folder
 from stepvideo_ms.ops.quant import CONFIG_KEY, SCALE_SUFFIX, quantize_rows
