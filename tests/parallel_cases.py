@@ -29,12 +29,14 @@ class Case:
     pp_split: Optional[str] = None
     cfg: int = 1
     shard: bool = False
+    weights: str = "full"  # "int8": the blocks' linear layers quantized while loading
 
     @property
     def name(self) -> str:
         f, h, w = self.grid
         split = f"_split{self.pp_split.replace(',', '-')}" if self.pp_split else ""
         extra = (f"_cfg{self.cfg}" if self.cfg > 1 else "") + ("_shard" if self.shard else "")
+        extra += "_int8" if self.weights == "int8" else ""
         return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}{extra}"
 
     @property
@@ -49,8 +51,8 @@ def save_cases(cases: List[Case], path: str) -> None:
 
 def load_cases(path: str) -> List[Case]:
     with open(path, "r", encoding="utf-8") as fh:
-        return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"])
-                for c in json.load(fh)]
+        return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"],
+                     c.get("weights", "full")) for c in json.load(fh)]
 
 
 def model_config(kind: str) -> dict:
@@ -113,7 +115,8 @@ def conditioning(inputs: Dict[str, np.ndarray], kind: str):
 
 
 def reference_latents(model_dir: str, case: Case, dtype=None) -> np.ndarray:
-    """The single-process loop: the plain model in `sampling.denoise` (in `dtype`, default float32)."""
+    """The single-process loop: the plain model in `sampling.denoise` (in `dtype`, default float32), with
+    the case's weights (full or int8)."""
     from mindspore import Tensor
     from stepvideo_ms.diffusion.sampling import denoise
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
@@ -121,7 +124,7 @@ def reference_latents(model_dir: str, case: Case, dtype=None) -> np.ndarray:
 
     import mindspore as ms
 
-    model = StepVideoModel.from_pretrained(model_dir, dtype=dtype or ms.float32, progress=False)
+    model = StepVideoModel.from_pretrained(model_dir, dtype=dtype or ms.float32, progress=False, weights=case.weights)
     inputs = case_inputs(case)
     c = conditioning(inputs, case.kind)
 

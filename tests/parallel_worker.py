@@ -92,12 +92,18 @@ def stage_loading_failures(model, mesh, shards) -> List[str]:
                                 f"(sharded {mesh.shard_weights}) but loaded={not param.has_init}")
         elif param.has_init:
             failures.append(f"{name}: shared parameter not loaded")
+    from stepvideo_ms.parallel.shard import block_layouts, cut_rows
+
     block = per_block[0]
     parts = len(mesh.shard_group)
-    want = len(mine) * -(-block // parts)  # 1/N of every block of the stage (the last slice padded)
+    groups = cut_rows(block_layouts(model.transformer_blocks[0]), parts)
+    if sum(g.total for g in groups) != block:
+        failures.append(f"groups of {[g.total for g in groups]} elements do not add up to the block's {block}")
+    # 1/N of every block of the stage (each group's slices padded to its largest one)
+    want = len(mine) * (sum(g.shard_size(parts) for g in groups) if mesh.shard_weights else block)
     held = held_block_elements(model, shards)
     if held != want:
-        failures.append(f"holds {held} block elements, expected {want} = {len(mine)} blocks x ceil({block}/{parts})")
+        failures.append(f"holds {held} block elements, expected {want} ({len(mine)} blocks, 1/{parts} of each)")
     if shards is not None and sorted(shards.flats) != sorted(mine):
         failures.append(f"shards of layers {sorted(shards.flats)}, stage layers {sorted(mine)}")
     return failures
@@ -107,7 +113,7 @@ def write_references(cases, models_dir: str, out_dir: str, dtype) -> None:
     """One process, no msrun: the plain model's loop for each (kind, grid), saved beside the ranks' output."""
     done = {}
     for case in cases:
-        key = (case.kind, case.grid)
+        key = (case.kind, case.grid, case.weights)
         if key not in done:
             done[key] = reference_latents(os.path.join(models_dir, case.kind), case, dtype)
         np.save(reference_path(out_dir, case), done[key])
@@ -133,7 +139,8 @@ def main(argv: List[str]) -> int:
     for case in [c for c in load_cases(cases_json) if c.world == world]:
         mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split, cfg_degree=case.cfg,
                            shard_weights=case.shard)
-        model, shards = load_stage(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False)
+        model, shards = load_stage(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False,
+                                   weights=case.weights)
         report["loading"][case.name] = stage_loading_failures(model, mesh, shards)
         inputs = case_inputs(case)
         latents = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),

@@ -6,7 +6,8 @@ ascend-sim: `init_world` and `make_communicator` take their Ascend branches (HCC
 made with create_group by their members only, AlltoAll / AllGather / Broadcast, mint.distributed
 send/recv), checked against numpy on every layout of the world size; then the layouts (2,1), (1,2),
 (2,2), (4,1), (1,4) denoise T2V and TI2V on 27 tokens (2 does not divide them), as do sharded
-weights on ulysses 2 x pp 2 and cfg 2 x ulysses 2, and must give the single-process simulated latents; last, the simulation's own checks (tests/ascend_sim_hccl_checks.py):
+weights on ulysses 2 x pp 2 and cfg 2 x ulysses 2 (and with int8 weights on ulysses 2 x pp 2), and must
+give the single-process simulated latents; last, the simulation's own checks (tests/ascend_sim_hccl_checks.py):
 real signatures, argument rules (split_count = group size, contiguous inputs, global ranks), and
 dead-locks reported within their timeout.
 """
@@ -30,7 +31,9 @@ ODD = (3, 3, 3)  # 27 tokens
 CASES = ([Case(kind, ODD, u, pp) for u, pp in [(2, 1), (1, 2), (2, 2), (4, 1), (1, 4)] for kind in KINDS]
          # sharded weights (the native communicator gathers the next block ahead) with a pipeline, and
          # CFG replicas that also shard their weights: both in the world-4 launch
-         + [Case("ti2v", ODD, 2, 2, shard=True), Case("t2v", ODD, 2, 1, cfg=2, shard=True)])
+         + [Case("ti2v", ODD, 2, 2, shard=True), Case("t2v", ODD, 2, 1, cfg=2, shard=True)]
+         # int8 weights (WeightQuantBatchMatmul's emulator) sharded into int8 + bf16 groups over HCCL
+         + [Case("t2v", ODD, 2, 2, shard=True, weights="int8")])
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,10 @@ CASES = (
     # (cfg 2); world 4 = (ulysses 2 x pp 2, shard) on the odd grid, (cfg 2 x ulysses 2)
     + [Case(kind, ODD, 2, 1, shard=True) for kind in KINDS] + [Case(kind, ODD, 1, 1, cfg=2) for kind in KINDS]
     + [Case(kind, ODD, 2, 2, shard=True) for kind in KINDS] + [Case(kind, ODD, 2, 1, cfg=2) for kind in KINDS]
+    # int8 weights (issue 17), equal to the single-process int8 run: world 2 = ulysses 2 with sharded
+    # (int8 + float groups) weights, pp 2; world 4 = ulysses 2 x pp 2 sharded, cfg 2 x ulysses 2
+    + [Case("t2v", ODD, 2, 1, shard=True, weights="int8"), Case("ti2v", ODD, 1, 2, weights="int8"),
+       Case("ti2v", ODD, 2, 2, shard=True, weights="int8"), Case("t2v", ODD, 2, 1, cfg=2, weights="int8")]
 )
 
 
@@ -48,7 +52,7 @@ def references(models_dir):
     done = {}
 
     def reference(case: Case) -> np.ndarray:
-        key = (case.kind, case.grid)
+        key = (case.kind, case.grid, case.weights)
         if key not in done:
             done[key] = reference_latents(os.path.join(models_dir, case.kind), case)
         return done[key]

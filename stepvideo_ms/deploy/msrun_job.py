@@ -60,6 +60,9 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--vae_url", default="http://127.0.0.1:5001", help="the VAE server")
     p.add_argument("--save_path", default=None, help="folder of the MP4 and its JSON (default ./results)")
     p.add_argument("--device", default=None, help="Ascend, CPU or ascend-sim (default: Ascend when present)")
+    p.add_argument("--weights", choices=("full", "int8"), default=None,
+                   help="int8: the DiT's block weights in int8 with per-channel scales (half the memory); "
+                        "default: what the transformer folder holds")
     g = p.add_argument_group("layout")
     g.add_argument("--cfg", type=int, default=1,
                    help="CFG-parallel degree: 2 runs [cond, uncond] on two rank groups (default 1)")
@@ -148,6 +151,8 @@ def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
         out += ["--save_path", os.path.abspath(args.save_path)]
     if args.device:
         out += ["--device", args.device]
+    if args.weights and "--weights" not in given:
+        out += ["--weights", args.weights]
     if args.verbose:
         out += ["--verbose"]
     return out + list(extra)

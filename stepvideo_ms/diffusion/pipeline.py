@@ -26,6 +26,7 @@ from mindspore import Tensor
 
 from ..formats.atomic import write_json
 from ..models.dit import StepVideoModel
+from ..ops.quant import resolve_weights
 from .. import video as video_io
 from .sampling import denoise
 from .scheduler import FlowMatchScheduler
@@ -99,10 +100,13 @@ class StepVideoPipeline:
     @classmethod
     def from_pretrained(cls, model_dir: str, device: Optional[str] = None, caption_url: Optional[str] = None,
                         vae_url: Optional[str] = None, auth_token: Optional[str] = None,
-                        transformer_dir: str = "transformer", progress: bool = True) -> "StepVideoPipeline":
+                        transformer_dir: str = "transformer", progress: bool = True,
+                        weights: Optional[str] = None) -> "StepVideoPipeline":
         """Load a released model directory: the DiT, the scheduler, and the text encoders and VAE in this
         process, or HTTP clients of the servers at `caption_url` / `vae_url` ('local' = in-process).
-        `device`: 'Ascend' or 'CPU' (default: Ascend when present). Every path and server is checked
+        `device`: 'Ascend' or 'CPU' (default: Ascend when present). `weights`: 'int8' holds the DiT blocks'
+        linear weights in int8 with per-channel scales (quantized while loading released weights), 'full'
+        the working dtype; default: what the transformer folder holds. Every path and server is checked
         before any weight is read."""
         from ..formats import checkpoint
         from .. import runtime
@@ -113,10 +117,12 @@ class StepVideoPipeline:
         transformer = os.path.join(model_dir, transformer_dir)
         config = checkpoint.read_config(transformer)
         checkpoint.checkpoint_files(transformer)
+        weights = resolve_weights(weights, config, transformer)
         check_local_dirs(model_dir, caption_url, vae_url)
         rt = runtime.init(device)
         text, vae = open_backends(model_dir, caption_url, vae_url, token=auth_token, progress=progress)
-        model = StepVideoModel.from_pretrained(transformer, config=config, dtype=rt.compute_dtype, progress=progress)
+        model = StepVideoModel.from_pretrained(transformer, config=config, dtype=rt.compute_dtype, progress=progress,
+                                               weights=weights)
         scheduler = FlowMatchScheduler.from_dir(os.path.join(model_dir, "scheduler"))
         return cls(model, scheduler, text, vae, progress=progress)
 

@@ -23,6 +23,7 @@ from mindspore import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..ops.conv import clear_weight_caches
+from ..ops.quant import SCALE_SUFFIX, quantize_rows
 from .safetensors_io import SafetensorsFile
 
 MAX_LISTED = 20
@@ -103,7 +104,17 @@ def load_into(
             if name in where:
                 raise CheckpointError(f"key {key!r} appears twice in {path}")
             where[name] = (f, key)
-    missing = set(params) - set(where)
+    # int8 weights of the model (X.weight int8 beside X.weight_scale): read with their scales from an int8
+    # checkpoint, or quantized here from a float one (reading the tensor once; the scales are derived)
+    int8 = {n for n, p in params.items() if p.dtype == ms.int8 and n + SCALE_SUFFIX in params}
+    derived = {n + SCALE_SUFFIX for n in int8
+               if n in where and where[n][0].dtype(where[n][1]) != "I8" and n + SCALE_SUFFIX not in where}
+    stored_int8 = sorted(n for n in set(where) & set(params) if where[n][0].dtype(where[n][1]) == "I8"
+                         and params[n].dtype != ms.int8)
+    if stored_int8:
+        raise CheckpointError(f"checkpoint {path} holds int8 weights ({_listing(stored_int8)}) but the model was "
+                              "built with full weights: load it with weights='int8' (--weights int8)")
+    missing = set(params) - set(where) - derived
     unexpected = set(where) - set(params)
     wrong_shape = [
         f"{n}: checkpoint {where[n][0].shape(where[n][1])} vs model {tuple(params[n].shape)}"
@@ -122,11 +133,16 @@ def load_into(
         raise CheckpointError("\n  ".join(parts))
     clear_weight_caches(cell)  # layouts made from the old weights go (and free their storage)
     loaded = {}
-    order = sorted(params, key=lambda n: (where[n][0].path, n))  # one shard after the other
+    order = sorted(set(params) - derived, key=lambda n: (where[n][0].path, n))  # one shard after the other
     for name in tqdm(order, desc=f"loading {type(cell).__name__}", unit="tensor", disable=not progress, leave=False):
         f, key = where[name]
         arr = f.get(key)
         param = params[name]
+        if name + SCALE_SUFFIX in derived:  # a float weight for an int8 parameter: quantize it now
+            arr, scales = quantize_rows(arr)
+            scale_param = params[name + SCALE_SUFFIX]
+            scale_param.set_data(Tensor(scales, dtype=scale_param.dtype if dtype is None else dtype))
+            loaded[name + SCALE_SUFFIX] = tuple(scales.shape)
         target = param.dtype if dtype is None or not np.issubdtype(arr.dtype, np.floating) else dtype
         param.set_data(Tensor(arr, dtype=target))
         loaded[name] = tuple(arr.shape)

@@ -38,10 +38,18 @@ def validate_model(args, world_size: int):
     config = checkpoint.read_config(transformer)
     checkpoint.checkpoint_files(transformer)  # the shards are all there
     task = "ti2v" if config.get("use_additional_conditions") else "t2v"
+    weights_of(args, config, transformer)  # --weights against what the folder holds
     mesh = mesh_from(args, world_size, 0)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
     check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
     return task, transformer
+
+
+def weights_of(args, config: dict, transformer: str) -> str:
+    """The DiT's weights for this run: --weights, else what the transformer folder holds."""
+    from ..ops.quant import resolve_weights
+
+    return resolve_weights(getattr(args, "weights", None), config, transformer)
 
 
 def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
@@ -57,7 +65,8 @@ def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
     if args.card_gb is not None:
         from ..runtime import pick_device
 
-        check_fits(args.card_gb, mesh, read_config(transformer), settings, pick_device(args.device))
+        config = read_config(transformer)
+        check_fits(args.card_gb, mesh, config, settings, pick_device(args.device), weights_of(args, config, transformer))
 
 
 def validate(args, world_size: int):
@@ -83,7 +92,7 @@ def mesh_from(args, world_size: int, rank: int):
                        args.cfg_degree, args.shard_weights)
 
 
-def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> None:
+def check_fits(card_gb: float, mesh, config: dict, settings, device: str, weights: str = "full") -> None:
     """Refuse (before any weight is read) a layout the planner predicts not to fit `card_gb` GiB per card
     (the CPU backend's profile on CPU: float32, memory per rank; the 910B profile otherwise)."""
     from ..parallel import plan as planner
@@ -92,14 +101,15 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> Non
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
     hardware = planner.CPU if device == "CPU" else planner.Hardware()
     shape = planner.ModelShape.from_config(config)
-    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights)
+    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, weights)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
     guidance = settings.cfg_scale > 1.0
     predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
     if predicted.fits(card_gb):
         return
     others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)
-              for other in planner.layouts(mesh.world_size, shape.heads, shape.num_layers, settings.cfg_scale > 1.0)]
+              for other in planner.layouts(mesh.world_size, shape.heads, shape.num_layers, settings.cfg_scale > 1.0,
+                                           weights)]
     fitting = sorted((q for q in others if q.fits(card_gb)), key=lambda q: q.step_s)
     hint = (f"layouts of {mesh.world_size} cards predicted to fit: "
             + "; ".join(f"{q.layout.arguments()} ({q.peak_gib:.1f} GiB)" for q in fitting[:3])) if fitting else \

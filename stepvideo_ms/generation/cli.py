@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ring_degree", type=int, default=1, help="must be 1: ring attention is not supported")
     g.add_argument("--shard_weights", action="store_true",
                    help="each rank keeps 1/(cfg x ulysses) of its stage's blocks, gathered just before each block runs")
+    g.add_argument("--weights", choices=("full", "int8"), default=None,
+                   help="int8: the DiT blocks' linear layers hold int8 weights with one scale per output channel "
+                        "(half the memory and gather traffic of bf16), quantized while loading released weights or "
+                        "read from a convert.py --quantize int8 folder (default: what the transformer folder holds)")
     g.add_argument("--card_gb", type=float, default=None,
                    help="memory per card (GiB): refuse a layout predicted not to fit (default: the device's, when known)")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")

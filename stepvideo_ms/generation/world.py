@@ -109,14 +109,15 @@ class GenerationWorld:
         from ..diffusion.scheduler import FlowMatchScheduler
         from ..formats.checkpoint import read_config
         from ..parallel import init_world, load_stage, make_communicator
-        from .checks import check_fits, device_memory_gib, mesh_from, world_size_from_env
+        from .checks import check_fits, device_memory_gib, mesh_from, weights_of, world_size_from_env
 
         rt = runtime.init(args.device)
         card_gb = device_memory_gib(rt.device) if args.card_gb is None else None  # given: validated already
         if card_gb:
+            config = read_config(transformer)
             for settings in fit:
-                check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), read_config(transformer), settings,
-                           rt.device)
+                check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), config, settings, rt.device,
+                           weights_of(args, config, transformer))
         world_size, rank = init_world()
         mesh = mesh_from(args, world_size, rank)
         comm = make_communicator(mesh)
@@ -128,6 +129,7 @@ class GenerationWorld:
                   + (f"cfg {mesh.cfg_degree} x " if mesh.cfg_degree > 1 else "")
                   + f"ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}"
                   + (", sharded weights" if mesh.shard_weights else "")
+                  + (f", {args.weights} weights" if getattr(args, "weights", None) else "")
                   + f"; device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
         text = vae = None
         ok = True
@@ -144,7 +146,8 @@ class GenerationWorld:
             raise
         if not all_ok(comm, ok, rank):
             raise PeerFailed("rank 0 failed before loading (see its log); stopping this rank")
-        model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress)
+        model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress,
+                                   weights=getattr(args, "weights", None))
         load_s = time.perf_counter() - t0
         scheduler = FlowMatchScheduler.from_dir(os.path.join(args.model_dir, SCHEDULER_DIR))
         pipe = StepVideoPipeline(model, scheduler, text_encoder=text, vae=vae, progress=progress)
@@ -152,7 +155,8 @@ class GenerationWorld:
                 "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
                              "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
                              "pp_degree": mesh.pp_degree,
-                             "stages": [str(r) for r in mesh.partition(model.num_layers)]}}
+                             "stages": [str(r) for r in mesh.partition(model.num_layers)]},
+                "weights": model.weights}
         return cls(args, rt, mesh, comm, model, scheduler, pipe, rank, progress, load_s, info, shards)
 
     @property

@@ -18,6 +18,7 @@ from mindspore import Tensor, mint, nn
 from ..formats import checkpoint
 from .. import ops
 from ..ops.attention import KeyMask
+from ..ops.quant import resolve_weights
 from .common import LayerNorm, Linear, count_parameters, new_param
 from .embeddings import AdaLayerNormSingle, PixArtAlphaTextProjection
 from .layers import AttentionCore, PatchEmbed, StepVideoTransformerBlock
@@ -53,6 +54,7 @@ class StepVideoModel(nn.Cell):
         caption_channels: Union[int, Sequence[int]] = (6144, 1024),
         attention_type: Optional[str] = "parallel",
         dtype=ms.float32,
+        weights: str = "full",
     ):
         super().__init__()
         if norm_type != "ada_norm_single":
@@ -66,11 +68,12 @@ class StepVideoModel(nn.Cell):
         self.patch_size = patch_size
         self.use_additional_conditions = bool(use_additional_conditions)
         self.dtype = dtype
+        self.weights = weights  # "int8": the blocks' linear layers hold int8 weights (models/layers.py)
         dim = self.inner_dim
 
         self.pos_embed = PatchEmbed(patch_size, in_channels * (2 if self.use_additional_conditions else 1), dim, dtype)
         self.transformer_blocks = nn.CellList(
-            [StepVideoTransformerBlock(dim, attention_head_dim, dtype) for _ in range(num_layers)])
+            [StepVideoTransformerBlock(dim, attention_head_dim, dtype, weights) for _ in range(num_layers)])
         self.norm_out = LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine, dtype=dtype)
         self.scale_shift_table = new_param((2, dim), dtype)
         self.proj_out = Linear(dim, patch_size * patch_size * self.out_channels, dtype=dtype)
@@ -86,22 +89,26 @@ class StepVideoModel(nn.Cell):
     # ---- configuration -------------------------------------------------------------------
     @classmethod
     def config_keys(cls):
-        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dtype")]
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dtype", "weights")]
 
     @classmethod
-    def from_config(cls, config: dict, dtype=ms.float32) -> "StepVideoModel":
+    def from_config(cls, config: dict, dtype=ms.float32, weights: str = "full") -> "StepVideoModel":
         """Build from a config dict (upstream's config.json); keys such as `_class_name` are ignored."""
         keys = cls.config_keys()
-        return cls(**{k: v for k, v in config.items() if k in keys}, dtype=dtype)
+        return cls(**{k: v for k, v in config.items() if k in keys}, dtype=dtype, weights=weights)
 
     @classmethod
     def from_pretrained(cls, path: str, config: Optional[dict] = None, dtype=ms.float32,
-                        select: Optional[Callable[[str], bool]] = None, progress: bool = True) -> "StepVideoModel":
+                        select: Optional[Callable[[str], bool]] = None, progress: bool = True,
+                        weights: Optional[str] = None) -> "StepVideoModel":
         """The DiT of a transformer directory (config.json + safetensors) or checkpoint file; `config`
-        replaces the config.json; `select` loads only some parameters (a pipeline stage)."""
+        replaces the config.json; `select` loads only some parameters (a pipeline stage). weights: "full",
+        "int8" (quantized while loading released weights, or read from a convert.py --quantize int8 folder)
+        or None (what the folder holds)."""
         config = checkpoint.read_config(path) if config is None else config
-        return checkpoint.build_and_load(lambda: cls.from_config(config, dtype=dtype), path, dtype=dtype,
-                                         select=select, progress=progress)
+        weights = resolve_weights(weights, config, path)
+        return checkpoint.build_and_load(lambda: cls.from_config(config, dtype=dtype, weights=weights), path,
+                                         dtype=dtype, select=select, progress=progress)
 
     def num_parameters(self) -> int:
         return count_parameters(self)

@@ -12,7 +12,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 
 from .. import ops
-from .common import LayerNorm, Linear, RMSNorm, new_param
+from .common import LayerNorm, RMSNorm, make_linear, new_param
 from .rope import Rope3D
 
 AttentionCore = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -24,18 +24,18 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Cell):
-    def __init__(self, dim: int, head_dim: int, dtype=ms.float32):
+    def __init__(self, dim: int, head_dim: int, dtype=ms.float32, weights: str = "full"):
         super().__init__()
         self.head_dim = head_dim
         self.n_heads = dim // head_dim
-        self.wqkv = Linear(dim, 3 * dim, bias=False, dtype=dtype)
-        self.wo = Linear(dim, dim, bias=False, dtype=dtype)
+        self.wqkv = make_linear(dim, 3 * dim, False, dtype, weights)
+        self.wo = make_linear(dim, dim, False, dtype, weights)
         self.q_norm = RMSNorm(head_dim, dtype=dtype)
         self.k_norm = RMSNorm(head_dim, dtype=dtype)
 
     def construct(self, x: Tensor, rope: Rope3D, core: Optional[AttentionCore] = None) -> Tensor:
         b, n, _ = x.shape
-        q, k, v = ops.linear_heads(x, self.wqkv.weight, self.n_heads, self.head_dim, 3)
+        q, k, v = self.wqkv.heads(x, self.n_heads, self.head_dim, 3)
         q = rope.apply(self.q_norm(q))
         k = rope.apply(self.k_norm(k))
         out = (core or plain_attention)(q, k, v)
@@ -43,28 +43,28 @@ class SelfAttention(nn.Cell):
 
 
 class CrossAttention(nn.Cell):
-    def __init__(self, dim: int, head_dim: int, dtype=ms.float32):
+    def __init__(self, dim: int, head_dim: int, dtype=ms.float32, weights: str = "full"):
         super().__init__()
         self.head_dim = head_dim
         self.n_heads = dim // head_dim
-        self.wq = Linear(dim, dim, bias=False, dtype=dtype)
-        self.wkv = Linear(dim, 2 * dim, bias=False, dtype=dtype)
-        self.wo = Linear(dim, dim, bias=False, dtype=dtype)
+        self.wq = make_linear(dim, dim, False, dtype, weights)
+        self.wkv = make_linear(dim, 2 * dim, False, dtype, weights)
+        self.wo = make_linear(dim, dim, False, dtype, weights)
         self.q_norm = RMSNorm(head_dim, dtype=dtype)
         self.k_norm = RMSNorm(head_dim, dtype=dtype)
 
     def construct(self, x: Tensor, context: Tensor, key_mask: Optional[Tensor]) -> Tensor:
         b, n, _ = x.shape
         q = self.q_norm(self.wq(x).reshape(b, n, self.n_heads, self.head_dim))
-        k, v = ops.linear_heads(context, self.wkv.weight, self.n_heads, self.head_dim, 2)
+        k, v = self.wkv.heads(context, self.n_heads, self.head_dim, 2)
         out = ops.attention(q, self.k_norm(k), v, key_mask=key_mask)
         return self.wo(out.reshape(b, n, self.n_heads * self.head_dim))
 
 
 class GELUProj(nn.Cell):
-    def __init__(self, dim_in: int, dim_out: int, dtype=ms.float32):
+    def __init__(self, dim_in: int, dim_out: int, dtype=ms.float32, weights: str = "full"):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out, bias=False, dtype=dtype)
+        self.proj = make_linear(dim_in, dim_out, False, dtype, weights)
 
     def construct(self, x: Tensor) -> Tensor:
         return ops.gelu_tanh(self.proj(x))
@@ -73,9 +73,10 @@ class GELUProj(nn.Cell):
 class FeedForward(nn.Cell):
     """net.0 = tanh-GELU projection, net.1 = identity (kept for the upstream indices), net.2 = output."""
 
-    def __init__(self, dim: int, mult: int = 4, dtype=ms.float32):
+    def __init__(self, dim: int, mult: int = 4, dtype=ms.float32, weights: str = "full"):
         super().__init__()
-        self.net = nn.CellList([GELUProj(dim, dim * mult, dtype), nn.Identity(), Linear(dim * mult, dim, bias=False, dtype=dtype)])
+        self.net = nn.CellList([GELUProj(dim, dim * mult, dtype, weights), nn.Identity(),
+                                make_linear(dim * mult, dim, False, dtype, weights)])
 
     def construct(self, x: Tensor) -> Tensor:
         for cell in self.net:
@@ -84,14 +85,18 @@ class FeedForward(nn.Cell):
 
 
 class StepVideoTransformerBlock(nn.Cell):
-    def __init__(self, dim: int, head_dim: int, dtype=ms.float32):
+    """weights "int8": every linear layer of the block (attention q/k/v/out, cross-attention, feed-forward)
+    holds int8 weights with per-output-channel scales; norms and the modulation table stay in dtype."""
+
+    def __init__(self, dim: int, head_dim: int, dtype=ms.float32, weights: str = "full"):
         super().__init__()
         self.dim = dim
+        self.weights = weights
         self.norm1 = LayerNorm(dim, eps=BLOCK_NORM_EPS, dtype=dtype)
-        self.attn1 = SelfAttention(dim, head_dim, dtype)
+        self.attn1 = SelfAttention(dim, head_dim, dtype, weights)
         self.norm2 = LayerNorm(dim, eps=BLOCK_NORM_EPS, dtype=dtype)
-        self.attn2 = CrossAttention(dim, head_dim, dtype)
-        self.ff = FeedForward(dim, dtype=dtype)
+        self.attn2 = CrossAttention(dim, head_dim, dtype, weights)
+        self.ff = FeedForward(dim, dtype=dtype, weights=weights)
         self.scale_shift_table = new_param((6, dim), dtype)
 
     def construct(self, x: Tensor, context: Tensor, t6: Tensor, key_mask: Optional[Tensor],

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import numpy as np
 
+import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from ..runtime import is_ascend
@@ -30,7 +31,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return out.reshape(*lead, weight.shape[0])
 
 
-def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: int) -> List[Tensor]:
+def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: int,
+                 scale: Optional[Tensor] = None) -> List[Tensor]:
     """A fused per-head projection (upstream's wqkv / wkv) cut into its parts.
 
     weight (heads*parts*head_dim, in) maps x (b, n, in) to (b, n, heads, parts*head_dim); returns
@@ -38,17 +40,62 @@ def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: in
     Ascend: one product, then a split. CPU: elementwise kernels on the strided views a split
     gives are ~50x slower than on contiguous tensors, so each part is its own product by the
     weight rows it needs (one gather), and comes out contiguous.
+    scale: the weight is int8 with these per-row scales (ops.quant).
     """
+    def product(rows_weight, rows_scale):
+        return linear(x, rows_weight) if scale is None else linear_int8(x, rows_weight, rows_scale)
+
     b, n, _ = x.shape
     if weight.shape[0] != heads * parts * head_dim:
         raise ValueError(f"linear_heads: weight{tuple(weight.shape)} has {weight.shape[0]} rows, expected "
                          f"heads*parts*head_dim = {heads}*{parts}*{head_dim}")
     if is_ascend():  # pragma: no cover - needs an NPU
-        out = linear(x, weight).reshape(b, n, heads, parts * head_dim)
+        out = product(weight, scale).reshape(b, n, heads, parts * head_dim)
         return list(mint.split(out, [head_dim] * parts, dim=-1))
     outs = []
     for part in range(parts):
         rows = (np.arange(heads)[:, None] * parts * head_dim + part * head_dim + np.arange(head_dim)[None, :])
-        part_weight = ops.gather(weight, Tensor(rows.reshape(-1).astype(np.int32)), 0)
-        outs.append(linear(x, part_weight).reshape(b, n, heads, head_dim))
+        index = Tensor(rows.reshape(-1).astype(np.int32))
+        part_scale = None if scale is None else ops.gather(scale, index, 0)
+        outs.append(product(ops.gather(weight, index, 0), part_scale).reshape(b, n, heads, head_dim))
     return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 weights with per-row scales (W8A16; the scheme and the quantization: ops/quant.py)
+
+_prims = {}
+
+
+def _weight_quant_matmul():
+    """The Ascend primitive, looked up on its module at first use (the simulation replaces it there)."""
+    from mindspore.ops import auto_generate
+
+    cls = auto_generate.WeightQuantBatchMatmul
+    key = id(cls)
+    if key not in _prims:
+        _prims.clear()
+        _prims[key] = cls(transpose_x=False, transpose_weight=True, antiquant_group_size=0)
+    return _prims[key]
+
+
+def dequantize(weight: Tensor, scale: Tensor, dtype) -> Tensor:
+    """int8 (n, k) and scales (n,) -> the weight (n, k) in `dtype`."""
+    return weight.astype(dtype) * scale.astype(dtype).reshape(-1, 1)
+
+
+def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x (..., k) by an int8 weight (n, k) with per-row scales (n,), plus bias (n,) -> (..., n)."""
+    if weight.dtype != ms.int8:
+        raise TypeError(f"linear_int8: the weight must be int8, got {weight.dtype}")
+    if x.shape[-1] != weight.shape[-1] or tuple(scale.shape) != (weight.shape[0],):
+        raise ValueError(f"linear_int8: input (..., {x.shape[-1]}), weight{tuple(weight.shape)} and "
+                         f"scale{tuple(scale.shape)} do not fit (weight (n, k), scale (n,))")
+    if is_ascend():
+        lead = x.shape[:-1]
+        if bias is not None and x.dtype == ms.bfloat16:
+            bias = bias.astype(ms.float32)
+        out = _weight_quant_matmul()(x.reshape(-1, x.shape[-1]), weight, scale.astype(x.dtype), None, None, None,
+                                     None if bias is None else bias)
+        return out.reshape(*lead, weight.shape[0])
+    return linear(x, dequantize(weight, scale, x.dtype), bias)

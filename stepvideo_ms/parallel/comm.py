@@ -248,7 +248,17 @@ class WorldCollectiveCommunicator(Communicator):
 
     def _world_gather(self, x: Tensor) -> Tensor:
         """(world, *x.shape): every rank's x, by world rank."""
+        if x.dtype in (ms.int8, ms.uint8):  # no CPU AllGather kernel for bytes: 4 travel as one int32
+            return self._gather_bytes(x)
         return self._gather(x.expand_dims(0))
+
+    def _gather_bytes(self, x: Tensor) -> Tensor:
+        raw = x.asnumpy().reshape(-1)
+        padded = np.zeros(-(-raw.size // 4) * 4, raw.dtype)
+        padded[:raw.size] = raw
+        words = self._gather(Tensor(padded.view(np.int32)).expand_dims(0)).asnumpy()
+        out = words.view(raw.dtype)[:, :raw.size].reshape((self.world_size,) + tuple(x.shape))
+        return Tensor(out, x.dtype)
 
     def _pick(self, stacked: Tensor, rows: Sequence[int]) -> Tensor:
         if list(rows) == list(range(stacked.shape[0])):

@@ -15,7 +15,7 @@ blocks come from a BlockGatherer instead of the model's own (unallocated) blocks
 Entry points for a command line:
     world_size, rank = comm.init_world()
     mesh = Mesh.create(world_size, rank, ulysses_degree, pp_degree, ring_degree, pp_split, cfg_degree, shard_weights)
-    model, shards = load_stage(transformer_dir, mesh, dtype)   # shards: None without shard_weights
+    model, shards = load_stage(transformer_dir, mesh, dtype, weights=...)  # shards: None without shard_weights
     latents = parallel_denoise(mesh, make_communicator(mesh), model, noise, Conditioning(...),
                                scheduler, steps, time_shift, guidance_scale, shards=shards)
 """
@@ -55,25 +55,28 @@ def stage_param_filter(mesh: Mesh, num_layers: int) -> Callable[[str], bool]:
     return keep
 
 
-def load_stage_model(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True) -> StepVideoModel:
+def load_stage_model(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True,
+                     weights: Optional[str] = None) -> StepVideoModel:
     """Build the DiT of `path` (a transformer directory with config.json) without allocating its
-    weights, then read only this rank's stage and the shared embedding/output parameters."""
+    weights, then read only this rank's stage and the shared embedding/output parameters.
+    weights: "full", "int8" or None (what the folder holds), see StepVideoModel.from_pretrained."""
     config = checkpoint.read_config(path)
     model_args = StepVideoModel.config_keys()
     probe = {k: v for k, v in config.items() if k in model_args}
     heads, layers = int(probe.get("num_attention_heads", 48)), int(probe.get("num_layers", 48))
     mesh.check_model(heads, layers)
     return StepVideoModel.from_pretrained(path, config, dtype=dtype, select=stage_param_filter(mesh, layers),
-                                          progress=progress)
+                                          progress=progress, weights=weights)
 
 
-def load_stage(path: str, mesh: Mesh, dtype=ms.float32,
-               progress: bool = True) -> Tuple[StepVideoModel, Optional[BlockShards]]:
+def load_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True,
+               weights: Optional[str] = None) -> Tuple[StepVideoModel, Optional[BlockShards]]:
     """(model, shards): this rank's stage with full block weights, or with `mesh.shard_weights` the
-    model without its block weights and this rank's slices of the stage's blocks."""
+    model without its block weights and this rank's slices of the stage's blocks. weights: "full",
+    "int8" (the blocks' linear layers in int8) or None (what the folder holds)."""
     if mesh.shard_weights:
-        return load_sharded_stage(path, mesh, dtype, progress)
-    return load_stage_model(path, mesh, dtype, progress), None
+        return load_sharded_stage(path, mesh, dtype, progress, weights)
+    return load_stage_model(path, mesh, dtype, progress, weights), None
 
 
 @dataclass(frozen=True)

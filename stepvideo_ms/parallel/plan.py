@@ -6,7 +6,10 @@ weights), the latent grid, and the layout, as the parallel code runs it (dit_for
 pipeline.py, ulysses.py, shard.py):
 
 - weights: the largest stage's blocks (1/N of each with shard_weights, N = cfg x ulysses ranks),
-  plus everything outside the blocks (every rank keeps it);
+  plus everything outside the blocks (every rank keeps it); with --weights int8 a block's linear
+  weights count 1 byte each plus one scale per output channel in the compute dtype (the rest of
+  the block and everything outside the blocks stay in it), and so do its gathers; on a target
+  without the W8A16 kernel (the CPU backend) the largest linear weight is dequantized at a time;
 - gather buffers (shard_weights): the gathered block, the next block's gather in flight (Ascend)
   and the working block its values are copied into: 3 blocks (2 on a lockstep CPU world);
 - embedded tokens: every rank embeds its replica's whole batch, (B, N, D);
@@ -57,6 +60,7 @@ class Hardware:
     activation_units: float = 30.0  # calibrated (see the module docstring)
     reserve_gib: float = 3.0  # assumed: framework, HCCL buffers, kernel workspaces
     lockstep: bool = False  # CPU world collectives: no gather issued ahead
+    int8_matmul: bool = True  # the W8A16 kernel takes int8 weights (else one linear is dequantized at a time)
 
     def describe(self) -> str:
         return (f"assumed: {self.name} at {self.peak_tflops:.0f} TFLOPS bf16 peak x {self.utilisation:.0%} "
@@ -67,7 +71,7 @@ class Hardware:
 # MindSpore's CPU backend as tests and benchmarks run it: float32, lockstep gathers, RSS measured above
 # the process's size after start-up (no reserve); activation units from measured peak RSS.
 CPU = Hardware(name="CPU backend", peak_tflops=0.25, utilisation=1.0, link_gb_s=5.0, dtype_bytes=4,
-               activation_units=44.0, reserve_gib=0.0, lockstep=True)
+               activation_units=44.0, reserve_gib=0.0, lockstep=True, int8_matmul=False)
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,19 @@ class ModelShape:
     patch_size: int = 1
     caption_channels: int = 6144
     clip_channels: int = 1024
+    block_int8_params: int = 0  # of block_params: the linear weights that --weights int8 holds in int8
+    block_scales: int = 0  # their per-output-channel scales (added with --weights int8)
+    largest_linear: int = 0  # elements of the largest of those weights
 
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
+
+    def block_bytes(self, weights: str, dtype_bytes: int) -> int:
+        """One block's weights: all in the compute dtype, or int8 linear weights plus scales and the rest."""
+        if weights != "int8":
+            return self.block_params * dtype_bytes
+        return self.block_int8_params + (self.block_params - self.block_int8_params + self.block_scales) * dtype_bytes
 
     @property
     def total_params(self) -> int:
@@ -100,14 +113,27 @@ class ModelShape:
         from ..models.common import count_parameters
         from ..models.dit import StepVideoModel
 
+        from ..ops.quant import SCALE_SUFFIX
+        from ..models.layers import StepVideoTransformerBlock
+
         with no_init_parameters():
             model = StepVideoModel.from_config(config, dtype=ms.bfloat16)
+            quant = StepVideoTransformerBlock(model.inner_dim, model.attention_head_dim, ms.bfloat16, "int8")
         block = count_parameters(model.transformer_blocks[0])
+        int8 = [_numel(p.shape) for _, p in quant.parameters_and_names() if p.dtype == ms.int8]
+        scales = sum(_numel(p.shape) for n, p in quant.parameters_and_names() if n.endswith(SCALE_SUFFIX))
         caption = config.get("caption_channels", (6144, 1024))
         caption, clip = (caption, 0) if isinstance(caption, int) else caption
         return cls(model.num_layers, model.num_attention_heads, model.attention_head_dim, block,
                    count_parameters(model) - block * model.num_layers, model.out_channels, model.patch_size,
-                   int(caption), int(clip or 0))
+                   int(caption), int(clip or 0), sum(int8), scales, max(int8))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 @dataclass(frozen=True)
@@ -116,6 +142,7 @@ class Layout:
     ulysses: int
     pp: int
     shard: bool
+    weights: str = "full"  # or "int8" (--weights int8)
 
     @property
     def world(self) -> int:
@@ -127,11 +154,13 @@ class Layout:
 
     def name(self) -> str:
         parts = ([f"cfg {self.cfg}"] if self.cfg > 1 else []) + [f"ulysses {self.ulysses}", f"pp {self.pp}"]
-        return " x ".join(parts) + (" + shard" if self.shard else "")
+        return (" x ".join(parts) + (" + shard" if self.shard else "")
+                + (" + int8" if self.weights == "int8" else ""))
 
     def arguments(self) -> str:
         return ((f"--cfg_degree {self.cfg} " if self.cfg > 1 else "") + f"--ulysses_degree {self.ulysses} "
-                f"--pp_degree {self.pp}" + (" --shard_weights" if self.shard else ""))
+                f"--pp_degree {self.pp}" + (" --shard_weights" if self.shard else "")
+                + (" --weights int8" if self.weights == "int8" else ""))
 
 
 @dataclass(frozen=True)
@@ -178,12 +207,14 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
     m = batch // micro  # samples per micro-batch
     n = ceil_div(tokens, layout.ulysses)  # local tokens
     stage_layers = ceil_div(model.num_layers, layout.pp)  # the largest (balanced) stage
-    block_bytes = model.block_params * b
+    block_bytes = model.block_bytes(layout.weights, b)
     parts = layout.shard_parts
+    int8 = layout.weights == "int8"
 
     memory = {
-        "weights": stage_layers * ceil_div(model.block_params, parts) * b + model.other_params * b,
+        "weights": stage_layers * ceil_div(block_bytes, parts) + model.other_params * b,
         "gather buffers": (2 if hardware.lockstep else 3) * block_bytes if parts > 1 else 0,
+        "dequantized weight": model.largest_linear * b if int8 and not hardware.int8_matmul else 0,
         "embedded tokens": batch * tokens * d * b,
         "block activations": int(hardware.activation_units * m * n * d * b),
         "pipeline in flight": (2 * micro * m * n * d * b) if layout.pp > 1 else 0,
@@ -192,7 +223,7 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
     }
 
     a2a = 0 if layout.ulysses == 1 else stage_layers * micro * (layout.ulysses - 1) * 4 * m * n * (d // layout.ulysses) * b
-    gather = stage_layers * micro * (parts - 1) * ceil_div(model.block_params, parts) * b if parts > 1 else 0
+    gather = stage_layers * micro * (parts - 1) * ceil_div(block_bytes, parts) if parts > 1 else 0
     shift = micro * m * n * d * b if layout.pp > 1 else 0  # every stage but the last sends (the largest)
     out = (layout.world - 1) * batch * n * p * p * model.out_channels * b
     sent = {"all-to-all": a2a, "weight gathers": gather, "stage transfers": shift, "output gather": out}
@@ -212,8 +243,8 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
     return Plan(layout, memory, sent, flops, idle, compute, exposed)
 
 
-def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True) -> List[Layout]:
-    """Every valid layout of `cards` ranks (the rules of mesh.Mesh)."""
+def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, weights: str = "full") -> List[Layout]:
+    """Every valid layout of `cards` ranks (the rules of mesh.Mesh), with `weights` ("full" or "int8")."""
     found = []
     for cfg in CFG_DEGREES:
         if cards % cfg or (cfg > 1 and not guidance):
@@ -225,19 +256,19 @@ def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True) -> L
             for shard in (False, True):
                 if shard and cfg * u == 1:
                     continue
-                found.append(Layout(cfg, u, rest // u, shard))
+                found.append(Layout(cfg, u, rest // u, shard, weights))
     return found
 
 
 def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware) -> str:
     """A text table, the fitting layouts first by step time."""
-    head = (f"{'layout':<34} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'sent GB/step':>12} "
+    head = (f"{'layout':<42} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'sent GB/step':>12} "
             f"{'idle':>5} {'step s':>7}  fits")
     lines = [head, "-" * len(head)]
     for pl in sorted(plans, key=lambda q: (not q.fits(card_gb), q.step_s)):
         mem = pl.memory
         act = mem["block activations"] + mem["embedded tokens"] + mem["pipeline in flight"]
-        lines.append(f"{pl.layout.name():<34} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
+        lines.append(f"{pl.layout.name():<42} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
                      f"{sum(pl.sent_bytes.values()) / 1e9:12.1f} {pl.idle_share:5.0%} {pl.step_s:7.1f}  "
                      f"{'yes' if pl.fits(card_gb) else 'no'}")
     lines.append(hardware.describe())

@@ -12,6 +12,12 @@ the communicator is not lockstep (Ascend), the gather of the stage's next block 
 after the current one, so that the transfer runs while the current block computes; the flat
 vector is dropped once its values are in the working block. A lockstep communicator (the CPU
 world-collective one) gathers on demand, and an idle pipeline slot makes the same gather with zeros.
+
+With int8 weights (--weights int8) a block has three groups, each flattened, sliced and gathered on
+its own: the int8 linear weights (1 byte an element) cut at whole rows (balanced by elements), their
+scales cut at the same rows (so a rank slicing released float weights reads its rows once and
+derives their scales from them; a converted int8 folder has them stored), and the rest (norms,
+modulation table) in the working dtype, cut evenly.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from ..formats import checkpoint
 from ..models.dit import StepVideoModel
 from ..models.layers import StepVideoTransformerBlock
 from ..formats.safetensors_io import SafetensorsFile
+from ..ops.quant import SCALE_SUFFIX, quantize_rows, row_scales
 from .comm import Communicator
 from .mesh import Mesh
 
@@ -39,6 +46,7 @@ class BlockLayout:
 
     names: Tuple[str, ...]
     shapes: Tuple[Tuple[int, ...], ...]
+    bounds: Optional[Tuple[int, ...]] = None  # set by `cut`: rank j holds flat elements bounds[j]..bounds[j+1]
 
     @classmethod
     def of(cls, block: nn.Cell) -> "BlockLayout":
@@ -54,7 +62,19 @@ class BlockLayout:
         return sum(self.sizes)
 
     def shard_size(self, parts: int) -> int:
+        if self.bounds is not None:
+            return max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
         return -(-self.total // parts)
+
+    def span(self, index: int, parts: int) -> Tuple[int, int]:
+        """The flat elements rank `index` of `parts` holds (equal slices, the last one short, unless cut)."""
+        if self.bounds is not None:
+            return self.bounds[index], self.bounds[index + 1]
+        size = self.shard_size(parts)
+        return min(index * size, self.total), min((index + 1) * size, self.total)
+
+    def same_parameters(self, other: "BlockLayout") -> bool:
+        return (self.names, self.shapes) == (other.names, other.shapes)
 
     def pieces(self, start: int, stop: int):
         """(name index, first, last) of every parameter overlapping flat elements start..stop, with
@@ -67,21 +87,53 @@ class BlockLayout:
             offset += size
 
 
+def block_layouts(block: nn.Cell) -> Tuple[BlockLayout, ...]:
+    """A block's parameters in groups, each flattened on its own: with --weights int8 the int8 weights,
+    their scales (in the same order), then every other parameter (norms, modulation table)."""
+    pairs = list(block.parameters_and_names())
+    int8 = [n for n, p in pairs if p.dtype == ms.int8]
+    scales = [n + SCALE_SUFFIX for n in int8]
+    groups = [int8, scales, [n for n, _ in pairs if n not in set(int8) | set(scales)]]
+    shapes = {n: tuple(int(s) for s in p.shape) for n, p in pairs}
+    return tuple(BlockLayout(tuple(g), tuple(shapes[n] for n in g)) for g in groups if g)
+
+
+def cut_rows(layouts: Tuple[BlockLayout, ...], parts: int) -> Tuple[BlockLayout, ...]:
+    """With int8 weights, slice them by whole rows (balanced by elements) and give each rank the scales of
+    exactly its rows: a rank quantizing released weights reads its rows once and derives their scales."""
+    if len(layouts) < 3:
+        return layouts
+    weights, scales, rest = layouts
+    row_len = np.concatenate([np.full(shape[0], shape[1], np.int64) for shape in weights.shapes])
+    ends = np.concatenate([[0], np.cumsum(row_len)])  # flat element offset of each row's start
+    rows = [0] + [int(np.searchsorted(ends, j * weights.total / parts)) for j in range(1, parts)] + [len(row_len)]
+    return (BlockLayout(weights.names, weights.shapes, tuple(int(ends[r]) for r in rows)),
+            BlockLayout(scales.names, scales.shapes, tuple(rows)), rest)
+
+
+def _group_dtype(layout: BlockLayout, block: nn.Cell, dtype):
+    first = dict(block.parameters_and_names())[layout.names[0]]
+    return ms.int8 if first.dtype == ms.int8 else dtype
+
+
 @dataclass
 class BlockShards:
-    """This rank's slice of each block of its stage: {layer: flat tensor of shard_size elements}."""
+    """This rank's slice of each block of its stage: {layer: one flat tensor per dtype group}, group g
+    holding layouts[g].shard_size(parts) elements."""
 
-    layout: BlockLayout
+    layouts: Tuple[BlockLayout, ...]
     parts: int
     index: int
-    flats: Dict[int, Tensor]
+    flats: Dict[int, Tuple[Tensor, ...]]
 
-    @property
-    def shard_size(self) -> int:
-        return self.layout.shard_size(self.parts)
+    def shard_sizes(self) -> Tuple[int, ...]:
+        return tuple(g.shard_size(self.parts) for g in self.layouts)
 
     def numel(self) -> int:
-        return sum(int(np.prod(t.shape)) for t in self.flats.values())
+        return sum(int(np.prod(t.shape)) for ts in self.flats.values() for t in ts)
+
+    def nbytes(self) -> int:
+        return sum(int(t.nbytes) for ts in self.flats.values() for t in ts)
 
 
 def _block_layer(name: str) -> Optional[int]:
@@ -90,46 +142,83 @@ def _block_layer(name: str) -> Optional[int]:
     return int(name[len(BLOCK_PREFIX):].split(".", 1)[0])
 
 
-def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32,
-                       progress: bool = True) -> Tuple[StepVideoModel, BlockShards]:
+class _PieceReader:
+    """Elements lo..hi of a block parameter, read from the checkpoint: an int8 parameter from released
+    float weights is quantized from the whole rows holding those elements; its scales (derived, absent
+    from such a checkpoint) from the rows they scale."""
+
+    def __init__(self, where: Dict[str, SafetensorsFile]):
+        self.where = where
+        self._scales: Dict[Tuple[str, int, int], np.ndarray] = {}  # (weight, first row, last row) -> scales
+
+    def read(self, key: str, int8: bool, lo: int, hi: int) -> np.ndarray:
+        if key not in self.where and key.endswith(SCALE_SUFFIX):  # scales of a float checkpoint's weight
+            weight = key[:-len(SCALE_SUFFIX)]
+            kept = self._scales.pop((weight, lo, hi), None)
+            if kept is not None:  # derived while quantizing these very rows
+                return kept
+            f, cols = self.where[weight], self.where[weight].shape(weight)[1]
+            return row_scales(f.get_range(weight, lo * cols, hi * cols).reshape(-1, cols))
+        f = self.where[key]
+        if not int8 or f.dtype(key) == "I8":
+            return f.get_range(key, lo, hi)
+        cols = f.shape(key)[1]
+        first, last = lo // cols, -(-hi // cols)
+        q, scales = quantize_rows(f.get_range(key, first * cols, last * cols).reshape(-1, cols))
+        if lo % cols == 0 and hi % cols == 0:
+            self._scales[(key, first, last)] = scales
+        return q.reshape(-1)[lo - first * cols:hi - first * cols]
+
+
+def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True,
+                       weights: Optional[str] = None) -> Tuple[StepVideoModel, BlockShards]:
     """The DiT of `path` with every non-block parameter loaded and the blocks left unallocated, and
-    this rank's slice of each block of its stage, read slice by slice from the safetensors files."""
+    this rank's slice of each block of its stage, read slice by slice from the safetensors files.
+    weights "int8": the blocks' linear weights are sliced as int8 (quantized while reading released
+    weights), gathered apart from the float parameters (half the bytes of bf16)."""
     config = checkpoint.read_config(path)
     probe = {k: v for k, v in config.items() if k in StepVideoModel.config_keys()}
     heads, layers = int(probe.get("num_attention_heads", 48)), int(probe.get("num_layers", 48))
     mesh.check_model(heads, layers)
     model = StepVideoModel.from_pretrained(path, config, dtype=dtype, select=lambda n: _block_layer(n) is None,
-                                           progress=progress)
-    layout = BlockLayout.of(model.transformer_blocks[0])
+                                           progress=progress, weights=weights)
+    block0 = model.transformer_blocks[0]
     group = mesh.shard_group
     parts, index = len(group), group.index(mesh.rank)
-    size = layout.shard_size(parts)
-    start, stop = index * size, min((index + 1) * size, layout.total)
+    layouts = cut_rows(block_layouts(block0), parts)
+    dtypes = [_group_dtype(g, block0, dtype) for g in layouts]
     mine = list(mesh.stage_layers(model.num_layers))
 
     files = [SafetensorsFile(f) for f in checkpoint.checkpoint_files(path)]
     where = {key: f for f in files for key in f.keys() if _block_layer(key) in mine}
-    wanted = {f"{BLOCK_PREFIX}{layer}.{name}": shape for layer in mine
-              for name, shape in zip(layout.names, layout.shapes)}
-    missing = sorted(set(wanted) - set(where))
+    wanted = {f"{BLOCK_PREFIX}{layer}.{name}": shape for layer in mine for g in layouts
+              for name, shape in zip(g.names, g.shapes)}
+    derived = {k for k in wanted if k.endswith(SCALE_SUFFIX) and k not in where
+               and k[:-len(SCALE_SUFFIX)] in where and where[k[:-len(SCALE_SUFFIX)]].dtype(k[:-len(SCALE_SUFFIX)]) != "I8"}
+    missing = sorted(set(wanted) - set(where) - derived)
     wrong = [f"{k}: checkpoint {where[k].shape(k)} vs model {wanted[k]}" for k in sorted(set(wanted) & set(where))
              if tuple(where[k].shape(k)) != wanted[k]]
     if missing or wrong:
         raise checkpoint.CheckpointError(
             f"checkpoint {path} does not fit the stage's blocks: missing {missing[:10]} wrong shapes {wrong[:10]}; "
             "check that the config matches the weights")
-    flats: Dict[int, Tensor] = {}
+    reader = _PieceReader(where)
+    flats: Dict[int, Tuple[Tensor, ...]] = {}
     for layer in tqdm(mine, desc="loading block shards", unit="block", disable=not progress, leave=False):
-        flat = np.zeros(size, np.float32)
-        at = 0
-        for i, lo, hi in layout.pieces(start, stop):
-            key = f"{BLOCK_PREFIX}{layer}.{layout.names[i]}"
-            flat[at:at + hi - lo] = where[key].get_range(key, lo, hi)
-            at += hi - lo
-        flats[layer] = Tensor(flat, dtype)
+        mine_flats = []
+        for g, gdtype in zip(layouts, dtypes):
+            size = g.shard_size(parts)
+            start, stop = g.span(index, parts)
+            flat = np.zeros(size, np.int8 if gdtype == ms.int8 else np.float32)
+            at = 0
+            for i, lo, hi in g.pieces(start, stop):
+                flat[at:at + hi - lo] = reader.read(f"{BLOCK_PREFIX}{layer}.{g.names[i]}", gdtype == ms.int8, lo, hi)
+                at += hi - lo
+            mine_flats.append(Tensor(flat, gdtype))
+        flats[layer] = tuple(mine_flats)
     for f in files:
         f.close()
-    return model, BlockShards(layout, parts, index, flats)
+    return model, BlockShards(layouts, parts, index, flats)
 
 
 class BlockGatherer:
@@ -143,34 +232,43 @@ class BlockGatherer:
         self.order = list(stage_layers)
         self.prefetch = not comm.lockstep
         self.dtype = model.dtype
-        self.work = StepVideoTransformerBlock(model.inner_dim, model.attention_head_dim, model.dtype)
+        self.work = StepVideoTransformerBlock(model.inner_dim, model.attention_head_dim, model.dtype,
+                                              getattr(model, "weights", "full"))
         self.work.set_train(False)
-        self._params = [p for _, p in self.work.parameters_and_names()]
-        if BlockLayout.of(self.work) != shards.layout:
+        mine = block_layouts(self.work)
+        if len(mine) != len(shards.layouts) or not all(a.same_parameters(b) for a, b in zip(mine, shards.layouts)):
             raise ValueError("the working block's parameters do not match the shards' layout")
-        self._pending: Dict[int, Tensor] = {}
+        named = dict(self.work.parameters_and_names())
+        self._params = [[named[n] for n in g.names] for g in shards.layouts]
+        self._dtypes = [_group_dtype(g, self.work, model.dtype) for g in shards.layouts]
+        self._pending: Dict[int, Tuple[Tensor, ...]] = {}
 
-    def _gather(self, layer: int) -> Tensor:
-        return self.comm.all_gather(self.shards.flats[layer], self.group, axis=0)
+    def _gather(self, layer: int) -> Tuple[Tensor, ...]:
+        return tuple(self.comm.all_gather(flat, self.group, axis=0) for flat in self.shards.flats[layer])
 
     def block(self, layer: int) -> StepVideoTransformerBlock:
-        full = self._pending.pop(layer, None)
-        if full is None:
-            full = self._gather(layer)
+        fulls = self._pending.pop(layer, None)
+        if fulls is None:
+            fulls = self._gather(layer)
         if self.prefetch:  # issue the next block's gather now; it runs while this block computes
             at = self.order.index(layer)
             if at + 1 < len(self.order) and self.order[at + 1] not in self._pending:
                 self._pending[self.order[at + 1]] = self._gather(self.order[at + 1])
-        offset = 0
-        for param, size, shape in zip(self._params, self.shards.layout.sizes, self.shards.layout.shapes):
-            param.set_data(full[offset:offset + size].reshape(shape))
-            offset += size
-        del full
+        for full, params, g in zip(fulls, self._params, self.shards.layouts):
+            if g.bounds is not None:  # uneven slices, each padded to the largest: keep each rank's own part
+                size, parts = g.shard_size(self.shards.parts), self.shards.parts
+                full = mint.cat([full[j * size:j * size + g.bounds[j + 1] - g.bounds[j]] for j in range(parts)])
+            offset = 0
+            for param, size, shape in zip(params, g.sizes, g.shapes):
+                param.set_data(full[offset:offset + size].reshape(shape))
+                offset += size
+        del fulls
         return self.work
 
     def idle(self) -> None:
-        """The gather of one block with zeros (lockstep communicators, idle pipeline slot)."""
-        self.comm.all_gather(mint.zeros((self.shards.shard_size,), dtype=self.dtype), self.group, axis=0)
+        """The gathers of one block with zeros (lockstep communicators, idle pipeline slot)."""
+        for size, gdtype in zip(self.shards.shard_sizes(), self._dtypes):
+            self.comm.all_gather(mint.zeros((size,), dtype=gdtype), self.group, axis=0)
 
 
 def held_block_elements(model: StepVideoModel, shards: Optional[BlockShards]) -> int:

@@ -68,19 +68,21 @@ def latent_grid(frames: int, height: int, width: int) -> tuple:
 
 
 def plan_text(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
-              show_all: bool = False, hardware=None) -> str:
+              show_all: bool = False, hardware=None, weights: str = "full") -> str:
     from ..parallel import plan as planner
 
     hardware = hardware or planner.Hardware()
     shape = planner.ModelShape.from_config(config)
     grid = latent_grid(frames, height, width)
     plans = [planner.plan(shape, layout, grid, hardware=hardware)
-             for layout in planner.layouts(cards, shape.heads, shape.num_layers)]
+             for layout in planner.layouts(cards, shape.heads, shape.num_layers, weights=weights)]
     fitting = [p for p in plans if p.fits(card_gb)]
     shown = plans if show_all else fitting
     f, h, w = grid
     title = (f"{frames} frames {height}x{width} -> latents {f}x{h}x{w} = {f * h * w:,} tokens; "
-             f"{shape.total_params:,} parameters (bf16); {cards} cards"
+             f"{shape.total_params:,} parameters ("
+             + ("int8 block linear weights + per-channel scales, the rest bf16" if weights == "int8" else "bf16")
+             + f"); {cards} cards"
              + (f" of {card_gb:g} GiB" if card_gb else "") + f": {len(fitting)} of {len(plans)} layouts fit")
     if not shown:
         return title + "\nnone fits: use more cards, --shard_weights layouts, or fewer frames / a smaller size"
@@ -100,6 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--cards", type=int, default=None, help="number of cards (world size)")
     g.add_argument("--card_gb", type=float, default=None, help="memory per card in GiB: list only layouts that fit")
     g.add_argument("--all", action="store_true", help="also list the layouts that do not fit --card_gb")
+    g.add_argument("--weights", choices=("full", "int8"), default="full",
+                   help="int8: the blocks' linear weights in int8 with per-channel scales (run_parallel.py --weights)")
     args = parser.parse_args(argv)
     config = {}
     if args.config:
@@ -113,7 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.card_gb is not None and args.card_gb <= 0:
             parser.error(f"--card_gb {args.card_gb:g} must be positive (GiB per card, e.g. 64)")
         try:
-            print(plan_text(config, args.frames, args.height, args.width, args.cards, args.card_gb, args.all))
+            print(plan_text(config, args.frames, args.height, args.width, args.cards, args.card_gb, args.all,
+                            weights=args.weights))
         except ValueError as exc:
             parser.error(str(exc))
         return 0

@@ -6,7 +6,8 @@ layouts, shapes, mask polarity and shapes per `sparse_mode`) and computes the do
 float32, rounded to the output dtype as an NPU does.
 
 Replaced: ops.flash_attention_score, ops.rms_norm, ops.conv3d (P.Conv3D: float16/float32 only),
-mint.nn.functional.{layer_norm, group_norm, embedding, conv3d}. What the product never calls
+mint.nn.functional.{layer_norm, group_norm, embedding, conv3d}, and the W8A16 matmul
+ops.auto_generate.WeightQuantBatchMatmul (quant_matmul.py). What the product never calls
 (dropout, TND layout, prefix and band sparse modes, ALiBi-compressed real_shift) is refused with
 NotImplementedError rather than emulated loosely.
 """
@@ -226,6 +227,8 @@ def conv3d_float32(x: Tensor, w: Tensor, bias: Optional[Tensor], stride, padding
     if bias is not None:
         out = out + bias.astype(ms.float32).asnumpy().reshape(1, -1, 1, 1, 1)
     return np.ascontiguousarray(out, dtype=np.float32)
+
+
 
 
 # (owner, name) -> emulator factory (given the real function)
