@@ -124,6 +124,8 @@ def _save_upload(state: ServiceState, job_id: str, blob: bytes) -> str:
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the journal says the job was accepted
     return path
 
 
@@ -216,6 +218,9 @@ def create_app(state: ServiceState) -> Flask:
             return None, error_response(404, f"no job {job_id}", "id")
         if rec.state != "done":
             return None, error_response(409, f"job {job_id} is {rec.state}: its files exist once it is done", "id")
+        if not (rec.video_path and os.path.isfile(rec.video_path) and rec.json_path and os.path.isfile(rec.json_path)):
+            return None, error_response(404, f"job {job_id} is done but its files are no longer in the save folder",
+                                        "id")
         return rec, None
 
     @app.get("/jobs/<job_id>/video")
