@@ -89,6 +89,7 @@ def check_setting(name: str, value):
     """`value` of the per-video setting `name` as its type (int, float, str), or SettingError naming it:
     integers are integers (not booleans, not 7.0), numbers are finite and within SETTING_RANGES."""
     kind = PER_VIDEO_SETTINGS[name]
+    hint = f" ({SETTING_HINTS[name]})" if name in SETTING_HINTS else ""
     if kind is str:
         return check_text(name, value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
@@ -102,12 +103,11 @@ def check_setting(name: str, value):
         try:
             value = float(value)
         except OverflowError:
-            raise SettingError(name, f"{name}={_shown(value)} is too large: give a number {range_text(name)}") \
-                from None
+            raise SettingError(name, f"{name}={_shown(value)} is too large: give a number {range_text(name)}"
+                                     f"{hint}") from None
         if not math.isfinite(value):
-            raise SettingError(name, f"{name}={value} is not a finite number: give a number {range_text(name)}")
+            raise SettingError(name, f"{name}={value} is not a finite number: give a number {range_text(name)}{hint}")
     low, high = SETTING_RANGES[name]
-    hint = f" ({SETTING_HINTS[name]})" if name in SETTING_HINTS else ""
     if value < low or (name in OPEN_BELOW and value == low):
         raise SettingError(name, f"{name}={_shown(value)} is under the allowed range: give "
                                  f"{'an integer' if kind is int else 'a number'} {range_text(name)}{hint}")
