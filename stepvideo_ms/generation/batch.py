@@ -28,8 +28,9 @@ def run_batch(args, world_size: int) -> int:
     from .world import GenerationWorld, JobFailed
 
     check_save_folder(args.save_path)
+    defaults = defaults_from(args)
     task, transformer = validate_model(args, world_size)
-    jobs, errors = read_prompts_file(args.prompts_file, task, defaults_from(args))
+    jobs, errors = read_prompts_file(args.prompts_file, task, defaults)
     for error in errors:  # every rank says it (the rank is known only once the world is joined)
         print(f"run_parallel.py: error: {error}", file=sys.stderr, flush=True)
     if not jobs:

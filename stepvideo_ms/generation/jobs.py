@@ -47,8 +47,17 @@ class Job:
 
 
 def defaults_from(args) -> dict:
-    """The per-video settings given on the command line: the defaults of every job."""
-    return {name: getattr(args, name) for name in PER_VIDEO_SETTINGS if getattr(args, name, None) is not None}
+    """The per-video settings given on the command line: the defaults of every job, each checked (a
+    ValueError naming the flag) so that a bad one stops the run before anything loads."""
+    out = {}
+    for name in PER_VIDEO_SETTINGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            try:
+                out[name] = check_setting(name, value)
+            except SettingError as exc:
+                raise SettingError(name, f"--{exc}") from None
+    return out
 
 
 def _refuse_constant(name: str):

@@ -67,11 +67,12 @@ def run_service(args, world_size: int) -> int:
     from ..outputs import check_save_folder
 
     save_path = check_save_folder(args.save_path)
+    defaults = defaults_from(args)
     task, transformer = validate_model(args, world_size)
     stop = StopRequest()
     limits = Limits()
     board = JobBoard(args.queue_size)  # rank 0 gives it the journal before serving
-    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {}, defaults_from(args))
+    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {}, defaults)
     holder = {}
 
     def bind():  # rank 0, before any weight: a locked save folder or a taken port fails in seconds
