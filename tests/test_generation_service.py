@@ -294,3 +294,24 @@ def test_single_video_flags_are_refused_for_many(model, capsys):
         cli.main(["--model_dir", model, "--serve", "--first_image_path", "a.png", "--save_latents", "l.safetensors"])
     assert exc.value.code == 2
     assert "--first_image_path, --save_latents belong(s) to one video" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(TIMEOUT + 120)
+def test_a_fault_on_one_rank_is_a_world_failure_said_as_such_and_the_jobs_stay_in_the_journal(model, tmp_path):
+    """Rank 1 alone raises inside the loop while rank 0 waits in a collective: the world cannot go on.
+    It stops (msrun ends), the log says so, and the journal keeps both jobs for the next start."""
+    videos = tmp_path / "videos"
+    svc = MsrunService(["--model_dir", model, *WORLD, "--save_path", str(videos)], 2, str(tmp_path / "logs"),
+                       {"STEPVIDEO_INJECT_FAULT": f"{FAULT_SEED}:2:1", "STEPVIDEO_AGREE_TIMEOUT_S": "60"})
+    svc.wait_ready()
+    try:
+        ids = [requests.post(svc.url + "jobs", json=dict(JOBS[1], seed=seed), timeout=10).json()["id"]
+               for seed in (FAULT_SEED, 1)]
+        svc.proc.wait(TIMEOUT)
+    finally:
+        left = svc.terminate(30)
+    assert not left and svc.proc.returncode != 0, svc.logs()
+    assert "world failure on rank 1" in svc.logs()
+    journal = [json.loads(line) for line in (videos / "service-journal.jsonl").read_text().splitlines()]
+    assert [(e["event"], e.get("id")) for e in journal[1:]] == [("accepted", ids[0]), ("running", ids[0]),
+                                                               ("accepted", ids[1])]

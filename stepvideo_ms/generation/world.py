@@ -242,7 +242,7 @@ class GenerationWorld:
     def _step_callback(self, s, on_step: Optional[Callable[[int, int], None]]) -> Callable[[int, int], None]:
         """Called by every rank after each step: the injected fault (tests), then rank 0's progress report,
         which may never fail the job nor leave the other ranks waiting."""
-        fault_step = injected_fault_step(s.seed)
+        fault_step = injected_fault_step(s.seed, self.rank)
 
         def step(i: int, n: int) -> None:
             if fault_step is not None and i == fault_step:
@@ -256,14 +256,16 @@ class GenerationWorld:
         return step
 
 
-def injected_fault_step(seed: int) -> Optional[int]:
-    """STEPVIDEO_INJECT_FAULT=SEED:STEP makes the denoising loop raise after step STEP, on every rank, in
-    the jobs whose seed is SEED (for tests of job isolation; unset in use)."""
+def injected_fault_step(seed: int, rank: int) -> Optional[int]:
+    """STEPVIDEO_INJECT_FAULT=SEED:STEP[:RANK] makes the denoising loop raise after step STEP in the jobs
+    whose seed is SEED, on every rank (or on RANK alone: a world failure), for tests; unset in use."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
-    fault_seed, _, fault_step = spec.partition(":")
-    return int(fault_step or 1) if int(fault_seed) == seed else None
+    parts = spec.split(":")
+    if int(parts[0]) != seed or (len(parts) > 2 and int(parts[2]) != rank):
+        return None
+    return int(parts[1]) if len(parts) > 1 else 1
 
 
 def agree_failed(comm, mesh, failed: bool, rank: int, timeout_s: Optional[float] = None) -> bool:
