@@ -313,5 +313,5 @@ def test_a_fault_on_one_rank_is_a_world_failure_said_as_such_and_the_jobs_stay_i
     assert not left and svc.proc.returncode != 0, svc.logs()
     assert "world failure on rank 1" in svc.logs()
     journal = [json.loads(line) for line in (videos / "service-journal.jsonl").read_text().splitlines()]
-    assert [(e["event"], e.get("id")) for e in journal[1:]] == [("accepted", ids[0]), ("running", ids[0]),
-                                                               ("accepted", ids[1])]
+    assert [e["event"] for e in journal if e.get("id") == ids[0]] == ["accepted", "running"]  # runs again
+    assert [e["event"] for e in journal if e.get("id") == ids[1]] == ["accepted"]  # waits for the next start
