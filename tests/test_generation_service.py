@@ -296,6 +296,7 @@ def test_single_video_flags_are_refused_for_many(model, capsys):
     assert "--first_image_path, --save_latents belong(s) to one video" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a third msrun world (about a minute on a loaded machine); -m slow runs it
 @pytest.mark.timeout(TIMEOUT + 120)
 def test_a_fault_on_one_rank_is_a_world_failure_said_as_such_and_the_jobs_stay_in_the_journal(model, tmp_path):
     """Rank 1 alone raises inside the loop while rank 0 waits in a collective: the world cannot go on.
