@@ -50,6 +50,9 @@ def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     """(f, 3, h, w) in [-1, 1] -> (f, h, w, 3) uint8: clamped, then mapped as upstream ((x+1)*127.5)."""
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be (frames, 3, height, width), got {frames.shape}")
+    bad = int(frames.size - np.count_nonzero(np.isfinite(frames)))
+    if bad:  # NaN would become an arbitrary byte: refuse instead of writing a garbage video
+        raise ValueError(f"frames hold {bad} non-finite value(s) (NaN or inf): nothing to write")
     x = (np.clip(frames, -1.0, 1.0) + 1.0) * 127.5
     return np.clip(x, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 

@@ -36,10 +36,10 @@ def alive(pid: int) -> bool:
 
 
 class MsrunService:
-    def __init__(self, args, workers: int, log_dir: str):
+    def __init__(self, args, workers: int, log_dir: str, extra_env=None):
         self.log_dir = log_dir
         self.proc = start_msrun("run_parallel.py", ["--serve", "--port", "0", "--no_progress", *args], workers,
-                                log_dir, stdout=open(os.path.join(log_dir + ".out"), "w"))
+                                log_dir, extra_env, stdout=open(os.path.join(log_dir + ".out"), "w"))
         self.url = None
         self.pids = []
 

@@ -95,6 +95,10 @@ def test_api_errors_name_the_argument(api, tmp_path):
         pipe("x", first_image=image, output_type="pil")
     with pytest.raises(ValueError, match="height=0"):
         pipe("x", first_image=image, height=0)
+    with pytest.raises(ValueError, match="cfg_scale=nan is not a finite number"):
+        pipe("x", first_image=image, cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match="seed=-1 is under the allowed range"):
+        pipe("x", first_image=image, seed=-1)
     if task == "t2v":
         with pytest.raises(ValueError, match="first_image is for TI2V"):
             pipe("x", first_image=DEMO_IMAGE)

@@ -186,3 +186,43 @@ def test_rounding_note_is_not_also_a_warning(recwarn):
     args = cli.build_parser().parse_args(["--model_dir", "m", "--prompt", "p", "--height", "50"])
     settings = checks.settings_from(args, "t2v")
     assert settings.height == 48 and len(settings.notes) == 1 and len(recwarn) == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--cfg_scale", "nan"), ("--time_shift", "inf"), ("--motion_score", "-inf"),
+                                        ("--card_gb", "NaN")])
+def test_non_finite_floats_are_refused_when_parsed(tmp_path, capsys, flag, value):
+    """Before the model folder is even looked at: nothing loads for a nan."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--model_dir", str(tmp_path / "absent"), "--prompt", "a", f"{flag}={value}"])
+    assert exc.value.code == 2
+    assert f"argument {flag}: '{value}' is not a finite number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seed", "-1"], "seed=-1 is under the allowed range"),
+    (["--seed", str(10 ** 40)], "seed=an integer of 41 digits is over the limit"),
+    (["--cfg_scale", "1e400"], "argument --cfg_scale: '1e400' is not a finite number"),
+])
+def test_out_of_range_numbers_stop_before_loading(t2v_model, tmp_path, capsys, extra, message):
+    args = ["--model_dir", t2v_model, "--caption_url", "local", "--vae_url", "local", "--prompt", "x",
+            "--save_path", str(tmp_path / "out"), *extra]
+    try:
+        code = cli.main(args)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompts_file_lines_with_non_finite_numbers_are_bad_lines(tmp_path):
+    from stepvideo_ms.generation.jobs import read_prompts_file
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"prompt": "a", "cfg_scale": NaN}\n{"prompt": "b", "seed": 1e400}\n'
+                    '{"prompt": "c", "cfg_scale": 1e400}\n{"prompt": "d", "seed": 7}\n')
+    jobs, errors = read_prompts_file(str(path), "t2v")
+    assert [n for n, _ in jobs] == [4]
+    assert errors == [f"{path} line 1: not valid JSON (NaN is not JSON (RFC 8259 has no NaN or Infinity): give a "
+                      "finite number)",
+                      f"{path} line 2: seed must be an integer, got inf",
+                      f"{path} line 3: cfg_scale=inf is not a finite number: give a number from 0 to 100 "
+                      "(9.0 for Step-Video, 5.0 for Turbo)"]

@@ -85,3 +85,41 @@ def test_ti2v_needs_a_readable_image(tmp_path):
     assert sorted(os.listdir(tmp_path / "uploads")) == [os.path.basename(rec.upload_path)]
     path_in_json = c.post("/jobs", json={"prompt": "x", "first_image_path": os.path.join(REPO, "assets", "demo.png")})
     assert path_in_json.status_code == 422  # a client cannot point the service at a server file
+
+
+# ---- issue 20's hostile requests: each refused before it reaches the queue ----------------------------
+HOSTILE = [
+    ('{"prompt": "a", "cfg_scale": NaN}', 400, "body", "NaN is not JSON"),
+    ('{"prompt": "a", "cfg_scale": Infinity}', 400, "body", "Infinity is not JSON"),
+    ('{"prompt": "a", "time_shift": -Infinity}', 400, "body", "-Infinity is not JSON"),
+    ('{"prompt": "a", "cfg_scale": 1e400}', 422, "cfg_scale", "cfg_scale=inf is not a finite number"),
+    ('{"prompt": "a", "cfg_scale": 1' + "0" * 400 + '}', 422, "cfg_scale", "is too large"),
+    ('{"prompt": "a", "seed": 1' + "0" * 40 + '}', 422, "seed", "seed=an integer of 41 digits is over the limit"),
+    ('{"prompt": "a", "seed": -1}', 422, "seed", "give an integer from 0 to 9223372036854775807"),
+    ('{"prompt": "a", "seed": true}', 422, "seed", "seed must be an integer, got True"),
+    ('{"prompt": "a", "infer_steps": 3.0}', 422, "infer_steps", "infer_steps must be an integer"),
+    ('{"prompt": "a", "cfg_scale": 101}', 422, "cfg_scale", "cfg_scale=101.0 is over the limit of 100.0"),
+    ('{"prompt": "a", "motion_score": 5}', 422, "motion_score", "motion_score is for TI2V"),
+    ('{"prompt": "\\ud800"}', 422, "prompt", "prompt is not valid Unicode text"),
+    ('{"prompt": "a", "seed": 1' + "0" * 5000 + '}', 400, "body", "not JSON"),
+    ("[" * 20000 + "]" * 20000, 400, "body", "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize("body,status,field,message", HOSTILE, ids=[h[3] for h in HOSTILE])
+def test_hostile_numbers_are_refused_naming_the_field(tmp_path, body, status, field, message):
+    c, board = client(tmp_path, max_body=1 << 20)
+    r = c.post("/jobs", data=body.encode(), headers={"Content-Type": "application/json"})
+    assert (r.status_code, r.get_json()["field"]) == (status, field), r.get_json()
+    assert message in r.get_json()["error"]
+    form = c.post("/jobs", data={"job": body}, content_type="multipart/form-data")
+    assert form.status_code == status and message in form.get_json()["error"]
+    assert board.counts()["queued"] == 0
+
+
+def test_finite_numbers_in_range_are_accepted_as_their_types(tmp_path):
+    c, board = client(tmp_path)
+    r = c.post("/jobs", json={"prompt": "a", "cfg_scale": 100, "time_shift": 0.5, "seed": 2 ** 63 - 1})
+    assert r.status_code == 201, r.get_json()
+    s = board.record(r.get_json()["id"]).job.settings
+    assert (s.cfg_scale, s.time_shift, s.seed) == (100.0, 0.5, 2 ** 63 - 1) and type(s.cfg_scale) is float

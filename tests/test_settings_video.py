@@ -93,3 +93,41 @@ def test_write_mp4_is_readable_with_the_right_frames(tmp_path):
     back = np.stack(list(iio.imiter(path)))
     assert back.shape == (17, 32, 48, 3)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["v.mp4"]  # no temporary file left
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("cfg_scale", float("nan"), "cfg_scale=nan is not a finite number"),
+    ("cfg_scale", float("inf"), "cfg_scale=inf is not a finite number"),
+    ("time_shift", np.float32("nan"), "time_shift=nan is not a finite number"),
+    ("motion_score", -float("inf"), "motion_score=-inf"),
+    ("cfg_scale", 10 ** 400, "cfg_scale=an integer of 401 digits is too large"),
+    ("seed", -1, "seed=-1 is under the allowed range: give an integer from 0 to 9223372036854775807"),
+    ("seed", 2 ** 63, "seed=9223372036854775808 is over the limit"),
+    ("seed", 10 ** 40, "seed=an integer of 41 digits"),
+    ("seed", True, "seed must be an integer, got True"),
+    ("num_frames", True, "num_frames must be an integer"),
+    ("infer_steps", 2.0, "infer_steps must be an integer, got 2.0"),
+    ("cfg_scale", "9", "cfg_scale must be a number"),
+    ("pos_magic", "a\x00b", "pos_magic contains a NUL character"),
+    ("prompt", "\ud800", "prompt is not valid Unicode text"),
+])
+def test_every_number_is_finite_in_range_and_of_its_type(field, value, match):
+    """The one check behind the command line, prompts files, the HTTP API and the Python API."""
+    from stepvideo_ms.diffusion.settings import SettingError
+    kwargs = {"prompt": "x", "task": "ti2v" if field == "motion_score" else "t2v", field: value}
+    with pytest.raises(SettingError, match=match) as exc:
+        GenerationSettings(**kwargs).resolved()
+    assert exc.value.field == field
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    s = GenerationSettings(prompt="x", num_frames=np.int64(17), cfg_scale=np.float32(5.0), seed=np.uint64(2 ** 63 - 1),
+                           height=48, width=80).resolved()
+    assert (type(s.num_frames), type(s.cfg_scale), type(s.seed)) == (int, float, int) and s.seed == 2 ** 63 - 1
+
+
+def test_frames_with_nan_are_refused_not_cast_to_garbage():
+    frames = np.zeros((1, 3, 4, 4), np.float32)
+    frames[0, 1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite value"):
+        video_io.frames_to_uint8(frames)

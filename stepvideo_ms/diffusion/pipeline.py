@@ -60,6 +60,12 @@ class Conditions:
         condition = None if self.condition is None else Tensor(self.condition, dtype)
         return Tensor(self.y, dtype), Tensor(self.y_mask), Tensor(self.clip_embedding, dtype), condition
 
+    def check_finite(self) -> None:
+        """Refuse NaN or inf in the embeddings or the image latent (a server's fault, before any step runs)."""
+        for name, array in self.arrays().items():
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                raise FloatingPointError(f"the {name} from the encoders holds non-finite values (NaN or inf)")
+
     def arrays(self) -> Dict[str, np.ndarray]:
         out = {"y": self.y, "y_mask": self.y_mask, "clip_embedding": self.clip_embedding}
         if self.condition is not None:
@@ -199,7 +205,11 @@ class StepVideoPipeline:
         return rng.standard_normal(s.latent_shape(self.transformer.in_channels), dtype=np.float32)
 
     def denoise(self, s: GenerationSettings, cond: Conditions, noise: np.ndarray) -> np.ndarray:
-        return single_process_denoise(self.transformer, cond, noise, s, self.scheduler, self.progress)
+        cond.check_finite()
+        latents = single_process_denoise(self.transformer, cond, noise, s, self.scheduler, self.progress)
+        if not np.isfinite(latents).all():
+            raise FloatingPointError("the denoising gave non-finite latents (NaN or inf)")
+        return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         if self.vae is None:

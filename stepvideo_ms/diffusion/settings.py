@@ -7,10 +7,14 @@ in multiples of 16).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
+
+import numpy as np
 
 from ..models.vae_config import FRAMES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION
 
@@ -52,6 +56,87 @@ PER_VIDEO_SETTINGS = {"num_frames": int, "height": int, "width": int, "infer_ste
                       "time_shift": float, "motion_score": float, "pos_magic": str, "neg_magic": str, "seed": int}
 
 
+# The range of every number a user gives (command line, prompts file, HTTP job, Python API): checked in
+# one place (`check_setting`) before anything loads or queues. Sizes are before rounding (a height of 8
+# becomes 16). The seed is numpy's: `np.random.default_rng(seed)` draws the initial noise (and the VAE
+# server's image latent sample) from PCG64 seeded with the integer as given, identically on every rank;
+# 2**63 - 1 is also the largest seed the VAE server takes.
+MAX_SEED = 2 ** 63 - 1
+SETTING_RANGES = {"num_frames": (1, 1024), "height": (1, 4096), "width": (1, 4096), "infer_steps": (1, 1000),
+                  "cfg_scale": (0.0, 100.0), "time_shift": (0.0, 1000.0), "motion_score": (0.0, 100.0),
+                  "seed": (0, MAX_SEED)}
+OPEN_BELOW = {"time_shift"}  # the lower bound itself is refused
+SETTING_HINTS = {"cfg_scale": "9.0 for Step-Video, 5.0 for Turbo", "time_shift": "13.0 for Step-Video, 17.0 for Turbo",
+                 "motion_score": "2 steady, 5 default, 10/20 lively"}
+
+
+class SettingError(ValueError):
+    """A bad value of one setting; `field` names it (the HTTP API returns it with the 4xx)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def range_text(name: str) -> str:
+    low, high = SETTING_RANGES[name]
+    if isinstance(low, float):
+        return f"above {low:g}, up to {high:g}" if name in OPEN_BELOW else f"from {low:g} to {high:g}"
+    return f"from {low} to {high}"
+
+
+def check_setting(name: str, value):
+    """`value` of the per-video setting `name` as its type (int, float, str), or SettingError naming it:
+    integers are integers (not booleans, not 7.0), numbers are finite and within SETTING_RANGES."""
+    kind = PER_VIDEO_SETTINGS[name]
+    hint = f" ({SETTING_HINTS[name]})" if name in SETTING_HINTS else ""
+    if kind is str:
+        return check_text(name, value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        what = "an integer" if kind is int else "a number"
+        raise SettingError(name, f"{name} must be {what}, got {_shown(value)}")
+    if kind is int:
+        if not isinstance(value, numbers.Integral):
+            raise SettingError(name, f"{name} must be an integer, got {_shown(value)}")
+        value = int(value)
+    else:
+        try:
+            value = float(value)
+        except OverflowError:
+            raise SettingError(name, f"{name}={_shown(value)} is too large: give a number {range_text(name)}"
+                                     f"{hint}") from None
+        if not math.isfinite(value):
+            raise SettingError(name, f"{name}={value} is not a finite number: give a number {range_text(name)}{hint}")
+    low, high = SETTING_RANGES[name]
+    if value < low or (name in OPEN_BELOW and value == low):
+        raise SettingError(name, f"{name}={_shown(value)} is under the allowed range: give "
+                                 f"{'an integer' if kind is int else 'a number'} {range_text(name)}{hint}")
+    if value > high:
+        raise SettingError(name, f"{name}={_shown(value)} is over the limit of {high}: give "
+                                 f"{'an integer' if kind is int else 'a number'} {range_text(name)}{hint}")
+    return value
+
+
+def check_text(name: str, value) -> str:
+    """A string that can travel (UTF-8, no NUL), or SettingError naming `name`."""
+    if not isinstance(value, str):
+        raise SettingError(name, f"{name} must be a string, got {_shown(value)}")
+    if "\x00" in value:
+        raise SettingError(name, f"{name} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SettingError(name, f"{name} is not valid Unicode text ({exc.reason} at character {exc.start})") \
+            from None
+    return value
+
+
+def _shown(value) -> str:
+    """A value for a message, short even for a 5000-digit integer."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 30 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass
 class GenerationSettings:
     prompt: str
@@ -72,7 +157,7 @@ class GenerationSettings:
     def resolved(self) -> "GenerationSettings":
         """A copy with the task's defaults filled in, shapes rounded (with a warning) and every value checked."""
         if self.task not in TASK_DEFAULTS:
-            raise ValueError(f"task={self.task!r} is not supported: use 't2v' or 'ti2v'")
+            raise SettingError("task", f"task={self.task!r} is not supported: use 't2v' or 'ti2v'")
         values = dataclasses.asdict(self)
         for key, default in TASK_DEFAULTS[self.task].items():
             if values[key] is None:
@@ -94,23 +179,19 @@ class GenerationSettings:
         return used
 
     def _check(self):
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise ValueError("prompt is empty: pass a text prompt (--prompt \"...\")")
-        for name in ("num_frames", "height", "width", "infer_steps"):
+        check_text("prompt", self.prompt)
+        if not self.prompt.strip():
+            raise SettingError("prompt", "prompt is empty: pass a text prompt (--prompt \"...\")")
+        for name in PER_VIDEO_SETTINGS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 (9.0 for Step-Video, 5.0 for Turbo)")
-        if self.time_shift <= 0:
-            raise ValueError(f"time_shift={self.time_shift} must be positive (13.0 for Step-Video, 17.0 for Turbo)")
+            if value is None and name == "motion_score" and self.task == "t2v":
+                continue  # T2V has no motion score
+            setattr(self, name, check_setting(name, value))
         if self.task == "ti2v":
-            if not self.first_image_path:
-                raise ValueError("task ti2v needs a first image: pass --first_image_path IMAGE")
+            if not isinstance(self.first_image_path, str) or not self.first_image_path:
+                raise SettingError("first_image_path", "task ti2v needs a first image: pass --first_image_path IMAGE")
             if not os.path.isfile(self.first_image_path):
-                raise ValueError(f"first_image_path={self.first_image_path!r}: no such file")
-            if self.motion_score is None or self.motion_score < 0:
-                raise ValueError(f"motion_score={self.motion_score} must be >= 0 (2 steady, 5 default, 10/20 lively)")
+                raise SettingError("first_image_path", f"first_image_path={self.first_image_path!r}: no such file")
 
     def latent_shape(self, channels: int, batch: int = 1):
         """(batch, latent frames, channels, height/16, width/16) of a resolved request."""

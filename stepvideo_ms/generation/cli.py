@@ -21,6 +21,19 @@ from typing import List, Optional
 TRANSFORMER_DIR = "transformer"
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float argument: a finite number (Python's float() also reads nan and inf)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: give a value such as 9.0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_parallel.py",
@@ -48,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8000, help="--serve: port (0 picks a free one)")
     g.add_argument("--queue_size", type=int, default=16, help="--serve: jobs that may wait")
     g.add_argument("--first_image_path", default=None, help="TI2V: the first frame (PNG/JPEG)")
-    g.add_argument("--motion_score", type=float, default=None, help="TI2V: 2 steady, 5 default, 10/20 lively")
+    g.add_argument("--motion_score", type=finite_float, default=None, help="TI2V: 2 steady, 5 default, 10/20 lively")
     g.add_argument("--num_frames", type=int, default=None, help="frames, rounded down to a multiple of 17 (task)")
     g.add_argument("--height", type=int, default=None, help="pixels, rounded down to a multiple of 16 (544)")
     g.add_argument("--width", type=int, default=None, help="pixels, rounded down to a multiple of 16 (992)")
     g.add_argument("--infer_steps", type=int, default=None, help="denoising steps (50; Turbo 10-15)")
-    g.add_argument("--cfg_scale", type=float, default=None, help="classifier-free guidance (9.0; Turbo 5.0)")
-    g.add_argument("--time_shift", type=float, default=None, help="flow-matching time shift (13.0; Turbo 17.0)")
+    g.add_argument("--cfg_scale", type=finite_float, default=None, help="classifier-free guidance (9.0; Turbo 5.0)")
+    g.add_argument("--time_shift", type=finite_float, default=None, help="flow-matching time shift (13.0; Turbo 17.0)")
     g.add_argument("--pos_magic", default=None, help="appended to the prompt (task default)")
     g.add_argument("--neg_magic", default=None, help="the negative prompt (task default)")
     g.add_argument("--seed", type=int, default=1234, help="seed of the initial noise (and of the image latent sample)")
@@ -79,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: the DiT blocks' linear layers hold int8 weights with one scale per output channel "
                         "(half the memory and gather traffic of bf16), quantized while loading released weights or "
                         "read from a convert.py --quantize int8 folder (default: what the transformer folder holds)")
-    g.add_argument("--card_gb", type=float, default=None,
+    g.add_argument("--card_gb", type=finite_float, default=None,
                    help="memory per card (GiB): refuse a layout predicted not to fit (default: the device's, when known)")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
     g.add_argument("--verbose", action="store_true",

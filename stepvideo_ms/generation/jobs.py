@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from ..diffusion.settings import PER_VIDEO_SETTINGS, GenerationSettings
+from ..diffusion.settings import PER_VIDEO_SETTINGS, GenerationSettings, SettingError, check_setting, check_text
 
 JOB_KEYS = ("prompt", "first_image_path", "output_file_name", *PER_VIDEO_SETTINGS)
 MAX_PROMPTS_FILE_BYTES = 64 * 1024 * 1024
@@ -47,60 +47,79 @@ class Job:
 
 
 def defaults_from(args) -> dict:
-    """The per-video settings given on the command line: the defaults of every job."""
-    return {name: getattr(args, name) for name in PER_VIDEO_SETTINGS if getattr(args, name, None) is not None}
+    """The per-video settings given on the command line: the defaults of every job, each checked (a
+    ValueError naming the flag) so that a bad one stops the run before anything loads."""
+    out = {}
+    for name in PER_VIDEO_SETTINGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            try:
+                out[name] = check_setting(name, value)
+            except SettingError as exc:
+                raise SettingError(name, f"--{exc}") from None
+    return out
 
 
-def _typed(name: str, value, kind):
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, got {value!r}")
-    return value
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity): give a finite number")
+
+
+def loads_json(text):
+    """json.loads for what a user sends (a prompts-file line, an HTTP body or form field), refusing what is
+    not JSON: NaN / Infinity literals, over-long integer literals, nesting deeper than Python's stack.
+    Raises ValueError with the reason."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as exc:  # the hook's refusal, or an integer literal over Python's digit limit
+        raise ValueError(str(exc).split(";")[0]) from None
 
 
 def job_from_dict(data, task: str, defaults: Optional[Mapping] = None, check_image: bool = True) -> Job:
     """A checked, resolved Job from a JSON object; `defaults` fill the settings it leaves out.
-    Raises ValueError naming the key and the fix."""
+    Raises SettingError (a ValueError) naming the key (`.field`) and the fix; every number is checked by
+    diffusion.settings.check_setting (finite, in range, integers not booleans)."""
     from .. import video
 
     if not isinstance(data, dict):
-        raise ValueError(f"a job must be a JSON object, got {type(data).__name__}")
+        raise SettingError("job", f"a job must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - set(JOB_KEYS))
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; a job takes {list(JOB_KEYS)}")
+        raise SettingError(unknown[0], f"unknown key(s) {[_short(k) for k in unknown]}; a job takes {list(JOB_KEYS)}")
     if "prompt" not in data:
-        raise ValueError("missing key 'prompt'")
-    prompt = _typed("prompt", data["prompt"], str)
-    if "\x00" in prompt:
-        raise ValueError("prompt contains a NUL character")
+        raise SettingError("prompt", "missing key 'prompt'")
+    prompt = check_text("prompt", data["prompt"])
     values = {k: v for k, v in (defaults or {}).items() if k in PER_VIDEO_SETTINGS and v is not None}
-    for name, kind in PER_VIDEO_SETTINGS.items():
+    for name in PER_VIDEO_SETTINGS:
         if name in data and data[name] is not None:
-            values[name] = _typed(name, data[name], kind)
+            values[name] = check_setting(name, data[name])
     image = data.get("first_image_path")
     if image is not None:
-        image = _typed("first_image_path", image, str)
+        image = check_text("first_image_path", image)
         if task == "t2v":
-            raise ValueError("first_image_path is for TI2V, but the model is T2V: drop the image")
+            raise SettingError("first_image_path", "first_image_path is for TI2V, but the model is T2V: drop the image")
     if task == "t2v" and "motion_score" in data:
-        raise ValueError("motion_score is for TI2V, but the model is T2V: drop it")
+        raise SettingError("motion_score", "motion_score is for TI2V, but the model is T2V: drop it")
     name = data.get("output_file_name") or ""
     if name:
-        name = _typed("output_file_name", name, str)
+        name = check_text("output_file_name", name)
         if not _NAME_RE.match(name) or name.endswith("."):
-            raise ValueError(f"output_file_name={name!r}: use letters, digits, '.', '_', '-' and spaces "
-                             "(no path), at most 120 characters")
+            raise SettingError("output_file_name", f"output_file_name={_short(name)!r}: use letters, digits, '.', "
+                               "'_', '-' and spaces (no path), at most 120 characters")
     settings = GenerationSettings(prompt=prompt, task=task, first_image_path=image, **values).resolved()
     if task == "ti2v" and check_image:
-        video.load_image(settings.first_image_path)
+        try:
+            video.load_image(settings.first_image_path)
+        except ValueError as exc:
+            raise SettingError("first_image_path", str(exc)) from None
     return Job(settings, name)
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_prompts_file(path: str, task: str, defaults: Optional[Mapping] = None
@@ -126,9 +145,9 @@ def read_prompts_file(path: str, task: str, defaults: Optional[Mapping] = None
             continue
         try:
             try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                data = loads_json(line)
+            except ValueError as exc:
+                raise ValueError(f"not valid JSON ({exc})") from None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # rounding notes travel in settings.notes
                 job = job_from_dict(data, task, defaults)

@@ -4,13 +4,18 @@ text encoders and VAE (servers or in-process), kept for many videos.
 `GenerationWorld.start` pays the load once; `run_job` makes one video and must be called by every
 rank with the same Job. It is the one sequence that makes a video, in every mode: a single
 `--prompt` run is a one-job run, the batch run reads the same file on every rank, the service
-broadcasts each job with `broadcast_json`. A job that fails on rank 0 before the denoising loop (a caption
-server error, an unreadable image) is skipped by every rank together, and the world stays usable.
+broadcasts each job with `broadcast_json`. A job is a unit of failure: whatever it raises while encoding (rank 0: a caption
+server error, an unreadable image, non-finite embeddings), denoising (every rank: a value that slipped
+through, non-finite latents) or decoding and writing (rank 0: a VAE server error, a full disk) fails that
+job alone (JobFailed), and the world stays usable. Only the world itself failing (a rank gone, a
+collective failing or never answered) stops the run.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -28,6 +33,14 @@ class PeerFailed(RuntimeError):
 
 class JobFailed(RuntimeError):
     """This job could not be made; the world is still fine for the next one."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised inside the denoising loop by STEPVIDEO_INJECT_FAULT (tests of job isolation)."""
+
+
+FAULT_ENV = "STEPVIDEO_INJECT_FAULT"
+AGREE_TIMEOUT_S = 300.0  # a failed rank waits this long for the others after the loop (STEPVIDEO_AGREE_TIMEOUT_S)
 
 
 def broadcast_json(comm, obj, rank: int):
@@ -180,6 +193,7 @@ class GenerationWorld:
         if self.rank == 0:
             try:
                 cond = self.pipe.encode_conditions(s)
+                cond.check_finite()
             except Exception as exc:  # reported for this job; the world goes on
                 error = exc
         if not all_ok(self.comm, error is None, self.rank):
@@ -188,12 +202,27 @@ class GenerationWorld:
             return None
         cond = broadcast_conditions(self.comm, cond, self.rank)
         timings["encode_s"] = time.perf_counter() - t0
-        conditioning = Conditioning(*cond.tensors(self.rt.compute_dtype), cond.motion_score)
         t0 = time.perf_counter()
-        latents = parallel_denoise(self.mesh, self.comm, self.model, Tensor(self.pipe.initial_noise(s)), conditioning,
-                                   self.scheduler, s.infer_steps, s.time_shift, s.cfg_scale,
-                                   progress=self.progress, shards=self.shards,
-                                   on_step=on_step if self.rank == 0 else None).asnumpy()
+        latents, error = None, None
+        try:  # whatever the loop raises fails this job alone, when every rank agrees afterwards
+            conditioning = Conditioning(*cond.tensors(self.rt.compute_dtype), cond.motion_score)
+            latents = parallel_denoise(self.mesh, self.comm, self.model, Tensor(self.pipe.initial_noise(s)),
+                                       conditioning, self.scheduler, s.infer_steps, s.time_shift, s.cfg_scale,
+                                       progress=self.progress, shards=self.shards,
+                                       on_step=self._step_callback(s, on_step)).asnumpy()
+            bad = int(latents.size - np.count_nonzero(np.isfinite(latents)))
+            if bad:  # the same on every rank: the latents are identical everywhere
+                raise FloatingPointError(f"the denoising gave {bad} non-finite latent value(s) (NaN or inf)")
+        except Exception as exc:
+            error = exc
+            if self.rank != 0:
+                print(f"run_parallel.py: rank {self.rank}: denoising failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+        if agree_failed(self.comm, self.mesh, error is not None, self.rank):
+            if self.rank == 0:
+                why = f"{type(error).__name__}: {error}" if error is not None else "another rank failed (see its log)"
+                raise JobFailed(f"denoising failed: {why}") from error
+            return None
         timings["denoise_s"] = time.perf_counter() - t0
         if self.rank != 0:
             return None
@@ -213,3 +242,59 @@ class GenerationWorld:
                                            overwrite=getattr(self.args, "overwrite", False))
         except Exception as exc:
             raise JobFailed(f"decoding or writing failed: {type(exc).__name__}: {exc}") from exc
+
+    def _step_callback(self, s, on_step: Optional[Callable[[int, int], None]]) -> Callable[[int, int], None]:
+        """Called by every rank after each step: the injected fault (tests), then rank 0's progress report,
+        which may never fail the job nor leave the other ranks waiting."""
+        fault_step = injected_fault_step(s.seed, self.rank)
+
+        def step(i: int, n: int) -> None:
+            if fault_step is not None and i == fault_step:
+                raise InjectedFault(f"injected fault at step {i} of the job with seed {s.seed} ({FAULT_ENV})")
+            if on_step is not None and self.rank == 0:
+                try:
+                    on_step(i, n)
+                except Exception as exc:  # pragma: no cover - a progress report is never worth a job
+                    print(f"run_parallel.py: warning: progress report failed: {exc}", file=sys.stderr, flush=True)
+
+        return step
+
+
+def injected_fault_step(seed: int, rank: int) -> Optional[int]:
+    """STEPVIDEO_INJECT_FAULT=SEED:STEP[:RANK] makes the denoising loop raise after step STEP in the jobs
+    whose seed is SEED, on every rank (or on RANK alone: a world failure), for tests; unset in use."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if int(parts[0]) != seed or (len(parts) > 2 and int(parts[2]) != rank):
+        return None
+    return int(parts[1]) if len(parts) > 1 else 1
+
+
+def agree_failed(comm, mesh, failed: bool, rank: int, timeout_s: Optional[float] = None) -> bool:
+    """True on every rank when the job failed on any rank. Every rank calls it once after the denoising
+    loop, failed or not: a fault raised by every rank alike (a bad value, non-finite latents, an injected
+    fault) meets here and fails the job alone. A rank that failed while the others still wait inside a
+    collective of the loop cannot meet them: after `timeout_s` it declares the world broken and exits,
+    and msrun ends the other ranks (the service's journal keeps the job for the next start)."""
+    if comm.world_size == 1:
+        return failed
+    timer = None
+    if failed:
+        limit = float(os.environ.get("STEPVIDEO_AGREE_TIMEOUT_S", AGREE_TIMEOUT_S)) if timeout_s is None else timeout_s
+        timer = threading.Timer(limit, _world_broken, (rank, limit))
+        timer.daemon = True
+        timer.start()
+    try:
+        return any_rank(comm, mesh, failed)
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _world_broken(rank: int, limit: float) -> None:  # pragma: no cover - ends the process
+    print(f"run_parallel.py: error: world failure: rank {rank} failed inside the denoising loop and the other "
+          f"ranks did not meet it within {limit:g} s; stopping this rank (msrun stops the others)",
+          file=sys.stderr, flush=True)
+    os._exit(1)

@@ -15,6 +15,7 @@ import numpy as np
 from ..models.vae_config import (
     FRAMES_PER_CHUNK, IMAGE_FRAMES, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION,
 )
+from ..diffusion.settings import MAX_SEED  # one range for every seed: the jobs' and this server's
 from . import protocol
 from .limits import Limits, check_bool, check_choice, check_fields, check_float_tensor, check_int, check_prompts
 from .protocol import Message, RequestError
@@ -22,7 +23,6 @@ from .protocol import Message, RequestError
 Result = Tuple[dict, Dict[str, np.ndarray], Tuple[str, ...]]
 Endpoints = Dict[str, Tuple[Callable[[Message], object], Callable[[object], Result]]]
 RESPONSE_DTYPES = ("float32", "bfloat16")
-MAX_SEED = 2 ** 63 - 1
 
 
 def _check_output(name: str, arr: np.ndarray) -> np.ndarray:

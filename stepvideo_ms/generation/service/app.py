@@ -16,7 +16,6 @@ type, sizes over the limits, an image for T2V, no or unreadable image for TI2V),
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -28,15 +27,15 @@ from werkzeug.exceptions import HTTPException
 
 from ... import __version__
 from ...formats.atomic import atomic_output
-from ...diffusion.settings import TASK_DEFAULTS, labelled_presets
-from ..jobs import JOB_KEYS, job_from_dict
+from ...diffusion.settings import SETTING_RANGES, TASK_DEFAULTS, labelled_presets
+from ..jobs import JOB_KEYS, job_from_dict, loads_json
 from ...serving.limits import Limits
 from ...serving.server import check_bearer, error_response
 from .board import BoardFull, JobBoard, NotCancellable
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 API_KEYS = tuple(k for k in JOB_KEYS if k not in ("first_image_path", "output_file_name"))
-MAX_STEPS = 1000
+MAX_STEPS = SETTING_RANGES["infer_steps"][1]
 IMAGE_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
 
 
@@ -80,8 +79,8 @@ def _read_submission():
     ctype = (request.mimetype or "").lower()
     if ctype == "application/json":
         try:
-            data = json.loads(request.get_data(cache=False).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = loads_json(request.get_data(cache=False).decode("utf-8"))
+        except ValueError as exc:  # UnicodeDecodeError is one
             raise Refused(400, f"the body is not JSON: {exc}", "body") from None
         if "first_image" in (data if isinstance(data, dict) else {}):
             raise Refused(422, "send the first image as a multipart 'first_image' file, not in the JSON",
@@ -95,8 +94,8 @@ def _read_submission():
         if "job" not in request.form:
             raise Refused(400, "the form has no 'job' field (the job as JSON)", "job")
         try:
-            data = json.loads(request.form["job"])
-        except json.JSONDecodeError as exc:
+            data = loads_json(request.form["job"])
+        except ValueError as exc:
             raise Refused(400, f"the 'job' field is not JSON: {exc}", "job") from None
         image = request.files.get("first_image")
         blob = image.read() if image is not None else None
@@ -125,6 +124,8 @@ def _save_upload(state: ServiceState, job_id: str, blob: bytes) -> str:
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the journal says the job was accepted
     return path
 
 
@@ -170,7 +171,7 @@ def create_app(state: ServiceState) -> Flask:
                 raise Refused(422, f"a job must be a JSON object, got {type(data).__name__}", "job")
             unknown = sorted(set(data) - set(API_KEYS))
             if unknown:
-                raise Refused(422, f"unknown key(s) {unknown}; a job takes {list(API_KEYS)} (and a 'first_image' "
+                raise Refused(422, f"unknown key(s) {[k if len(k) <= 40 else k[:37] + '...' for k in unknown]}; a job takes {list(API_KEYS)} (and a 'first_image' "
                               "file for TI2V)", unknown[0])
             if state.task == "t2v" and blob is not None:
                 raise Refused(422, "first_image is for TI2V, but this service runs a T2V model: drop the image",
@@ -195,8 +196,8 @@ def create_app(state: ServiceState) -> Flask:
             return error_response(exc.status, exc.message, exc.field)
         except BoardFull as exc:
             return error_response(503, f"{exc}; retry later", None, {"Retry-After": "5"})
-        except ValueError as exc:
-            return error_response(422, str(exc), None)
+        except ValueError as exc:  # a SettingError names its field
+            return error_response(422, str(exc), getattr(exc, "field", None))
         resp = jsonify(state.board.get(rec.id))
         resp.status_code = 201
         resp.headers["Location"] = f"/jobs/{rec.id}"
@@ -217,6 +218,9 @@ def create_app(state: ServiceState) -> Flask:
             return None, error_response(404, f"no job {job_id}", "id")
         if rec.state != "done":
             return None, error_response(409, f"job {job_id} is {rec.state}: its files exist once it is done", "id")
+        if not (rec.video_path and os.path.isfile(rec.video_path) and rec.json_path and os.path.isfile(rec.json_path)):
+            return None, error_response(404, f"job {job_id} is done but its files are no longer in the save folder",
+                                        "id")
         return rec, None
 
     @app.get("/jobs/<job_id>/video")

@@ -1,15 +1,21 @@
 """The service's jobs: a bounded queue of waiting jobs and every job's state, read by the HTTP
-threads and advanced by the rank loop (one job runs at a time)."""
+threads and advanced by the rank loop (one job runs at a time). With a journal (journal.py) every
+change of state is on disk before it is visible, and `restore` brings a journal's jobs back."""
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional
 
 from ..jobs import Job
+from .journal import Journal, JournalError
+
+LOG = logging.getLogger("stepvideo_ms.generation.service")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 
@@ -36,6 +42,7 @@ class JobRecord:
     video_path: Optional[str] = None
     json_path: Optional[str] = None
     upload_path: Optional[str] = None
+    attempts: int = 0  # times it started running (across restarts, from the journal)
 
     def public(self, position: Optional[int]) -> dict:
         s = self.job.settings
@@ -51,16 +58,54 @@ class JobRecord:
 
 
 class JobBoard:
-    def __init__(self, queue_size: int, keep_finished: int = 1000):
+    def __init__(self, queue_size: int, keep_finished: int = 1000, journal: Optional[Journal] = None):
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size} must be at least 1")
         self.queue_size = queue_size
         self.keep_finished = keep_finished
+        self.journal = journal
         self._records: Dict[str, JobRecord] = {}
         self._waiting: Deque[str] = collections.deque()
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self.closed = False
+
+    def restore(self, task: str) -> dict:
+        """Bring back the journal's jobs (before serving): finished ones listed, waiting and interrupted ones
+        queued in their order (beyond --queue_size if need be), ids continuing. -> counts for the log."""
+        if self.journal is None:
+            return {}
+        entries, next_number = self.journal.replay()
+        resumed = failed = 0
+        for e in entries:
+            job = None
+            try:
+                job = Job.from_dict(e["job"])
+                if e["state"] == QUEUED:
+                    _check_resumable(job, task, e["upload"])
+            except Exception as exc:  # an entry this service cannot run: listed as failed, with the reason
+                if e["state"] == QUEUED:
+                    e.update(state=FAILED, finished=time.time(), error=f"not resumed: {exc}")
+                    self.journal.notes.append(f"{e['id']} not resumed: {exc}")
+            if job is None or not isinstance(job.settings.infer_steps, int):
+                job = Job(_placeholder_settings(e, task))
+            rec = JobRecord(e["id"], job, state=e["state"], steps=job.settings.infer_steps,
+                            submitted=e["submitted"] or time.time(), started=e["started"], finished=e["finished"],
+                            error=e["error"], video_path=e["video"], json_path=e["record"], upload_path=e["upload"],
+                            attempts=e["attempts"])
+            if rec.state == "done":
+                rec.step = rec.steps
+            self._records[rec.id] = rec
+            if rec.state == QUEUED:
+                self._waiting.append(rec.id)
+                resumed += 1
+            elif rec.state == FAILED:
+                failed += 1
+        self._forget_old()
+        self._ids = itertools.count(next_number)
+        self.journal.rewrite([_entry(r) for r in self._records.values()], next_number)
+        return {"resumed": resumed, "listed": len(self._records) - resumed, "next": f"job{next_number:05d}",
+                "notes": list(self.journal.notes)}
 
     def new_id(self) -> str:
         with self._cv:
@@ -73,6 +118,12 @@ class JobBoard:
             if len(self._waiting) >= self.queue_size:
                 raise BoardFull(f"{len(self._waiting)} jobs are waiting (the limit, --queue_size)")
             rec = JobRecord(job_id, job, steps=job.settings.infer_steps, upload_path=upload_path)
+            if self.journal is not None:
+                try:  # on disk before anyone is told it was accepted
+                    self.journal.append({"event": "accepted", "id": job_id, "job": job.to_dict(),
+                                         "upload": upload_path, "time": rec.submitted, "attempts": 0})
+                except JournalError as exc:
+                    raise BoardFull(f"the job cannot be recorded ({exc.strerror})") from None
             self._records[job_id] = rec
             self._waiting.append(job_id)
             self._forget_old()
@@ -88,6 +139,8 @@ class JobBoard:
                 return None
             rec = self._records[self._waiting.popleft()]
             rec.state, rec.started = RUNNING, time.time()
+            rec.attempts += 1
+            self._log({"event": "running", "id": rec.id, "time": rec.started})
             return rec
 
     def progress(self, rec: JobRecord, step: int, steps: int):
@@ -97,10 +150,12 @@ class JobBoard:
     def finish(self, rec: JobRecord, video_path: str, json_path: str):
         with self._cv:
             rec.state, rec.finished, rec.video_path, rec.json_path = DONE, time.time(), video_path, json_path
+            self._log({"event": DONE, "id": rec.id, "time": rec.finished, "video": video_path, "record": json_path})
 
     def fail(self, rec: JobRecord, message: str):
         with self._cv:
             rec.state, rec.finished, rec.error = FAILED, time.time(), message
+            self._log({"event": FAILED, "id": rec.id, "time": rec.finished, "error": message})
 
     def cancel(self, job_id: str) -> JobRecord:
         with self._cv:
@@ -111,19 +166,24 @@ class JobBoard:
                 raise NotCancellable(f"job {job_id} is {rec.state}: only a queued job can be cancelled")
             self._waiting.remove(job_id)
             rec.state, rec.finished = CANCELLED, time.time()
+            self._log({"event": CANCELLED, "id": rec.id, "time": rec.finished, "error": "cancelled by a client"})
             return rec
 
-    def close(self, reason: str) -> int:
-        """Stop taking jobs; every waiting job is cancelled with `reason`. -> how many."""
+    def close(self) -> int:
+        """Stop taking jobs; the waiting ones stay waiting (in the journal: for the next start). -> how many."""
         with self._cv:
             self.closed = True
-            dropped = 0
-            while self._waiting:
-                rec = self._records[self._waiting.popleft()]
-                rec.state, rec.finished, rec.error = CANCELLED, time.time(), reason
-                dropped += 1
             self._cv.notify_all()
-            return dropped
+            return len(self._waiting)
+
+    def _log(self, event: dict) -> None:
+        if self.journal is None:
+            return
+        try:
+            self.journal.append(event)
+        except JournalError as exc:  # the job goes on; after a crash it would run again
+            LOG.warning("%s", exc)
+            print(f"run_parallel.py: warning: {exc}", flush=True)
 
     def get(self, job_id: str) -> Optional[dict]:
         with self._cv:
@@ -155,3 +215,29 @@ class JobBoard:
         finished = [r for r in self._records.values() if r.state in (DONE, FAILED, CANCELLED)]
         for r in finished[:max(0, len(finished) - self.keep_finished)]:
             del self._records[r.id]
+
+
+def _entry(rec: JobRecord) -> dict:
+    """A record as a journal entry (journal.Journal.rewrite)."""
+    state = rec.state if rec.state != RUNNING else QUEUED
+    return {"id": rec.id, "job": rec.job.to_dict(), "upload": rec.upload_path, "state": state,
+            "submitted": rec.submitted, "started": rec.started, "finished": rec.finished, "error": rec.error,
+            "video": rec.video_path, "record": rec.json_path, "attempts": rec.attempts}
+
+
+def _check_resumable(job: Job, task: str, upload: Optional[str]) -> None:
+    s = job.settings
+    if s.task != task:
+        raise ValueError(f"it is a {s.task} job and this service runs a {task} model")
+    if upload is not None and not os.path.isfile(upload):
+        raise ValueError(f"its uploaded image {upload} is gone")
+    type(s)(**{k: v for k, v in s.to_dict().items() if k != "notes"}).resolved()  # still every check
+
+
+def _placeholder_settings(entry: dict, task: str):
+    """Settings to list an entry whose own cannot be read (its prompt, when there is one)."""
+    from ...diffusion.settings import GenerationSettings
+
+    settings = entry.get("job", {}).get("settings", {}) if isinstance(entry.get("job"), dict) else {}
+    prompt = settings.get("prompt") if isinstance(settings.get("prompt"), str) else "?"
+    return GenerationSettings(prompt=prompt, task=task, infer_steps=0)

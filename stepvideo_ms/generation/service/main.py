@@ -3,8 +3,12 @@
 Every HEARTBEAT_S seconds (or as soon as a job is waiting) the ranks meet: first they agree whether
 any of them was asked to stop (SIGTERM or SIGINT, or msrun, their parent, gone), then rank 0
 broadcasts the next job or an idle beat. Each job runs on every rank (world.run_job); rank 0 records
-its progress step by step. On a stop request the running job is finished, the waiting ones are
-cancelled, the HTTP server closes and every rank returns.
+its progress step by step. A job that fails is recorded as failed and the next one runs. Rank 0 keeps
+the journal of the jobs in the save folder (journal.py): a restart with the same --save_path lists the
+finished jobs again, runs the waiting and interrupted ones and continues the ids.
+On a stop request the running job is finished, the waiting ones stay in the journal (they run at the
+next start), the HTTP server closes and every rank returns. A failure of the world itself (a rank gone,
+a collective failing) stops the service with exit status 1, saying so; its jobs stay in the journal.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ def run_service(args, world_size: int) -> int:
     from ..world import GenerationWorld, JobFailed, any_rank, broadcast_json
     from .app import ServiceState, create_app
     from .board import JobBoard
+    from .journal import Journal
 
     token = args.auth_token or os.environ.get(AUTH_ENV) or None
     if not is_loopback(args.host) and not token:
@@ -62,14 +67,21 @@ def run_service(args, world_size: int) -> int:
     from ..outputs import check_save_folder
 
     save_path = check_save_folder(args.save_path)
+    defaults = defaults_from(args)
     task, transformer = validate_model(args, world_size)
     stop = StopRequest()
     limits = Limits()
-    board = JobBoard(args.queue_size)
-    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {}, defaults_from(args))
+    board = JobBoard(args.queue_size)  # rank 0 gives it the journal before serving
+    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {}, defaults)
     holder = {}
 
-    def bind():  # rank 0, before any weight: a taken port fails in seconds
+    def bind():  # rank 0, before any weight: a locked save folder or a taken port fails in seconds
+        board.journal = Journal(save_path)
+        restored = board.restore(task)
+        for note in restored["notes"]:
+            print(f"[run_parallel] {note}", flush=True)
+        print(f"[run_parallel] journal {board.journal.path}: {restored['resumed']} job(s) to run, "
+              f"{restored['listed']} finished listed, next id {restored['next']}", flush=True)
         try:
             holder["server"] = BoundedWSGIServer(args.host, args.port, create_app(state), limits.max_connections,
                                                  limits.socket_timeout_s)
@@ -88,6 +100,7 @@ def run_service(args, world_size: int) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"[run_parallel] service ready: http://{host}:{server.port}/ ({task}, world {world.mesh.world_size}, "
               f"loaded in {world.load_s:.1f} s)" + (" (token required)" if token else ""), flush=True)
+    failure = None
     try:
         while not any_rank(world.comm, world.mesh, stop.requested()):
             rec = board.take(HEARTBEAT_S) if rank == 0 else None
@@ -102,14 +115,25 @@ def run_service(args, world_size: int) -> int:
                 if rank == 0:
                     board.finish(rec, *out)
                     print(f"[run_parallel] {rec.id} done: {out[0]}", flush=True)
-            except JobFailed as exc:
+            except JobFailed as exc:  # raised on rank 0 only; the world goes on with the next job
                 board.fail(rec, str(exc))
                 print(f"run_parallel.py: {rec.id} failed: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:  # the world itself failed: a rank gone, a collective failing
+        failure = exc
+        print(f"run_parallel.py: error: world failure on rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr,
+              flush=True)
     finally:
         if rank == 0:
-            dropped = board.close("the service stopped before this job ran")
+            waiting = board.close()
             server.shutdown()
             server.server_close()
-            print(f"[run_parallel] service stopped ({stop.reason or 'error'}); {dropped} waiting job(s) dropped",
-                  flush=True)
-    return 0
+            kept = (f"{waiting} waiting job(s) kept in the journal: they run at the next start with this "
+                    f"--save_path")
+            if failure is None and stop.reason:
+                print(f"[run_parallel] service stopped ({stop.reason}); {kept}", flush=True)
+            else:
+                running = board.counts()["running"]
+                print(f"[run_parallel] service stopped by a failure of the world; {kept}"
+                      + (f"; the interrupted job too ({running})" if running else ""), flush=True)
+            board.journal.close()
+    return 1 if failure is not None else 0
