@@ -253,11 +253,18 @@ def _conv_host(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pads,
             cols = np.take(rows, index, axis=0)  # (positions, taps, C)
             if reorder_cols:  # columns ordered (channel, tap) like the weight's rows
                 cols = cols.transpose(0, 2, 1)
-            res = cols.reshape(index.shape[0], taps * c) @ wmat  # (positions, Co)
-            if bn is not None:
-                res += bn
+            cols = cols.reshape(index.shape[0], taps * c)
+            # (Co, K) @ (K, positions): the product comes out channels-first, written by BLAS straight
+            # into the tile's place in the output (whole frames or rows of one frame: one leading stride)
             t0, t1, h0, h1 = block
-            out[i, :, t0:t1, h0:h1] = res.reshape(t1 - t0, h1 - h0, out_sizes[2], co).transpose(3, 0, 1, 2)
+            place = out[i, :, t0:t1, h0:h1]
+            flat = place.reshape(co, -1)
+            if np.shares_memory(flat, out):
+                np.matmul(wmat.T, cols.T, out=flat)
+            else:  # pragma: no cover - every tile shape above reshapes to a view
+                place[...] = (wmat.T @ cols.T).reshape(place.shape)
+        if bn is not None:
+            out[i] += bn.reshape(co, 1, 1, 1)
     return host.wrap(out)
 
 
