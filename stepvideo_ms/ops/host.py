@@ -10,8 +10,8 @@ costs no copy. Two kinds of work are much faster there on MindSpore 2.10's CPU b
 - dense products: numpy's BLAS (OpenBLAS, multithreaded) takes transposed operands as they are.
 
 Only dtypes numpy has take this path; bfloat16 (which numpy lacks) and float16 products (no BLAS
-kernel for half precision) stay on MindSpore's kernels. Never called on Ascend: callers reach
-these functions from their CPU branches only.
+kernel for half precision) stay on MindSpore's kernels. On Ascend (and under its simulation) the
+gates below say no, so a device tensor never goes to numpy, whichever branch asks.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 
+from ..runtime import is_ascend
+
 # numpy has no bfloat16; everything else MindSpore's CPU path holds has a numpy twin
 _NO_NUMPY = (ms.bfloat16,)
 # dtypes numpy multiplies through BLAS (float16 products run in a slow generic loop)
@@ -28,13 +30,13 @@ _BLAS = (ms.float32, ms.float64)
 
 
 def has_numpy(*tensors: Tensor) -> bool:
-    """True when every tensor's dtype exists in numpy (so it can be viewed there)."""
-    return all(t.dtype not in _NO_NUMPY for t in tensors)
+    """True on CPU when every tensor's dtype exists in numpy (so it can be viewed there)."""
+    return not is_ascend() and all(t.dtype not in _NO_NUMPY for t in tensors)
 
 
 def blas_ready(*tensors: Tensor) -> bool:
-    """True when numpy multiplies these tensors through BLAS (float32/float64, all the same dtype)."""
-    return all(t.dtype in _BLAS for t in tensors) and len({t.dtype for t in tensors}) == 1
+    """True on CPU when numpy multiplies these tensors through BLAS (float32/float64, all one dtype)."""
+    return not is_ascend() and all(t.dtype in _BLAS for t in tensors) and len({t.dtype for t in tensors}) == 1
 
 
 def view(t: Tensor) -> np.ndarray:
