@@ -209,3 +209,13 @@ def test_gates_refuse_on_ascend(monkeypatch):
     t = Tensor(rand(2))
     monkeypatch.setattr(host, "is_ascend", lambda: True)
     assert not host.blas_ready(t) and not host.has_numpy(t)
+
+
+def test_frame_group_norm_and_silu_host_equal_mindspore_paths(mindspore_only):
+    from stepvideo_ms.ops.frame_norm import frame_group_norm
+
+    x, w, b = rand(2, 8, 3, 4, 5) * 3 + 1, rand(8), rand(8)
+    args = (Tensor(x), 4, Tensor(w), Tensor(b), 1e-5)
+    close(frame_group_norm(*args).asnumpy(), mindspore_only(frame_group_norm, *args).asnumpy())
+    close(ops.silu(Tensor(x)).asnumpy(), mindspore_only(ops.silu, Tensor(x)).asnumpy())
+    assert np.isfinite(ops.silu(Tensor(np.array([-200.0, 200.0], np.float32))).asnumpy()).all()

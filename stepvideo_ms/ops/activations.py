@@ -32,4 +32,11 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 def silu(x: Tensor) -> Tensor:
+    if host.blas_ready(x):  # CPU float32: numpy, x / (1 + exp(-x))
+        xn = host.view(x)
+        u = np.negative(xn)
+        with np.errstate(over="ignore"):  # exp(-x) = inf for very negative x: x / inf = -0
+            np.exp(u, out=u)
+        u += 1
+        return host.wrap(np.divide(xn, u, out=u))
     return mint.nn.functional.silu(x)
