@@ -26,7 +26,7 @@ def _openblas() -> Optional[Tuple[object, object]]:
             paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
     except OSError:
         return None
-    for path in sorted(paths):
+    for path in sorted(paths, key=lambda p: ("numpy" not in p, p)):  # numpy's own first (scipy bundles another)
         try:
             lib = ctypes.CDLL(path)
         except OSError:
