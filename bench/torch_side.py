@@ -1,12 +1,22 @@
 """The upstream (PyTorch) half of bench_cpu_vs_torch.py; runs under a PyTorch interpreter, never MindSpore.
 
     <torch python> bench/torch_side.py --upstream <Step-Video tree> --case <case.npz> --out <out.npz>
-        [--repeat N] [--threads T]
+        --threads T [--repeat N | --interleave]
 
 The case file, written by bench_cpu_vs_torch.py, holds the model kind and config (`meta`, JSON),
-the weights (`w:<name>`, upstream's parameter names) and the inputs (`in:<name>`). Prints one
-JSON line {"wall": best seconds, "cpu": best process seconds, "load": {...}} and writes the
-output array to --out.
+the weights (`w:<name>`, upstream's parameter names) and the inputs (`in:<name>`). The output
+array goes to --out. Every JSON line printed carries "threads" (torch.get_num_threads()).
+
+- `--repeat N`: one warm-up and N timed runs; prints one JSON line {"wall": best seconds, "cpu":
+  best process seconds, "threads", "load": {...}}.
+- `--interleave`: after the warm-up prints {"ready": true, "threads", "load"}, then answers each
+  line `run` on stdin with {"wall", "cpu", "threads"} for one timed run, and `finish` by writing
+  --out and printing {"done": true}: the parent alternates these runs with its own, so both
+  sides see the same machine load.
+
+The caller sets the thread count: --threads goes to torch.set_num_threads, and the parent starts
+this process with OMP_NUM_THREADS / MKL_NUM_THREADS / OPENBLAS_NUM_THREADS set to the same number
+(MindSpore sets OMP_NUM_THREADS=1 in its own C environment, which a child would otherwise inherit).
 
 Upstream is imported module by module (its package __init__ pulls the whole pipeline, and its
 sequence-parallel module imports xfuser, which this single-process run never calls: a
@@ -97,10 +107,12 @@ def main() -> int:
     parser.add_argument("--case", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--interleave", action="store_true", help="one timed run per `run` line on stdin")
+    parser.add_argument("--threads", type=int, required=True, help="torch.set_num_threads")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     import_upstream(args.upstream)
     data = np.load(args.case)
     meta = json.loads(str(data["meta"]))
@@ -108,16 +120,40 @@ def main() -> int:
     inputs = {k[3:]: data[k] for k in data.files if k.startswith("in:")}
     build = {"dit": build_dit, "vae_decoder": build_vae_decoder}[meta["kind"]]
     run, load = build(meta, weights, inputs)
+    threads = torch.get_num_threads()
+
+    def timed():
+        w0, c0 = time.perf_counter(), time.process_time()
+        result = run()
+        return result, time.perf_counter() - w0, time.process_time() - c0
+
     with torch.inference_mode():
         out = run()  # warm-up
+        if args.interleave:
+            say({"ready": True, "threads": threads, "load": load})
+            for line in sys.stdin:
+                command = line.strip()
+                if command == "run":
+                    out, wall, cpu = timed()
+                    say({"wall": wall, "cpu": cpu, "threads": threads})
+                elif command == "finish":
+                    break
+                else:
+                    raise SystemExit(f"torch_side: unknown command {command!r} (run or finish)")
+            np.savez(args.out, out=out.float().numpy())
+            say({"done": True, "threads": threads})
+            return 0
         wall, cpu = float("inf"), float("inf")
         for _ in range(args.repeat):
-            w0, c0 = time.perf_counter(), time.process_time()
-            out = run()
-            wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, time.process_time() - c0)
+            out, w, c = timed()
+            wall, cpu = min(wall, w), min(cpu, c)
     np.savez(args.out, out=out.float().numpy())
-    print(json.dumps({"wall": wall, "cpu": cpu, "threads": torch.get_num_threads(), "load": load}))
+    say({"wall": wall, "cpu": cpu, "threads": threads, "load": load})
     return 0
+
+
+def say(message: dict) -> None:
+    print(json.dumps(message), flush=True)
 
 
 if __name__ == "__main__":

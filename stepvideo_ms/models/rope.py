@@ -20,6 +20,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 
+from ..ops import host
 from ..ops.broadcast import expand
 from ..runtime import is_ascend
 
@@ -95,12 +96,29 @@ class Rope3D:
                 a, b = mint.chunk(part, 2, dim=-1)
                 rotated.append(mint.cat([-b, a], dim=-1))
             return x * self.cos + mint.cat(rotated, dim=-1) * self.sin
+        if host.blas_ready(x) and self.cos.dtype == x.dtype:
+            # CPU float32: numpy on views; rotate-half of every part is one BLAS product by a signed
+            # permutation matrix (exact), the (n, 1, d) tables broadcast over the heads
+            xn = host.view(x)
+            head_dim = xn.shape[-1]
+            turn = self._host_turn(xn.dtype)
+            rotated = (xn.reshape(-1, head_dim) @ turn).reshape(xn.shape)
+            rotated *= host.view(self.sin)
+            out = xn * host.view(self.cos)
+            out += rotated
+            return host.wrap(out)
         # CPU: rotate-half of every part is one product by a signed permutation matrix (exact), and
         # the tables are tiled to x's shape so that every product is between equal shapes
         cos, sin, turn = self._cpu_tables(tuple(x.shape), x.dtype)
         head_dim = x.shape[-1]
         rotated = mint.matmul(x.reshape(-1, head_dim), turn).reshape(x.shape)
         return x * cos + rotated * sin
+
+    def _host_turn(self, dtype) -> np.ndarray:
+        key = ("host", np.dtype(dtype).str)
+        if key not in self._full:
+            self._full[key] = rotate_half_matrix(self.split).astype(dtype)
+        return self._full[key]
 
     def _cpu_tables(self, shape: tuple, dtype) -> Tuple[Tensor, Tensor, Tensor]:
         key = (shape, dtype)

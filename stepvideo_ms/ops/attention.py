@@ -1,7 +1,9 @@
 """Scaled dot-product attention over (batch, seq, heads, head_dim) tensors.
 
 CPU: computed in blocks of queries so that at most `max_score_bytes` of scores exist at once
-(never seq x seq for long sequences). Ascend: the fused `flash_attention_score` kernel for
+(never seq x seq for long sequences). float32: the products and the layout in numpy (BLAS reads
+the (b, s, h, d) tensors per head in place, no transposed copies), the softmax by MindSpore's
+kernel on a zero-copy view; other dtypes: MindSpore's kernels throughout. Ascend: the fused `flash_attention_score` kernel for
 float16/bfloat16 with a head_dim it supports (a multiple of 16, at most 512); float32 inputs
 (HunyuanCLIP runs in float32, as upstream) take the blocked path, which the kernel does not serve.
 Causal attention passes the kernel's compressed 2048x2048 causal mask (`sparse_mode` 2), built once;
@@ -18,6 +20,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from ..runtime import is_ascend
+from . import host
 from .broadcast import add, expand
 
 # Upper bound on the score block held at once on CPU (float32 bytes).
@@ -88,6 +91,8 @@ def attention(
         return _attention_ascend(q, k, v, mask, bias, causal, scale)
     if isinstance(key_mask, KeyMask):
         key_mask = key_mask.keep
+    if host.blas_ready(q, k, v) and (bias is None or host.has_numpy(bias)):
+        return _attention_host(q, k, v, key_mask, bias, causal, scale, max_score_bytes)
     if k.shape[2] != q.shape[2]:
         k, v = repeat_heads(k, q.shape[2]), repeat_heads(v, q.shape[2])
     return _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes)
@@ -162,6 +167,39 @@ def _attention_blocked(q, k, v, key_mask, bias, causal, scale, max_score_bytes):
     out = outs[0] if len(outs) == 1 else mint.cat(outs, dim=0)
     out = ops.transpose(out.reshape(b, h, sq, d), (0, 2, 1, 3))
     return out if out_dtype == ms.float32 else out.astype(out_dtype)
+
+
+def _attention_host(q, k, v, key_mask, bias, causal, scale, max_score_bytes):
+    """The CPU path for float32/float64: numpy products on per-head strided views, blocks of queries."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    qn = host.view(q) * np.asarray(scale, dtype=host.view(q).dtype)  # (b, sq, h, d), scaled copy
+    kn, vn = host.view(k), host.view(v)
+    if hk != h:  # grouped-query attention: each key/value head serves h // hk consecutive query heads
+        kn, vn = np.repeat(kn, h // hk, axis=2), np.repeat(vn, h // hk, axis=2)
+    q_heads = qn.transpose(0, 2, 1, 3)  # (b, h, sq, d), views: BLAS reads them with a leading stride
+    k_heads_t = kn.transpose(0, 2, 3, 1)  # (b, h, d, sk)
+    v_heads = vn.transpose(0, 2, 1, 3)  # (b, h, sk, d)
+    drop = None if key_mask is None else ~host.view(key_mask.astype(ms.bool_)).reshape(b, 1, 1, sk)
+    bias_n = None
+    if bias is not None:
+        bias_n = host.view(bias).astype(qn.dtype, copy=False)
+        bias_n = bias_n.reshape((1,) * (4 - bias_n.ndim) + bias_n.shape)
+    neg = np.finfo(qn.dtype).min
+    out = np.empty((b, sq, h, d), dtype=qn.dtype)
+    qblock = query_block_size(b, h, sq, sk, max_score_bytes)
+    for start in range(0, sq, qblock):
+        stop = min(sq, start + qblock)
+        scores = np.matmul(q_heads[:, :, start:stop], k_heads_t)  # (b, h, n, sk)
+        if bias_n is not None:
+            scores += bias_n if bias_n.shape[2] == 1 else bias_n[:, :, start:stop]
+        if drop is not None:
+            np.copyto(scores, neg, where=drop)
+        if causal:
+            np.copyto(scores, neg, where=np.arange(sk)[None, :] > np.arange(start, stop)[:, None])
+        probs = host.view(mint.softmax(host.wrap(scores), dim=-1))
+        out[:, start:stop] = np.matmul(probs, v_heads).transpose(0, 2, 1, 3)
+    return host.wrap(out)
 
 
 def _f32(t: Tensor) -> Tensor:

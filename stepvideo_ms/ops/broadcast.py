@@ -2,7 +2,9 @@
 
 MindSpore's CPU kernels for broadcasting arithmetic are more than ten times slower than for
 operands of equal shape, while `tile` copies memory quickly: on CPU the smaller operand is
-tiled to the full shape first, then combined elementwise. Ascend broadcasts natively.
+tiled to the full shape first, then combined elementwise; float32/float64 operands of one dtype
+are combined by numpy (which broadcasts without copies) on zero-copy views. Ascend broadcasts
+natively.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Sequence
 from mindspore import Tensor, mint
 
 from ..runtime import is_ascend
+from . import host
 
 
 def expand(t: Tensor, shape: Sequence[int]) -> Tensor:
@@ -34,6 +37,8 @@ def mul(a: Tensor, b: Tensor) -> Tensor:
     if is_ascend() or a.shape == b.shape:
         return a * b
     shape = _result_shape(a, b)
+    if a.dtype == b.dtype and host.blas_ready(a):  # numpy broadcasts without a tiled copy
+        return host.wrap(host.view(a) * host.view(b))
     return expand(a, shape) * expand(b, shape)
 
 
@@ -42,6 +47,8 @@ def add(a: Tensor, b: Tensor) -> Tensor:
     if is_ascend() or a.shape == b.shape:
         return a + b
     shape = _result_shape(a, b)
+    if a.dtype == b.dtype and host.blas_ready(a):
+        return host.wrap(host.view(a) + host.view(b))
     return expand(a, shape) + expand(b, shape)
 
 

@@ -17,6 +17,12 @@ rewrites a convolution as a matrix product:
   `max_cols_bytes`; each tile reads only its input frames, so beyond input and output the
   memory held is one tile's worth.
 
+float32 on CPU does all of this in numpy through zero-copy views (`host`): the channels-last rows
+and the output layout by numpy's transposing copies, the gather by `np.take`, the product by its
+BLAS, pointwise convolutions as one product per sample, each tile written straight into its place
+in the output (MindSpore's strided copies and concatenations are the slow part there). Other
+dtypes take MindSpore's kernels as described above.
+
 Padding is explicit zero padding per side, so causal (front-only) temporal padding is one
 call: padding=((2, 0), (1, 1), (1, 1)).
 """
@@ -30,6 +36,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from ..runtime import is_ascend
+from . import host
 
 # Upper bound on one im2col tile on CPU (float32 bytes).
 DEFAULT_MAX_COLS_BYTES = 96 * 1024 * 1024
@@ -166,6 +173,8 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], ndim: int, strides
 
 def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pads, max_cols_bytes: int,
                  weight_cache: Optional["MatmulWeight"] = None) -> Tensor:
+    if host.blas_ready(x, weight, *(() if bias is None else (bias,))):
+        return _conv_host(x, weight, bias, strides, pads, max_cols_bytes, weight_cache)
     dtype = x.dtype
     source = weight
     x, weight, bias = _f32(x), _f32(weight), None if bias is None else _f32(bias)
@@ -209,9 +218,69 @@ def _conv_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pad
     return _as(out, dtype)
 
 
+def _conv_host(x: Tensor, weight: Tensor, bias: Optional[Tensor], strides, pads, max_cols_bytes: int,
+               weight_cache: Optional["MatmulWeight"] = None) -> Tensor:
+    """`_conv_matmul` in numpy, for float32/float64 tensors (see the module's docstring)."""
+    n, c, *sizes = x.shape
+    co, _, *kernel = weight.shape
+    out_sizes = [output_size(s, k, st, p) for s, k, st, p in zip(sizes, kernel, strides, pads)]
+    xn = host.view(x)
+    bn = None if bias is None else host.view(bias)
+    if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and all(p == (0, 0) for p in pads):
+        out = np.matmul(host.view(weight).reshape(co, c), xn.reshape(n, c, -1))  # (n, Co, T*H*W)
+        if bn is not None:
+            out += bn[:, None]
+        return host.wrap(out.reshape(n, co, *sizes))
+    taps = kernel[0] * kernel[1] * kernel[2]
+    # as in _conv_matmul: a big kernel applied at few positions reorders its columns, not its weight
+    reorder_cols = out_sizes[0] * out_sizes[1] * out_sizes[2] < co
+    if reorder_cols:
+        wmat = host.view(weight).reshape(co, c * taps).T  # (C*taps, Co), a view
+    elif weight_cache is not None:
+        wmat = host.view(weight_cache.get(weight, lambda: _matmul_layout(weight)))
+    else:
+        wmat = host.view(_matmul_layout(weight))
+    out = np.empty((n, co, *out_sizes), dtype=xn.dtype)
+    for i in range(n):
+        rows, rows_span = None, None
+        for block in output_blocks(out_sizes, 4 * c * taps, max_cols_bytes):
+            first, end = input_frames(block, sizes[0], kernel[0], strides[0], pads[0])
+            if (first, end) != rows_span:  # bands of one frame share their input rows
+                rows_span = (first, end)
+                rows = np.zeros(((end - first) * sizes[1] * sizes[2] + 1, c), dtype=xn.dtype)
+                rows[:-1] = xn[i, :, first:end].transpose(1, 2, 3, 0).reshape(-1, c)  # channels last, zero row after
+            index = _tap_index_array(block, tuple(sizes), tuple(kernel), tuple(strides), pads, first, end)
+            cols = np.take(rows, index, axis=0)  # (positions, taps, C)
+            if reorder_cols:  # columns ordered (channel, tap) like the weight's rows
+                cols = cols.transpose(0, 2, 1)
+            cols = cols.reshape(index.shape[0], taps * c)
+            # (Co, K) @ (K, positions): the product comes out channels-first, written by BLAS straight
+            # into the tile's place in the output (whole frames or rows of one frame: one leading stride)
+            t0, t1, h0, h1 = block
+            place = out[i, :, t0:t1, h0:h1]
+            flat = place.reshape(co, -1)
+            if np.shares_memory(flat, out):
+                np.matmul(wmat.T, cols.T, out=flat)
+            else:  # pragma: no cover - every tile shape above reshapes to a view
+                place[...] = (wmat.T @ cols.T).reshape(place.shape)
+        if bn is not None:
+            out[i] += bn.reshape(co, 1, 1, 1)
+    return host.wrap(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_index_array(block, sizes, kernel, strides, pads, first: int, end: int) -> np.ndarray:
+    """`tap_index`, memoised (read-only): a decode asks for the same few indices many times."""
+    index = tap_index(block, sizes, kernel, strides, pads, first, end)
+    index.setflags(write=False)
+    return index
+
+
 def _matmul_layout(weight: Tensor) -> Tensor:
     """(Co, C, kt, kh, kw) -> (taps*C, Co), rows ordered (tap, channel) like the gathered columns."""
     co, c = weight.shape[:2]
+    if host.has_numpy(weight):  # numpy's transposing copy
+        return host.wrap(host.view(weight).reshape(co, c, -1).transpose(2, 1, 0).reshape(-1, co))
     # a transpose kernel (one copy) is faster on CPU than reshaping a permuted view
     return ops.transpose(weight.reshape(co, c, -1), (2, 1, 0)).reshape(-1, co)
 

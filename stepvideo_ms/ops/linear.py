@@ -1,8 +1,10 @@
 """Linear layer: x @ weight^T + bias over the last axis.
 
 CPU: one 2D matrix product over all leading axes (rows = every token of every sample) with the
-weight read transposed in place, and the bias added by `bias_add` afterwards: MindSpore's CPU
-dense kernel runs several times slower when it adds the bias itself. Ascend: the fused kernel.
+weight read transposed in place. float32 goes to numpy's BLAS through zero-copy views (`host`),
+the bias added in place on the product; other dtypes take MindSpore's dense kernel, the bias added
+by `bias_add` afterwards (the kernel runs several times slower when it adds the bias itself).
+Ascend: the fused kernel.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, ops
 
 from ..runtime import is_ascend
+from . import host
 
 _matmul_bt = ops.MatMul(transpose_b=True)
 
@@ -25,6 +28,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features but weight{tuple(weight.shape)} takes {weight.shape[-1]}")
     lead = x.shape[:-1]
+    if host.blas_ready(x, weight, *(() if bias is None else (bias,))):
+        out = host.view(x).reshape(-1, x.shape[-1]) @ host.view(weight).T
+        if bias is not None:
+            out += host.view(bias)
+        return host.wrap(out.reshape(*lead, weight.shape[0]))
     out = _matmul_bt(x.reshape(-1, x.shape[-1]), weight)
     if bias is not None:
         out = ops.bias_add(out, bias)
@@ -37,10 +45,11 @@ def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: in
 
     weight (heads*parts*head_dim, in) maps x (b, n, in) to (b, n, heads, parts*head_dim); returns
     the `parts` tensors (b, n, heads, head_dim) (q, k, v for parts=3).
-    Ascend: one product, then a split. CPU: elementwise kernels on the strided views a split
-    gives are ~50x slower than on contiguous tensors, so each part is its own product by the
-    weight rows it needs (one gather), and comes out contiguous.
-    scale: the weight is int8 with these per-row scales (ops.quant).
+    Ascend: one product, then a split. CPU, float32: one product through numpy's BLAS, each part
+    copied out contiguous by numpy (MindSpore's elementwise kernels on the strided views a split
+    gives are ~50x slower than on contiguous tensors). CPU, other dtypes: each part is its own
+    product by the weight rows it needs (one gather), and comes out contiguous.
+    scale: the weight is int8 with these per-row scales (ops.quant); such products take the gather path.
     """
     def product(rows_weight, rows_scale):
         return linear(x, rows_weight) if scale is None else linear_int8(x, rows_weight, rows_scale)
@@ -52,6 +61,9 @@ def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: in
     if is_ascend():  # pragma: no cover - needs an NPU
         out = product(weight, scale).reshape(b, n, heads, parts * head_dim)
         return list(mint.split(out, [head_dim] * parts, dim=-1))
+    if scale is None and host.blas_ready(x, weight):
+        full = (host.view(x).reshape(b * n, -1) @ host.view(weight).T).reshape(b, n, heads, parts, head_dim)
+        return [host.wrap(full[:, :, :, part]) for part in range(parts)]
     outs = []
     for part in range(parts):
         rows = (np.arange(heads)[:, None] * parts * head_dim + part * head_dim + np.arange(head_dim)[None, :])
