@@ -1,7 +1,7 @@
 """Tiny DiT cases shared by the parallel tests (pytest side) and their msrun worker.
 
 A case is a model kind (t2v / ti2v), a latent grid (frames, height, width) and a mesh layout
-(ulysses, pp, pp_split, cfg, shard_weights). Its inputs come from a fixed seed, so the worker and the test rebuild
+(ulysses, pp, pp_split, cfg, shard_weights, offload). Its inputs come from a fixed seed, so the worker and the test rebuild
 the same tensors independently; the test computes the single-process reference.
 """
 from __future__ import annotations
@@ -29,12 +29,14 @@ class Case:
     pp_split: Optional[str] = None
     cfg: int = 1
     shard: bool = False
+    offload: bool = False
 
     @property
     def name(self) -> str:
         f, h, w = self.grid
         split = f"_split{self.pp_split.replace(',', '-')}" if self.pp_split else ""
         extra = (f"_cfg{self.cfg}" if self.cfg > 1 else "") + ("_shard" if self.shard else "")
+        extra += "_offload" if self.offload else ""
         return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}{extra}"
 
     @property
@@ -49,8 +51,8 @@ def save_cases(cases: List[Case], path: str) -> None:
 
 def load_cases(path: str) -> List[Case]:
     with open(path, "r", encoding="utf-8") as fh:
-        return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"])
-                for c in json.load(fh)]
+        return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"],
+                     c.get("offload", False)) for c in json.load(fh)]
 
 
 def model_config(kind: str) -> dict:

@@ -30,7 +30,10 @@ ODD = (3, 3, 3)  # 27 tokens
 CASES = ([Case(kind, ODD, u, pp) for u, pp in [(2, 1), (1, 2), (2, 2), (4, 1), (1, 4)] for kind in KINDS]
          # sharded weights (the native communicator gathers the next block ahead) with a pipeline, and
          # CFG replicas that also shard their weights: both in the world-4 launch
-         + [Case("ti2v", ODD, 2, 2, shard=True), Case("t2v", ODD, 2, 1, cfg=2, shard=True)])
+         + [Case("ti2v", ODD, 2, 2, shard=True), Case("t2v", ODD, 2, 1, cfg=2, shard=True)]
+         # block offload with the emulated side stream, events and pinned host memory (issue 16): 4 layers
+         # streamed through 2 working blocks (cfg 2 x ulysses 2), and a pipeline whose 2-layer stages stay resident
+         + [Case("t2v", ODD, 2, 1, cfg=2, offload=True), Case("ti2v", ODD, 2, 2, offload=True)])
 
 
 @pytest.fixture(scope="module")

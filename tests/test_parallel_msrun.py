@@ -31,6 +31,11 @@ CASES = (
     # (cfg 2); world 4 = (ulysses 2 x pp 2, shard) on the odd grid, (cfg 2 x ulysses 2)
     + [Case(kind, ODD, 2, 1, shard=True) for kind in KINDS] + [Case(kind, ODD, 1, 1, cfg=2) for kind in KINDS]
     + [Case(kind, ODD, 2, 2, shard=True) for kind in KINDS] + [Case(kind, ODD, 2, 1, cfg=2) for kind in KINDS]
+    # block offload (issue 16) in the same launches: ulysses 2 (T2V), cfg 2 (TI2V); pp 2 (TI2V, 2 layers per
+    # stage, streamed per micro-batch); ulysses 2 x pp 2 (T2V) and cfg 2 x pp 2 (TI2V)
+    + [Case("t2v", ODD, 2, 1, offload=True), Case("ti2v", ODD, 1, 1, cfg=2, offload=True),
+       Case("ti2v", ODD, 1, 2, offload=True), Case("t2v", ODD, 2, 2, offload=True),
+       Case("ti2v", ODD, 1, 2, cfg=2, offload=True)]
 )
 
 

@@ -38,6 +38,7 @@ def validate_model(args, world_size: int):
     config = checkpoint.read_config(transformer)
     checkpoint.checkpoint_files(transformer)  # the shards are all there
     task = "ti2v" if config.get("use_additional_conditions") else "t2v"
+    resolve_layout(args, world_size, task, config)
     mesh = mesh_from(args, world_size, 0)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
     check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
@@ -76,11 +77,85 @@ def validate(args, world_size: int):
     return settings, transformer
 
 
+LAYOUT_FLAGS = ("cfg_degree", "ulysses_degree", "pp_degree")
+LAYOUT_SWITCHES = ("shard_weights", "offload", "sequential_cfg")
+
+
+def layout_given(args) -> bool:
+    return (any(getattr(args, f, None) is not None for f in LAYOUT_FLAGS)
+            or any(getattr(args, f, False) for f in LAYOUT_SWITCHES) or bool(getattr(args, "pp_split", None)))
+
+
+def resolve_layout(args, world_size: int, task: str, config: dict) -> None:
+    """Fill in the layout arguments. Given ones win (unset degrees are 1). With none given and a known
+    card size (--card_gb, or the Ascend card's own), the planner picks the fastest layout of the world
+    predicted to fit the command line's video (offload, sequential CFG and sharding included) and rank 0
+    prints it with its predicted peak and step time; none fitting is refused, naming what would."""
+    if getattr(args, "_layout_resolved", False):
+        return
+    chosen = None
+    if not layout_given(args):
+        from ..runtime import pick_device
+
+        device = pick_device(args.device)
+        card_gb = args.card_gb if args.card_gb is not None else device_memory_gib(device)
+        if card_gb is not None:
+            chosen = choose_layout(args, world_size, task, config, card_gb, device)
+    for flag in LAYOUT_FLAGS:
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, 1)
+    if chosen is not None:
+        args.cfg_degree, args.ulysses_degree, args.pp_degree = chosen.layout.cfg, chosen.layout.ulysses, chosen.layout.pp
+        args.shard_weights, args.offload, args.sequential_cfg = chosen.layout.shard, chosen.layout.offload, chosen.layout.seq_cfg
+    args._layout_resolved = True
+
+
+def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float, device: str):
+    """The planner's fastest layout of `world_size` cards predicted to fit `card_gb` GiB (printed by rank 0)."""
+    from ..parallel import plan as planner
+
+    if card_gb <= 0:
+        raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
+    settings = GenerationSettings("layout", task, num_frames=args.num_frames, height=args.height, width=args.width,
+                                  cfg_scale=args.cfg_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        settings = settings.resolved()
+    hardware = planner.CPU if device == "CPU" else planner.Hardware()
+    shape = planner.ModelShape.from_config(config)
+    grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
+    guidance = settings.cfg_scale > 1.0
+    plans = [planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
+             for layout in planner.layouts(world_size, shape.heads, shape.num_layers, guidance)]
+    best = planner.choose(plans, card_gb)
+    what = f"{settings.num_frames} frames {settings.height}x{settings.width}"
+    if best is None:
+        least = min(plans, key=lambda q: q.peak_bytes)
+        raise ValueError(
+            f"no layout of {world_size} card(s) of {card_gb:g} GiB is predicted to fit {what}: the smallest, "
+            f"{least.layout.arguments()}, needs {least.peak_gib:.1f} GiB per card; use more cards (msrun workers), "
+            f"fewer --num_frames or a smaller --height/--width (python -m stepvideo_ms describe --plan --cards "
+            f"{world_size} --card_gb {card_gb:g} --frames {settings.num_frames} --height {settings.height} "
+            f"--width {settings.width} --all shows every layout)")
+    if os.environ.get("RANK_ID", "0") == "0":
+        offload = f", offload x{best.offload_ratio:.3f} of compute" if best.layout.offload else ""
+        host = f", host memory {best.host_gib:.1f} GiB" if best.layout.offload else ""
+        print(f"[run_parallel] layout for {world_size} card(s) of {card_gb:g} GiB ({hardware.name}, {what}): "
+              f"{best.layout.arguments()}; predicted peak {best.peak_gib:.1f} GiB per card{host}, step "
+              f"{best.step_s:.1f} s{offload} (predictions; explicit layout flags override)", flush=True)
+    return best
+
+
 def mesh_from(args, world_size: int, rank: int):
     from ..parallel import Mesh
 
-    return Mesh.create(world_size, rank, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split,
-                       args.cfg_degree, args.shard_weights)
+    def degree(name):
+        value = getattr(args, name, None)
+        return 1 if value is None else value
+
+    return Mesh.create(world_size, rank, degree("ulysses_degree"), degree("pp_degree"), args.ring_degree,
+                       args.pp_split, degree("cfg_degree"), args.shard_weights, getattr(args, "offload", False),
+                       getattr(args, "sequential_cfg", False))
 
 
 def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> None:
@@ -92,9 +167,10 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> Non
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
     hardware = planner.CPU if device == "CPU" else planner.Hardware()
     shape = planner.ModelShape.from_config(config)
-    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
     guidance = settings.cfg_scale > 1.0
+    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
+                            mesh.sequential_cfg and guidance and mesh.cfg_degree == 1 and mesh.pp_degree == 1)
     predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
     if predicted.fits(card_gb):
         return

@@ -68,13 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing NAME.mp4/NAME.json (default: write NAME-1, NAME-2, ...)")
     g = p.add_argument_group("parallelism (world size = cfg_degree x ulysses_degree x pp_degree msrun workers)")
-    g.add_argument("--cfg_degree", type=int, default=1, help="2: the [cond, uncond] halves on two rank groups (1)")
-    g.add_argument("--ulysses_degree", type=int, default=1, help="sequence-parallel ranks per pipeline stage")
-    g.add_argument("--pp_degree", type=int, default=1, help="pipeline stages")
+    g.add_argument("--cfg_degree", type=int, default=None, help="2: the [cond, uncond] halves on two rank groups (1)")
+    g.add_argument("--ulysses_degree", type=int, default=None, help="sequence-parallel ranks per pipeline stage (1)")
+    g.add_argument("--pp_degree", type=int, default=None,
+                   help="pipeline stages (1). With no layout flag at all and a known card size (--card_gb, or the "
+                        "Ascend card's), the planner picks the fastest layout predicted to fit and prints it")
     g.add_argument("--pp_split", default=None, help="stage boundaries as layer indices, e.g. 24 or 12,24,36 (balanced)")
     g.add_argument("--ring_degree", type=int, default=1, help="must be 1: ring attention is not supported")
     g.add_argument("--shard_weights", action="store_true",
                    help="each rank keeps 1/(cfg x ulysses) of its stage's blocks, gathered just before each block runs")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the stage's block weights in host memory and copy each in just before it runs (the "
+                        "next one's copy issued ahead on a side stream); the card holds the rest and two blocks")
+    g.add_argument("--sequential_cfg", action="store_true",
+                   help="run the [cond, uncond] halves one after the other (half the activations, same result)")
     g.add_argument("--card_gb", type=float, default=None,
                    help="memory per card (GiB): refuse a layout predicted not to fit (default: the device's, when known)")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")

@@ -128,6 +128,8 @@ class GenerationWorld:
                   + (f"cfg {mesh.cfg_degree} x " if mesh.cfg_degree > 1 else "")
                   + f"ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}"
                   + (", sharded weights" if mesh.shard_weights else "")
+                  + (", blocks offloaded to host memory" if mesh.offload else "")
+                  + (", sequential CFG" if mesh.sequential_cfg else "")
                   + f"; device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
         text = vae = None
         ok = True
@@ -150,7 +152,8 @@ class GenerationWorld:
         pipe = StepVideoPipeline(model, scheduler, text_encoder=text, vae=vae, progress=progress)
         info = {"model_dir": os.path.abspath(args.model_dir), "device": rt.device,
                 "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
-                             "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
+                             "shard_weights": mesh.shard_weights, "offload": mesh.offload,
+                             "sequential_cfg": mesh.sequential_cfg, "ulysses_degree": mesh.ulysses_degree,
                              "pp_degree": mesh.pp_degree,
                              "stages": [str(r) for r in mesh.partition(model.num_layers)]}}
         return cls(args, rt, mesh, comm, model, scheduler, pipe, rank, progress, load_s, info, shards)

@@ -84,7 +84,11 @@ def plan_text(config: dict, frames: int, height: int, width: int, cards: int, ca
              + (f" of {card_gb:g} GiB" if card_gb else "") + f": {len(fitting)} of {len(plans)} layouts fit")
     if not shown:
         return title + "\nnone fits: use more cards, --shard_weights layouts, or fewer frames / a smaller size"
-    return title + "\n" + planner.table(shown, card_gb, hardware)
+    best = planner.choose(plans, card_gb)
+    chosen = (f"\nchosen (fastest predicted to fit): {best.layout.arguments()}: peak {best.peak_gib:.1f} GiB per card, "
+              f"host {best.host_gib:.1f} GiB, step {best.step_s:.1f} s" + (
+                  f", offload x{best.offload_ratio:.3f}" if best.layout.offload else "")) if best else ""
+    return title + "\n" + planner.table(shown, card_gb, hardware) + chosen
 
 
 def main(argv: Optional[List[str]] = None) -> int:

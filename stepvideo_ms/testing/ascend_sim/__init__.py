@@ -5,7 +5,8 @@
 Each part replaces MindSpore entry points that exist only on an NPU with an emulator that binds
 the call to the real function's signature and enforces its documented rules:
 - npu_ops: flash attention, rms_norm, conv3d, mint layer_norm / group_norm / embedding / conv3d;
-- bf16_cpu: the CPU kernels without bfloat16 compute in float32 and round to bfloat16.
+- bf16_cpu: the CPU kernels without bfloat16 compute in float32 and round to bfloat16;
+- streams: Stream / Event / StreamCtx, pinned host memory and asynchronous host-to-device copies.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    from . import bf16_cpu, hccl, hccl_dist, npu_ops
+    from . import bf16_cpu, hccl, hccl_dist, npu_ops, streams
 
     npu_ops.install()  # first: its emulators own the NPU-only names that bf16_cpu would also wrap
     bf16_cpu.install()
+    streams.install()
     hccl.install(hccl_dist.PATCHES)  # HCCL and mint.distributed across msrun workers, and the host-sync accounting
     _installed = True
 
