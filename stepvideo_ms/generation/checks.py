@@ -137,12 +137,12 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
             f"fewer --num_frames or a smaller --height/--width (python -m stepvideo_ms describe --plan --cards "
             f"{world_size} --card_gb {card_gb:g} --frames {settings.num_frames} --height {settings.height} "
             f"--width {settings.width} --all shows every layout)")
-    if os.environ.get("RANK_ID", "0") == "0":
+    if os.environ.get("RANK_ID", os.environ.get("MS_NODE_ID", "0")) == "0":
         offload = f", offload x{best.offload_ratio:.3f} of compute" if best.layout.offload else ""
         host = f", host memory {best.host_gib:.1f} GiB" if best.layout.offload else ""
         print(f"[run_parallel] layout for {world_size} card(s) of {card_gb:g} GiB ({hardware.name}, {what}): "
-              f"{best.layout.arguments()}; predicted peak {best.peak_gib:.1f} GiB per card{host}, step "
-              f"{best.step_s:.1f} s{offload} (predictions; explicit layout flags override)", flush=True)
+              f"{best.layout.arguments()}; predicted peak {best.peak_gib:.3g} GiB per card{host}, step "
+              f"{best.step_s:.3g} s{offload} (predictions; explicit layout flags override)", flush=True)
     return best
 
 
