@@ -51,11 +51,12 @@ def _run(path, kind, **mesh_args):
 
 
 @pytest.mark.parametrize("kind", ["t2v", "ti2v"])
-def test_offload_and_sequential_cfg_equal_the_plain_run(models, kind):
+def test_offload_sequential_cfg_and_chunks_equal_the_plain_run(models, kind):
     path = os.path.join(models, kind)
     want = reference_latents(path, Case(kind, GRID, 1, 1))
     assert float(np.abs(want - case_inputs(Case(kind, GRID, 1, 1))["latents"]).max()) > 1e-2
-    for mesh_args in (dict(offload=True), dict(sequential_cfg=True), dict(offload=True, sequential_cfg=True)):
+    for mesh_args in (dict(offload=True), dict(sequential_cfg=True), dict(offload=True, sequential_cfg=True),
+                      dict(chunk_tokens=4), dict(offload=True, sequential_cfg=True, chunk_tokens=10)):
         got = _run(path, kind, **mesh_args)[0]
         err = float(np.abs(got - want).max())
         assert err <= tolerance(want), f"{mesh_args}: max |got - plain| = {err:.3g}"

@@ -155,7 +155,7 @@ def mesh_from(args, world_size: int, rank: int):
 
     return Mesh.create(world_size, rank, degree("ulysses_degree"), degree("pp_degree"), args.ring_degree,
                        args.pp_split, degree("cfg_degree"), args.shard_weights, getattr(args, "offload", False),
-                       getattr(args, "sequential_cfg", False))
+                       getattr(args, "sequential_cfg", False), getattr(args, "chunk_tokens", 0))
 
 
 def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> None:

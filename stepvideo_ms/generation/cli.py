@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "next one's copy issued ahead on a side stream); the card holds the rest and two blocks")
     g.add_argument("--sequential_cfg", action="store_true",
                    help="run the [cond, uncond] halves one after the other (half the activations, same result)")
+    g.add_argument("--chunk_tokens", type=int, default=0,
+                   help="run the blocks' token-wise parts (norms, cross-attention, feed-forward, output projection) "
+                        "on this many tokens at a time: same result, smaller activation peak (0: off)")
     g.add_argument("--card_gb", type=float, default=None,
                    help="memory per card (GiB): refuse a layout predicted not to fit (default: the device's, when known)")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")

@@ -130,6 +130,7 @@ class GenerationWorld:
                   + (", sharded weights" if mesh.shard_weights else "")
                   + (", blocks offloaded to host memory" if mesh.offload else "")
                   + (", sequential CFG" if mesh.sequential_cfg else "")
+                  + (f", token-wise parts in chunks of {mesh.chunk_tokens}" if mesh.chunk_tokens else "")
                   + f"; device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
         text = vae = None
         ok = True
@@ -153,7 +154,8 @@ class GenerationWorld:
         info = {"model_dir": os.path.abspath(args.model_dir), "device": rt.device,
                 "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
                              "shard_weights": mesh.shard_weights, "offload": mesh.offload,
-                             "sequential_cfg": mesh.sequential_cfg, "ulysses_degree": mesh.ulysses_degree,
+                             "sequential_cfg": mesh.sequential_cfg, "chunk_tokens": mesh.chunk_tokens,
+                             "ulysses_degree": mesh.ulysses_degree,
                              "pp_degree": mesh.pp_degree,
                              "stages": [str(r) for r in mesh.partition(model.num_layers)]}}
         return cls(args, rt, mesh, comm, model, scheduler, pipe, rank, progress, load_s, info, shards)

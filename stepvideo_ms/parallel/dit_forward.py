@@ -127,6 +127,7 @@ class _StageWork:
                  core: Optional[UlyssesAttention], blocks: Union[None, BlockGatherer, BlockStreamer] = None):
         self.model, self.micro, self.shard, self.rope, self.core = model, micro, shard, rope, core
         self.blocks = blocks
+        self.chunk = None
         self.transfer_shape = (int(micro[0].tokens.shape[0]), shard.local, model.inner_dim)
         self.transfer_dtype = model.dtype
 
@@ -135,9 +136,10 @@ class _StageWork:
 
     def run_layer(self, x: Tensor, micro: int, layer: int) -> Tensor:
         if self.blocks is None:
-            return self.model.run_blocks(x, self.micro[micro], self.rope, layers=range(layer, layer + 1), core=self.core)
+            return self.model.run_blocks(x, self.micro[micro], self.rope, layers=range(layer, layer + 1), core=self.core,
+                                         chunk=self.chunk)
         m = self.micro[micro]
-        return self.blocks.block(layer)(x, m.context, m.t6, m.key_mask, self.rope, self.core)
+        return self.blocks.block(layer)(x, m.context, m.t6, m.key_mask, self.rope, self.core, self.chunk)
 
     def idle_layer(self) -> None:
         if self.blocks is not None:
@@ -199,11 +201,12 @@ class ParallelDiT:
             core = UlyssesAttention(self.comm, mesh.sp_group, shard, size, model.num_attention_heads,
                                     model.attention_head_dim, model.dtype)
         work = _StageWork(model, micro, shard, self._rope(shard, inputs.grid), core, self.blocks)
+        work.chunk = mesh.chunk_tokens or None
         outputs = run_stage(mesh, self.comm, Schedule(mesh.pp_degree, n_micro), self.partition, work)
 
         channels = model.patch_size * model.patch_size * model.out_channels
         if mesh.is_last_stage:
-            projected = [model.project_out(outputs[m], micro[m]) for m in range(n_micro)]
+            projected = [model.project_out(outputs[m], micro[m], mesh.chunk_tokens or None) for m in range(n_micro)]
             mine = projected[0] if n_micro == 1 else mint.cat(projected, dim=0)
         else:
             mine = mint.empty((batch, shard.local, channels), dtype=model.dtype)  # sliced away below: no fill
