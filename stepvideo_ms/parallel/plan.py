@@ -132,6 +132,7 @@ class Layout:
     shard: bool
     offload: bool = False
     seq_cfg: bool = False  # the [cond, uncond] halves one after the other (cfg 1, pp 1)
+    chunk: int = 0  # token-wise parts on this many tokens at a time (0: off)
 
     @property
     def world(self) -> int:
@@ -144,12 +145,13 @@ class Layout:
     def name(self) -> str:
         parts = ([f"cfg {self.cfg}"] if self.cfg > 1 else []) + [f"ulysses {self.ulysses}", f"pp {self.pp}"]
         return (" x ".join(parts) + (" + shard" if self.shard else "") + (" + offload" if self.offload else "")
-                + (" + seq cfg" if self.seq_cfg else ""))
+                + (" + seq cfg" if self.seq_cfg else "") + (f" + chunks {self.chunk}" if self.chunk else ""))
 
     def arguments(self) -> str:
         return ((f"--cfg_degree {self.cfg} " if self.cfg > 1 else "") + f"--ulysses_degree {self.ulysses} "
                 f"--pp_degree {self.pp}" + (" --shard_weights" if self.shard else "")
-                + (" --offload" if self.offload else "") + (" --sequential_cfg" if self.seq_cfg else ""))
+                + (" --offload" if self.offload else "") + (" --sequential_cfg" if self.seq_cfg else "")
+                + (f" --chunk_tokens {self.chunk}" if self.chunk else ""))
 
 
 @dataclass(frozen=True)
