@@ -196,6 +196,9 @@ class GenerationWorld:
                                    progress=self.progress, shards=self.shards,
                                    on_step=on_step if self.rank == 0 else None).asnumpy()
         timings["denoise_s"] = time.perf_counter() - t0
+        from ..parallel.memory import memory_record
+
+        memory = memory_record(self.rt.device)  # rank 0's, after the loop
         if self.rank != 0:
             return None
         t0 = time.perf_counter()
@@ -209,7 +212,7 @@ class GenerationWorld:
                 frames = self.pipe.decode(latents)
             timings["decode_s"] = time.perf_counter() - t0
             timings["job_s"] = time.perf_counter() - t_start
-            record = dict(self.info, timings=dict(timings, load_s=self.load_s), **(extra or {}))
+            record = dict(self.info, timings=dict(timings, load_s=self.load_s), memory=memory, **(extra or {}))
             return self.pipe.write_outputs(frames, s, save_path, job.output_file_name, job.name_suffix, record,
                                            overwrite=getattr(self.args, "overwrite", False))
         except Exception as exc:
