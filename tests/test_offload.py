@@ -141,9 +141,11 @@ def test_emulated_copy_lands_when_its_event_is_waited_on():
     assert ms.runtime.Stream is not streams.Stream  # nothing installed in this CPU process
 
 
-def test_mesh_refuses_offload_with_shard_weights():
+def test_mesh_refuses_offload_with_shard_weights_and_negative_chunks():
     with pytest.raises(ValueError, match="use one of --offload and --shard_weights"):
         Mesh.create(2, 0, 2, 1, shard_weights=True, offload=True)
+    with pytest.raises(ValueError, match="chunk_tokens=-1 must be a positive number"):
+        Mesh.create(1, 0, chunk_tokens=-1)
 
 
 # ---- the planner ------------------------------------------------------------------------------------
@@ -162,6 +164,10 @@ def test_offload_plan_by_hand():
     seq = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, offload=True, seq_cfg=True), GRID_204F)
     assert seq.memory["block activations"] == off.memory["block activations"] // 2
     assert seq.host_copy_bytes == 2 * off.host_copy_bytes  # every block once per half
+    chunked = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, True, True, planner.CHUNK_TOKENS), GRID_204F)
+    units = hw.activation_units
+    assert chunked.memory["block activations"] == pytest.approx(
+        seq.memory["block activations"] * (units - hw.chunk_units_saved) / units, rel=1e-6)
     small = planner.plan(RELEASED, planner.Layout(1, 1, 48, False, offload=True), GRID_204F)  # 1 block per stage
     assert small.host_copy_bytes == 0 and small.offload_s == 0  # kept: no copy per step
     with pytest.raises(ValueError):
@@ -169,6 +175,7 @@ def test_offload_plan_by_hand():
 
 
 @pytest.mark.parametrize("cards,card_gb,want", [
+    (1, 32, planner.Layout(1, 1, 1, False, True, True, planner.CHUNK_TOKENS)),
     (1, 64, planner.Layout(1, 1, 1, False, offload=True)),
     (2, 32, planner.Layout(1, 2, 1, False, offload=True, seq_cfg=True)),
     (4, 64, planner.Layout(2, 2, 1, True)),

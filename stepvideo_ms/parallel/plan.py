@@ -32,7 +32,10 @@ over the host link (`host_link_gb_s`, per card, ASSUMED), issued one block ahead
 what exceeds the block it hides under, plus the `1 - offload_overlap` share (ASSUMED) the overlap
 does not hide (DMA contention, the event wait). Sequential CFG (`seq_cfg`, one card or pure ulysses
 layouts): the [cond, uncond] halves run one after the other as two micro-batches of one sample, so
-the block activations are those of one sample; the FLOPs are the same.
+the block activations are those of one sample; the FLOPs are the same. Chunked token-wise parts
+(`chunk`, layers.tokenwise): the modulated norms, the cross-attention and the feed-forward run a
+chunk of tokens at a time, so the float32 norm temporaries of the attention phase become a chunk's
+(`chunk_units_saved` fewer units) and the feed-forward phase stays below the attention's.
 
 Traffic per card per step: Ulysses all-to-alls (q k v out, the output back: (u-1)/u of 4 n m D
 per layer and micro-batch), weight gathers ((N-1)/N of a block per layer and micro-batch),
@@ -53,6 +56,7 @@ from .mesh import CFG_DEGREES
 
 GIB = 2 ** 30
 TEXT_TOKENS = 320 + 77  # Step-1 + HunyuanCLIP caption tokens (the context is at most this long)
+CHUNK_TOKENS = 8192  # the chunk of token-wise parts the planner proposes (--chunk_tokens)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class Hardware:
     host_link_gb_s: float = 25.0  # assumed: host-to-card copy bandwidth per card (PCIe 4.0 x16, pinned), GB/s
     offload_overlap: float = 0.95  # assumed: share of a copy hidden under a longer block's compute
     offload_working_blocks: int = 2  # the computing block and the next one in flight (offload.py)
+    chunk_units_saved: float = 4.0  # modelled: the float32 norm temporaries (2 of the 15 units) x the calibration (30/15)
 
     def describe(self) -> str:
         return (f"assumed: {self.name} at {self.peak_tflops:.0f} TFLOPS bf16 peak x {self.utilisation:.0%} "
@@ -145,7 +150,7 @@ class Layout:
     def name(self) -> str:
         parts = ([f"cfg {self.cfg}"] if self.cfg > 1 else []) + [f"ulysses {self.ulysses}", f"pp {self.pp}"]
         return (" x ".join(parts) + (" + shard" if self.shard else "") + (" + offload" if self.offload else "")
-                + (" + seq cfg" if self.seq_cfg else "") + (f" + chunks {self.chunk}" if self.chunk else ""))
+                + (" + seq cfg" if self.seq_cfg else "") + (" + chunks" if self.chunk else ""))
 
     def arguments(self) -> str:
         return ((f"--cfg_degree {self.cfg} " if self.cfg > 1 else "") + f"--ulysses_degree {self.ulysses} "
@@ -223,7 +228,8 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
         "weights": resident_blocks * ceil_div(model.block_params, parts) * b + model.other_params * b,
         "gather buffers": (2 if hardware.lockstep else 3) * block_bytes if parts > 1 else 0,
         "embedded tokens": batch * tokens * d * b,
-        "block activations": int(hardware.activation_units * m * n * d * b),
+        "block activations": int((hardware.activation_units - (hardware.chunk_units_saved if layout.chunk else 0.0))
+                                 * m * n * d * b),
         "pipeline in flight": (2 * micro * m * n * d * b) if layout.pp > 1 else 0,
         "conditions": batch * text_tokens * (d + model.caption_channels) * b + batch * 77 * model.clip_channels * b,
         "runtime reserve": int(hardware.reserve_gib * GIB),
@@ -263,7 +269,7 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
 
 def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, offload: bool = True) -> List[Layout]:
     """Every valid layout of `cards` ranks (the rules of mesh.Mesh); with `offload`, also the offload
-    variants and (cfg 1 x pp 1 with guidance) sequential CFG."""
+    variants and (cfg 1 x pp 1 with guidance) sequential CFG, alone and with chunked token-wise parts."""
     found = []
     for cfg in CFG_DEGREES:
         if cards % cfg or (cfg > 1 and not guidance):
@@ -273,12 +279,14 @@ def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, offl
             if rest % u or heads % u or rest // u > num_layers:
                 continue
             pp = rest // u
-            seqs = (False, True) if offload and guidance and cfg == 1 and pp == 1 else (False,)
-            for seq in seqs:
+            budgets = [(False, 0)]
+            if offload and guidance and cfg == 1 and pp == 1:
+                budgets += [(True, 0), (True, CHUNK_TOKENS)]
+            for seq, chunk in budgets:
                 for shard, off in ((False, False), (True, False), (False, True)):
                     if (shard and cfg * u == 1) or (off and not offload):
                         continue
-                    found.append(Layout(cfg, u, pp, shard, off, seq))
+                    found.append(Layout(cfg, u, pp, shard, off, seq, chunk))
     return found
 
 
@@ -286,8 +294,8 @@ def choose(plans: List[Plan], card_gb: Optional[float], host_gb: Optional[float]
     """The fastest predicted plan that fits, or None; among equally fast ones (to the millisecond) the
     one without offload, sequential CFG or sharding (fewer moving parts), then the least memory."""
     fitting = [p for p in plans if p.fits(card_gb, host_gb)]
-    return min(fitting, key=lambda q: (round(q.step_s, 3), q.layout.offload, q.layout.seq_cfg, q.layout.shard,
-                                       q.peak_bytes)) if fitting else None
+    return min(fitting, key=lambda q: (round(q.step_s, 3), q.layout.offload, q.layout.seq_cfg, bool(q.layout.chunk),
+                                       q.layout.shard, q.peak_bytes)) if fitting else None
 
 
 def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_gb: Optional[float] = None) -> str:
