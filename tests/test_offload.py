@@ -215,16 +215,18 @@ def test_run_parallel_picks_the_layout_when_none_is_given(tmp_path, monkeypatch,
     small = ["--num_frames", "17", "--height", "64", "--width", "96"]
     args = _validate(model, tmp_path, monkeypatch, 2, small + ["--card_gb", "8"])
     out = capsys.readouterr().out
-    assert "[run_parallel] layout for 2 card(s) of 8 GiB (CPU backend, 17 frames 64x96)" in out, out
+    assert "[run_parallel] layout for 2 card(s) of 8 GiB (CPU backend, 17 frames 64x96, rank 0 also holding the " \
+           "local encoders/VAE (" in out, out  # --caption_url local --vae_url local: their weights share card 0
     assert "predicted peak" in out and "step" in out
     chosen = (args.cfg_degree, args.ulysses_degree, args.pp_degree)
     assert chosen[0] * chosen[1] * chosen[2] == 2
     # a card too small for any layout: refused, naming the smallest and what to change
-    with pytest.raises(ValueError, match=r"no layout of 2 card\(s\) of 1e-06 GiB is predicted to fit .*fewer --num_frames"):
+    with pytest.raises(ValueError, match=r"no layout of 2 card\(s\) of 1e-06 GiB is predicted to fit .*caption/VAE "
+                                         r"servers on other cards, fewer --num_frames"):
         _validate(model, tmp_path, monkeypatch, 2, small + ["--card_gb", "0.000001"])
     # explicit flags win (no choice printed) and are still checked against the card
     args = _validate(model, tmp_path, monkeypatch, 2, small + ["--pp_degree", "2", "--card_gb", "8", "--offload"])
     assert (args.cfg_degree, args.ulysses_degree, args.pp_degree, args.offload) == (1, 1, 2, True)
     assert "layout for" not in capsys.readouterr().out
-    with pytest.raises(ValueError, match="ulysses 2 x pp 1 \\+ offload is predicted to need"):
+    with pytest.raises(ValueError, match="ulysses 2 x pp 1 \\+ offload is predicted to need .* beside .* GiB of local"):
         _validate(model, tmp_path, monkeypatch, 2, small + ["--ulysses_degree", "2", "--offload", "--card_gb", "1e-6"])

@@ -9,6 +9,8 @@ import os
 import warnings
 from typing import Optional
 
+import numpy as np
+
 from ..diffusion.settings import GenerationSettings
 
 
@@ -58,7 +60,7 @@ def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
     if args.card_gb is not None:
         from ..runtime import pick_device
 
-        check_fits(args.card_gb, mesh, read_config(transformer), settings, pick_device(args.device))
+        check_fits(args.card_gb, mesh, read_config(transformer), settings, pick_device(args.device), args)
 
 
 def validate(args, world_size: int):
@@ -110,6 +112,25 @@ def resolve_layout(args, world_size: int, task: str, config: dict) -> None:
     args._layout_resolved = True
 
 
+def local_backend_bytes(args, dtype_bytes: int) -> int:
+    """Weights that rank 0's card holds beside its DiT stage when the text encoders (--caption_url local)
+    and/or the VAE (--vae_url local) run in the process: their parameter counts (safetensors headers)
+    x the compute dtype's bytes."""
+    from ..diffusion.backends import is_local
+    from ..formats.safetensors_io import SafetensorsFile
+
+    folders = ((["step_llm", "hunyuan_clip"] if is_local(args.caption_url) else [])
+               + (["vae"] if is_local(args.vae_url) else []))
+    elements = 0
+    for sub in folders:
+        for root, _, files in os.walk(os.path.join(args.model_dir, sub)):
+            for name in files:
+                if name.endswith(".safetensors"):
+                    f = SafetensorsFile(os.path.join(root, name))
+                    elements += sum(int(np.prod(f.shape(k), dtype=np.int64)) for k in f.keys())
+    return elements * dtype_bytes
+
+
 def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float, device: str):
     """The planner's fastest layout of `world_size` cards predicted to fit `card_gb` GiB (printed by rank 0)."""
     from ..parallel import plan as planner
@@ -127,13 +148,17 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
     guidance = settings.cfg_scale > 1.0
     plans = [planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
              for layout in planner.layouts(world_size, shape.heads, shape.num_layers, guidance)]
-    best = planner.choose(plans, card_gb)
+    shared = local_backend_bytes(args, hardware.dtype_bytes)
+    best = planner.choose(plans, card_gb - shared / planner.GIB)
     what = f"{settings.num_frames} frames {settings.height}x{settings.width}"
+    if shared:
+        what += f", rank 0 also holding the local encoders/VAE ({shared / planner.GIB:.3g} GiB)"
     if best is None:
         least = min(plans, key=lambda q: q.peak_bytes)
         raise ValueError(
             f"no layout of {world_size} card(s) of {card_gb:g} GiB is predicted to fit {what}: the smallest, "
-            f"{least.layout.arguments()}, needs {least.peak_gib:.1f} GiB per card; use more cards (msrun workers), "
+            f"{least.layout.arguments()}, needs {least.peak_gib + shared / planner.GIB:.1f} GiB on rank 0's card; use "
+            f"more cards (msrun workers), {'caption/VAE servers on other cards, ' if shared else ''}"
             f"fewer --num_frames or a smaller --height/--width (python -m stepvideo_ms describe --plan --cards "
             f"{world_size} --card_gb {card_gb:g} --frames {settings.num_frames} --height {settings.height} "
             f"--width {settings.width} --all shows every layout)")
@@ -158,7 +183,7 @@ def mesh_from(args, world_size: int, rank: int):
                        getattr(args, "sequential_cfg", False), getattr(args, "chunk_tokens", 0))
 
 
-def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> None:
+def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=None) -> None:
     """Refuse (before any weight is read) a layout the planner predicts not to fit `card_gb` GiB per card
     (the CPU backend's profile on CPU: float32, memory per rank; the 910B profile otherwise)."""
     from ..parallel import plan as planner
@@ -172,6 +197,8 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> Non
     layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
                             mesh.sequential_cfg and guidance and mesh.cfg_degree == 1 and mesh.pp_degree == 1)
     predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
+    shared = local_backend_bytes(args, hardware.dtype_bytes) if args is not None else 0
+    card_gb = card_gb - shared / planner.GIB  # rank 0's card also holds the local encoders / VAE
     if predicted.fits(card_gb):
         return
     others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)
@@ -180,8 +207,10 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str) -> Non
     hint = (f"layouts of {mesh.world_size} cards predicted to fit: "
             + "; ".join(f"{q.layout.arguments()} ({q.peak_gib:.1f} GiB)" for q in fitting[:3])) if fitting else \
         f"no layout of {mesh.world_size} cards fits: use more cards or fewer frames / a smaller size"
-    raise ValueError(f"--card_gb {card_gb:g}: {layout.name()} is predicted to need {predicted.peak_gib:.1f} GiB per "
-                     f"card for {settings.num_frames} frames {settings.height}x{settings.width} "
+    local = f" beside {shared / planner.GIB:.3g} GiB of local encoders/VAE" if shared else ""
+    raise ValueError(f"--card_gb {card_gb + shared / planner.GIB:g}: {layout.name()} is predicted to need "
+                     f"{predicted.peak_gib:.1f} GiB per card{local} for {settings.num_frames} frames "
+                     f"{settings.height}x{settings.width} "
                      f"(python -m stepvideo_ms describe --plan shows the parts); {hint}")
 
 

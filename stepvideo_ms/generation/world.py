@@ -116,7 +116,7 @@ class GenerationWorld:
         if card_gb:
             for settings in fit:
                 check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), read_config(transformer), settings,
-                           rt.device)
+                           rt.device, args)
         world_size, rank = init_world()
         mesh = mesh_from(args, world_size, rank)
         comm = make_communicator(mesh)
