@@ -112,6 +112,17 @@ def resolve_layout(args, world_size: int, task: str, config: dict) -> None:
     args._layout_resolved = True
 
 
+HOST_SHARE = 0.8  # of this host's physical memory, at most, for the offloaded blocks of its ranks
+
+
+def host_memory_gib() -> Optional[float]:
+    """HOST_SHARE of this machine's physical memory, in GiB (what --offload may pin), when known."""
+    try:
+        return HOST_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def local_backend_bytes(args, dtype_bytes: int) -> int:
     """Weights that rank 0's card holds beside its DiT stage when the text encoders (--caption_url local)
     and/or the VAE (--vae_url local) run in the process: their parameter counts (safetensors headers)
@@ -149,7 +160,8 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
     plans = [planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
              for layout in planner.layouts(world_size, shape.heads, shape.num_layers, guidance)]
     shared = local_backend_bytes(args, hardware.dtype_bytes)
-    best = planner.choose(plans, card_gb - shared / planner.GIB)
+    host_gb = host_memory_gib()  # one host: every rank's offloaded stage adds up
+    best = planner.choose(plans, card_gb - shared / planner.GIB, host_gb)
     what = f"{settings.num_frames} frames {settings.height}x{settings.width}"
     if shared:
         what += f", rank 0 also holding the local encoders/VAE ({shared / planner.GIB:.3g} GiB)"
@@ -199,6 +211,12 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
     predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
     shared = local_backend_bytes(args, hardware.dtype_bytes) if args is not None else 0
     card_gb = card_gb - shared / planner.GIB  # rank 0's card also holds the local encoders / VAE
+    host_gb = host_memory_gib()
+    if predicted.fits(card_gb) and not predicted.fits(None, host_gb):
+        raise ValueError(f"--offload: {layout.name()} pins {predicted.host_gib:.1f} GiB of host memory for its "
+                         f"{mesh.world_size} rank(s) (each its own stage), over {host_gb:.1f} GiB "
+                         f"({HOST_SHARE:.0%} of this host's memory): use more pipeline stages (--pp_degree) so "
+                         "that each rank holds fewer blocks, or --shard_weights")
     if predicted.fits(card_gb):
         return
     others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)

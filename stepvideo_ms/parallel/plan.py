@@ -17,9 +17,10 @@ pipeline.py, ulysses.py, shard.py):
   temporaries (2) (the feed-forward phase, x + h + 4D hidden + 4D GELU = 10 units, is smaller;
   attention is fused, no N x N scores). Memory pools do not pack that tightly: the target's
   `activation_units` is CALIBRATED, 30 on Ascend (puts both published points, mindone's ulysses 2 x
-  pp 2 and upstream's ulysses 4, within 7 %) and 44 on the CPU backend (peak RSS of a 2-layer,
-  12 x 64 DiT on a 4x16x32 latent grid with the CPU kernels of issue 11; tests/test_plan.py checks it
-  on another size);
+  pp 2 and upstream's ulysses 4, within 7 %) and 12 on the CPU backend plus its blocked attention's
+  score blocks (3 x min(128 MiB, the scores of the micro-batch)), measured with bench/bench_offload.py
+  at one and two samples (the earlier single 44-unit figure mixed the two; tests/test_plan.py checks
+  the peak RSS of another size);
 - pipeline: the stage's input/output of each micro-batch in flight (M x m x n x D);
 - conditions: the caption context (B, Lk, D) and the text embeddings;
 - a fixed runtime reserve (framework, HCCL buffers, kernel workspaces): the target's `reserve_gib`.
@@ -75,6 +76,8 @@ class Hardware:
     offload_overlap: float = 0.95  # assumed: share of a copy hidden under a longer block's compute
     offload_working_blocks: int = 2  # the computing block and the next one in flight (offload.py)
     chunk_units_saved: float = 4.0  # modelled: the float32 norm temporaries (2 of the 15 units) x the calibration (30/15)
+    score_block_bytes: int = 0  # CPU: the blocked attention's score block bound (0: fused attention, no scores)
+    score_copies: float = 0.0  # CPU: score-sized tensors alive at once (scores, exponentials, probabilities)
 
     def describe(self) -> str:
         return (f"assumed: {self.name} at {self.peak_tflops:.0f} TFLOPS bf16 peak x {self.utilisation:.0%} "
@@ -85,8 +88,12 @@ class Hardware:
 
 # MindSpore's CPU backend as tests and benchmarks run it: float32, lockstep gathers, RSS measured above
 # the process's size after start-up (no reserve); activation units from measured peak RSS.
+# Activations: 12 units per sample plus 3 score blocks of the blocked attention (measured with
+# bench/bench_offload.py on 8 x 8 x 64 at 2048 and 4096 tokens, one and two samples; it also reproduces the
+# earlier 44-unit calibration's probe); chunking measured no saving on CPU (the score blocks dominate).
 CPU = Hardware(name="CPU backend", peak_tflops=0.25, utilisation=1.0, link_gb_s=5.0, dtype_bytes=4,
-               activation_units=44.0, reserve_gib=0.0, lockstep=True, host_link_gb_s=5.0, offload_working_blocks=1)
+               activation_units=12.0, reserve_gib=0.0, lockstep=True, host_link_gb_s=5.0, offload_working_blocks=1,
+               chunk_units_saved=0.0, score_block_bytes=128 * 2 ** 20, score_copies=3.0)
 
 
 @dataclass(frozen=True)
@@ -229,7 +236,9 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
         "gather buffers": (2 if hardware.lockstep else 3) * block_bytes if parts > 1 else 0,
         "embedded tokens": batch * tokens * d * b,
         "block activations": int((hardware.activation_units - (hardware.chunk_units_saved if layout.chunk else 0.0))
-                                 * m * n * d * b),
+                                 * m * n * d * b
+                                 + hardware.score_copies * min(hardware.score_block_bytes,
+                                                               m * (model.heads // layout.ulysses) * tokens * tokens * 4)),
         "pipeline in flight": (2 * micro * m * n * d * b) if layout.pp > 1 else 0,
         "conditions": batch * text_tokens * (d + model.caption_channels) * b + batch * 77 * model.clip_channels * b,
         "runtime reserve": int(hardware.reserve_gib * GIB),
