@@ -196,9 +196,10 @@ class GenerationWorld:
                                    progress=self.progress, shards=self.shards,
                                    on_step=on_step if self.rank == 0 else None).asnumpy()
         timings["denoise_s"] = time.perf_counter() - t0
-        from ..parallel.memory import memory_record
+        from ..parallel.memory import memory_record, release_working_set
 
         memory = memory_record(self.rt.device)  # rank 0's, after the loop
+        release_working_set(self.rt.device)  # the loop's activations and working blocks, before the VAE decodes
         if self.rank != 0:
             return None
         t0 = time.perf_counter()

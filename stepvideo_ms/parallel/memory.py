@@ -41,3 +41,16 @@ def memory_record(device: str) -> Dict[str, float]:
         if key in status:
             record[name] = status[key] / GIB
     return record
+
+
+def release_working_set(device: str) -> None:
+    """After the denoising loop: the DiT's activations and offload working blocks are garbage by now;
+    on Ascend the memory pool's cached blocks go back to the device, so that a VAE (or caption) server
+    sharing the card can use them while this rank decodes or waits. The DiT's resident weights stay."""
+    import gc
+
+    gc.collect()
+    if device == "Ascend":  # pragma: no cover - needs an NPU
+        import mindspore as ms
+
+        ms.runtime.empty_cache()
