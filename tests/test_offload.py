@@ -234,3 +234,32 @@ def test_run_parallel_picks_the_layout_when_none_is_given(tmp_path, monkeypatch,
     assert "layout for" not in capsys.readouterr().out
     with pytest.raises(ValueError, match="ulysses 2 x pp 1 \\+ offload is predicted to need .* beside .* GiB of local"):
         _validate(model, tmp_path, monkeypatch, 2, small + ["--ulysses_degree", "2", "--offload", "--card_gb", "1e-6"])
+
+
+def test_one_card_holds_the_local_encoders_and_vae_in_turn(tmp_path, monkeypatch, capsys):
+    """A card too small for the DiT beside the resident encoders/VAE but big enough for each in turn:
+    the automatic choice loads them in turn; the in-turn backends load per call and give the same answers."""
+    import argparse
+    from stepvideo_ms.diffusion.backends import InProcessBackends
+    from stepvideo_ms.formats.checkpoint import read_config
+    from stepvideo_ms.generation import checks
+
+    model = str(tmp_path / "tiny")
+    subprocess.run([sys.executable, "-m", "stepvideo_ms", "tiny", model], check=True, cwd=REPO, capture_output=True,
+                   env={**os.environ, "GLOG_v": "3"}, timeout=300)
+    parts = checks.local_backend_parts(argparse.Namespace(model_dir=model, caption_url="local", vae_url="local"), 4)
+    assert set(parts) == {"encoders", "vae"} and all(v > 0 for v in parts.values())
+    shape = planner.ModelShape.from_config(read_config(os.path.join(model, "transformer")))
+    plain = planner.plan(shape, planner.Layout(1, 1, 1, False), (3, 4, 6), hardware=planner.CPU)
+    in_turn = max(plain.peak_bytes, plain.memory["weights"] + max(parts.values())) * 1.01 / planner.GIB
+    assert in_turn < (plain.peak_bytes + sum(parts.values())) / planner.GIB * 0.99
+    args = _validate(model, tmp_path, monkeypatch, 1, ["--num_frames", "17", "--height", "64", "--width", "96",
+                                                        "--card_gb", f"{in_turn:.6f}"])
+    assert args.local_in_turn and "the local encoders and VAE loaded in turn" in capsys.readouterr().out
+    resident = InProcessBackends.from_model_dir(model, progress=False, vae=False)
+    turn = InProcessBackends.from_model_dir(model, progress=False, vae=False, in_turn=True)
+    assert turn.caption_encoder is None and turn.loads == 0
+    for _ in range(2):
+        got, want = turn.caption(["a cat"]), resident.caption(["a cat"])
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert turn.loads == 2 and turn.caption_encoder is None  # loaded for each call, released after

@@ -123,23 +123,39 @@ def host_memory_gib() -> Optional[float]:
         return None
 
 
-def local_backend_bytes(args, dtype_bytes: int) -> int:
-    """Weights that rank 0's card holds beside its DiT stage when the text encoders (--caption_url local)
-    and/or the VAE (--vae_url local) run in the process: their parameter counts (safetensors headers)
-    x the compute dtype's bytes."""
+def local_backend_parts(args, dtype_bytes: int) -> dict:
+    """Weights of the in-process text encoders (--caption_url local) and VAE (--vae_url local) that rank 0's
+    card holds beside its DiT stage: {"encoders": bytes, "vae": bytes}, from their parameter counts
+    (safetensors headers) x the compute dtype's bytes."""
     from ..diffusion.backends import is_local
     from ..formats.safetensors_io import SafetensorsFile
 
-    folders = ((["step_llm", "hunyuan_clip"] if is_local(args.caption_url) else [])
-               + (["vae"] if is_local(args.vae_url) else []))
-    elements = 0
-    for sub in folders:
-        for root, _, files in os.walk(os.path.join(args.model_dir, sub)):
-            for name in files:
-                if name.endswith(".safetensors"):
-                    f = SafetensorsFile(os.path.join(root, name))
-                    elements += sum(int(np.prod(f.shape(k), dtype=np.int64)) for k in f.keys())
-    return elements * dtype_bytes
+    parts = {}
+    for part, folders, url in (("encoders", ("step_llm", "hunyuan_clip"), args.caption_url),
+                               ("vae", ("vae",), args.vae_url)):
+        if not is_local(url):
+            continue
+        elements = 0
+        for sub in folders:
+            for root, _, files in os.walk(os.path.join(args.model_dir, sub)):
+                for name in files:
+                    if name.endswith(".safetensors"):
+                        f = SafetensorsFile(os.path.join(root, name))
+                        elements += sum(int(np.prod(f.shape(k), dtype=np.int64)) for k in f.keys())
+        parts[part] = elements * dtype_bytes
+    return parts
+
+
+def fits_with_local(plan, card_gb: float, parts: dict, in_turn: bool) -> bool:
+    """Rank 0's card: the DiT's peak plus the local encoders/VAE held all along, or (in turn) the DiT's peak
+    alone and, apart from it, the DiT's resident weights plus the larger local model (its activations,
+    e.g. the VAE decode's, are not modelled)."""
+    from ..parallel.plan import GIB
+
+    if not in_turn:
+        return plan.fits(card_gb - sum(parts.values()) / GIB)
+    resident = plan.memory["weights"] + plan.memory["runtime reserve"] + max(parts.values(), default=0)
+    return plan.fits(card_gb) and resident / GIB <= card_gb
 
 
 def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float, device: str):
@@ -159,12 +175,19 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
     guidance = settings.cfg_scale > 1.0
     plans = [planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
              for layout in planner.layouts(world_size, shape.heads, shape.num_layers, guidance)]
-    shared = local_backend_bytes(args, hardware.dtype_bytes)
+    parts = local_backend_parts(args, hardware.dtype_bytes)
+    shared = sum(parts.values())
     host_gb = host_memory_gib()  # one host: every rank's offloaded stage adds up
-    best = planner.choose(plans, card_gb - shared / planner.GIB, host_gb)
+    in_turn = bool(getattr(args, "local_in_turn", False))
+    best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, in_turn)], None, host_gb)
+    if best is None and parts and not in_turn:  # one card holds everything in turn
+        best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, True)], None, host_gb)
+        in_turn = args.local_in_turn = best is not None
     what = f"{settings.num_frames} frames {settings.height}x{settings.width}"
     if shared:
-        what += f", rank 0 also holding the local encoders/VAE ({shared / planner.GIB:.3g} GiB)"
+        what += (f", rank 0 also holding the local encoders/VAE ({shared / planner.GIB:.3g} GiB)" if not in_turn else
+                 f", the local encoders and VAE loaded in turn (--local_in_turn, at most "
+                 f"{max(parts.values()) / planner.GIB:.3g} GiB beside the DiT's weights)")
     if best is None:
         least = min(plans, key=lambda q: q.peak_bytes)
         raise ValueError(
@@ -209,7 +232,14 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
     layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
                             mesh.sequential_cfg and guidance and mesh.cfg_degree == 1 and mesh.pp_degree == 1)
     predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
-    shared = local_backend_bytes(args, hardware.dtype_bytes) if args is not None else 0
+    parts = local_backend_parts(args, hardware.dtype_bytes) if args is not None else {}
+    in_turn = bool(getattr(args, "local_in_turn", False))
+    shared = 0 if in_turn else sum(parts.values())
+    if in_turn and predicted.fits(card_gb) and not fits_with_local(predicted, card_gb, parts, True):
+        raise ValueError(f"--local_in_turn: {layout.name()} keeps {predicted.memory['weights'] / planner.GIB:.1f} GiB "
+                         f"of DiT weights on the card, with the largest local model "
+                         f"({max(parts.values()) / planner.GIB:.1f} GiB) over --card_gb {card_gb:g}: use --offload "
+                         "or --shard_weights, or caption/VAE servers on other cards")
     card_gb = card_gb - shared / planner.GIB  # rank 0's card also holds the local encoders / VAE
     host_gb = host_memory_gib()
     if predicted.fits(card_gb) and not predicted.fits(None, host_gb):

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "HunyuanCLIP in this process (rank 0 under msrun)")
     g.add_argument("--vae_url", default="127.0.0.1",
                    help="VAE server, http://HOST:PORT (host alone: port 5001), or 'local': the VAE in this process")
+    g.add_argument("--local_in_turn", action="store_true",
+                   help="with local encoders/VAE: load each only while it runs and release it after (one card holds "
+                        "everything in turn; every video reads their weights again). Chosen by itself when the "
+                        "card is too small for them beside the DiT")
     g.add_argument("--auth_token", default=None, help="token of the servers (default: $STEPVIDEO_AUTH_TOKEN)")
     g.add_argument("--device", default=None, help="Ascend or CPU (default: Ascend when present)")
     g = p.add_argument_group("what to make")

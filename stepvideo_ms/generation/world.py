@@ -131,6 +131,7 @@ class GenerationWorld:
                   + (", blocks offloaded to host memory" if mesh.offload else "")
                   + (", sequential CFG" if mesh.sequential_cfg else "")
                   + (f", token-wise parts in chunks of {mesh.chunk_tokens}" if mesh.chunk_tokens else "")
+                  + (", local encoders/VAE in turn" if getattr(args, "local_in_turn", False) else "")
                   + f"; device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
         text = vae = None
         ok = True
@@ -140,7 +141,8 @@ class GenerationWorld:
                 if before_load is not None:
                     before_load()
                 text, vae = open_backends(args.model_dir, args.caption_url, args.vae_url, args.auth_token,
-                                          need_vae=need_vae, progress=progress)
+                                          need_vae=need_vae, progress=progress,
+                                          in_turn=getattr(args, "local_in_turn", False))
         except BaseException:
             ok = False
             all_ok(comm, False, rank)
