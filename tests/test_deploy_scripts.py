@@ -103,7 +103,8 @@ def test_one_card_without_layout_flags_lets_the_planner_choose(models):
                "--vae_url", "local", "--dry-run", "--", "--card_gb", "8", "--device", "CPU", "--num_frames", "17",
                "--height", "64", "--width", "96")
     assert r.returncode == 0, r.stderr
-    assert "[run_parallel] layout for 1 card(s) of 8 GiB (CPU backend, 17 frames 64x96): --ulysses_degree 1" in r.stdout
+    assert "[run_parallel] layout for 1 card(s) of 8 GiB (CPU backend, 17 frames 64x96, rank 0 also holding the " \
+           "local encoders/VAE" in r.stdout and "): --ulysses_degree 1 --pp_degree 1;" in r.stdout, r.stdout
     assert "--worker_num=1 --local_worker_num=1" in r.stdout and "ASCEND_RT_VISIBLE_DEVICES=0 " in r.stdout
     assert "--ulysses_degree" not in r.stdout.splitlines()[-1]  # each worker's run_parallel.py makes the same choice
     r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--cards", "0", "--caption_url", "local",
