@@ -74,7 +74,7 @@ def test_describe_plan_lists_fitting_layouts(capsys):
     assert describe.main(["--plan", "--cards", "4", "--card_gb", "40"]) == 0
     out = capsys.readouterr().out
     assert "75,888 tokens" in out and "ulysses 4 x pp 1 + shard" in out
-    listed = {line[:44].strip() for line in out.splitlines()}
+    listed = {line[:47].strip() for line in out.splitlines()}
     assert "ulysses 4 x pp 1" not in listed  # 72 GiB: does not fit
     assert "ulysses 2 x pp 2" not in listed  # 47 GiB
     assert "assumed:" in out and "910B" in out
