@@ -30,13 +30,14 @@ class Case:
     cfg: int = 1
     shard: bool = False
     offload: bool = False
+    seq: bool = False  # sequential CFG
 
     @property
     def name(self) -> str:
         f, h, w = self.grid
         split = f"_split{self.pp_split.replace(',', '-')}" if self.pp_split else ""
         extra = (f"_cfg{self.cfg}" if self.cfg > 1 else "") + ("_shard" if self.shard else "")
-        extra += "_offload" if self.offload else ""
+        extra += ("_offload" if self.offload else "") + ("_seqcfg" if self.seq else "")
         return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}{extra}"
 
     @property
@@ -52,7 +53,7 @@ def save_cases(cases: List[Case], path: str) -> None:
 def load_cases(path: str) -> List[Case]:
     with open(path, "r", encoding="utf-8") as fh:
         return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"],
-                     c.get("offload", False)) for c in json.load(fh)]
+                     c.get("offload", False), c.get("seq", False)) for c in json.load(fh)]
 
 
 def model_config(kind: str) -> dict:

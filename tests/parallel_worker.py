@@ -135,7 +135,7 @@ def main(argv: List[str]) -> int:
     print(f"rank {rank}: communicator checks took {time.perf_counter() - start:.1f} s", flush=True)
     for case in [c for c in load_cases(cases_json) if c.world == world]:
         mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split, cfg_degree=case.cfg,
-                           shard_weights=case.shard, offload=case.offload)
+                           shard_weights=case.shard, offload=case.offload, sequential_cfg=case.seq)
         model, shards = load_stage(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False)
         report["loading"][case.name] = stage_loading_failures(model, mesh, shards)
         inputs = case_inputs(case)

@@ -36,6 +36,8 @@ CASES = (
     + [Case("t2v", ODD, 2, 1, offload=True), Case("ti2v", ODD, 1, 1, cfg=2, offload=True),
        Case("ti2v", ODD, 1, 2, offload=True), Case("t2v", ODD, 2, 2, offload=True),
        Case("ti2v", ODD, 1, 2, cfg=2, offload=True)]
+    # sequential CFG with sharded weights (a planner choice for 32 GB cards): one gather per block and half
+    + [Case("t2v", ODD, 2, 1, shard=True, seq=True)]
 )
 
 
