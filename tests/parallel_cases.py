@@ -1,7 +1,7 @@
 """Tiny DiT cases shared by the parallel tests (pytest side) and their msrun worker.
 
 A case is a model kind (t2v / ti2v), a latent grid (frames, height, width) and a mesh layout
-(ulysses, pp, pp_split, cfg, shard_weights). Its inputs come from a fixed seed, so the worker and the test rebuild
+(ulysses, pp, pp_split, cfg, shard_weights, offload). Its inputs come from a fixed seed, so the worker and the test rebuild
 the same tensors independently; the test computes the single-process reference.
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ class Case:
     cfg: int = 1
     shard: bool = False
     weights: str = "full"  # "int8": the blocks' linear layers quantized while loading
+    offload: bool = False
+    seq: bool = False  # sequential CFG
 
     @property
     def name(self) -> str:
@@ -37,6 +39,7 @@ class Case:
         split = f"_split{self.pp_split.replace(',', '-')}" if self.pp_split else ""
         extra = (f"_cfg{self.cfg}" if self.cfg > 1 else "") + ("_shard" if self.shard else "")
         extra += "_int8" if self.weights == "int8" else ""
+        extra += ("_offload" if self.offload else "") + ("_seqcfg" if self.seq else "")
         return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}{extra}"
 
     @property
@@ -52,7 +55,7 @@ def save_cases(cases: List[Case], path: str) -> None:
 def load_cases(path: str) -> List[Case]:
     with open(path, "r", encoding="utf-8") as fh:
         return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"],
-                     c.get("weights", "full")) for c in json.load(fh)]
+                     c.get("weights", "full"), c.get("offload", False), c.get("seq", False)) for c in json.load(fh)]
 
 
 def model_config(kind: str) -> dict:

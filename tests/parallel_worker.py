@@ -8,7 +8,8 @@ The device is $STEPVIDEO_DEVICE (CPU when unset; `ascend-sim` runs the native co
 simulated HCCL, and then also the simulation's own checks, tests/ascend_sim_hccl_checks.py, last).
 1. checks the communicator's operations against numpy on every layout of this world size;
 2. for every case of this world size: loads only this rank's stage of MODELS_DIR/<kind> (with
-   sharded weights: only its slices of the stage's blocks), checks that nothing else was loaded
+   sharded weights: only its slices of the stage's blocks; offloaded: the stage's blocks in host memory),
+   checks that nothing else was loaded
    (counting the block elements held), runs `parallel_denoise` and saves the final latents to
    OUT_DIR/<case>.rank<R>.npy.
 """
@@ -86,7 +87,7 @@ def stage_loading_failures(model, mesh, shards) -> List[str]:
         if name.startswith("transformer_blocks."):
             layer = int(name.split(".")[1])
             per_block[layer] = per_block.get(layer, 0) + int(np.prod(param.shape))
-            should = layer in mine and not mesh.shard_weights
+            should = layer in mine and not mesh.shard_weights and not mesh.offload
             if should == param.has_init:  # has_init: never given data
                 failures.append(f"{name}: stage {mesh.stage} holds layers {sorted(mine)} "
                                 f"(sharded {mesh.shard_weights}) but loaded={not param.has_init}")
@@ -104,8 +105,10 @@ def stage_loading_failures(model, mesh, shards) -> List[str]:
     held = held_block_elements(model, shards)
     if held != want:
         failures.append(f"holds {held} block elements, expected {want} ({len(mine)} blocks, 1/{parts} of each)")
-    if shards is not None and sorted(shards.flats) != sorted(mine):
+    if mesh.shard_weights and sorted(shards.flats) != sorted(mine):
         failures.append(f"shards of layers {sorted(shards.flats)}, stage layers {sorted(mine)}")
+    if mesh.offload and shards.layers != sorted(mine):
+        failures.append(f"host blocks of layers {shards.layers}, stage layers {sorted(mine)}")
     return failures
 
 
@@ -138,7 +141,7 @@ def main(argv: List[str]) -> int:
     print(f"rank {rank}: communicator checks took {time.perf_counter() - start:.1f} s", flush=True)
     for case in [c for c in load_cases(cases_json) if c.world == world]:
         mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split, cfg_degree=case.cfg,
-                           shard_weights=case.shard)
+                           shard_weights=case.shard, offload=case.offload, sequential_cfg=case.seq)
         model, shards = load_stage(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False,
                                    weights=case.weights)
         report["loading"][case.name] = stage_loading_failures(model, mesh, shards)

@@ -33,7 +33,10 @@ CASES = ([Case(kind, ODD, u, pp) for u, pp in [(2, 1), (1, 2), (2, 2), (4, 1), (
          # CFG replicas that also shard their weights: both in the world-4 launch
          + [Case("ti2v", ODD, 2, 2, shard=True), Case("t2v", ODD, 2, 1, cfg=2, shard=True)]
          # int8 weights (WeightQuantBatchMatmul's emulator) sharded into int8 + bf16 groups over HCCL
-         + [Case("t2v", ODD, 2, 2, shard=True, weights="int8")])
+         + [Case("t2v", ODD, 2, 2, shard=True, weights="int8")]
+         # block offload with the emulated side stream, events and pinned host memory (issue 16): 4 layers
+         # streamed through 2 working blocks (cfg 2 x ulysses 2), and a pipeline whose 2-layer stages stay resident
+         + [Case("t2v", ODD, 2, 1, cfg=2, offload=True), Case("ti2v", ODD, 2, 2, offload=True)])
 
 
 @pytest.fixture(scope="module")

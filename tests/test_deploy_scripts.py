@@ -98,6 +98,20 @@ def test_two_host_dry_run_maps_onto_msrun_options(models):
     assert TOKEN not in out and "auth_token" not in out
 
 
+def test_one_card_without_layout_flags_lets_the_planner_choose(models):
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--cards", "0", "--caption_url", "local",
+               "--vae_url", "local", "--dry-run", "--", "--card_gb", "8", "--device", "CPU", "--num_frames", "17",
+               "--height", "64", "--width", "96")
+    assert r.returncode == 0, r.stderr
+    assert "[run_parallel] layout for 1 card(s) of 8 GiB (CPU backend, 17 frames 64x96, rank 0 also holding the " \
+           "local encoders/VAE" in r.stdout and "): --ulysses_degree 1 --pp_degree 1;" in r.stdout, r.stdout
+    assert "--worker_num=1 --local_worker_num=1" in r.stdout and "ASCEND_RT_VISIBLE_DEVICES=0 " in r.stdout
+    assert "--ulysses_degree" not in r.stdout.splitlines()[-1]  # each worker's run_parallel.py makes the same choice
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--cards", "0", "--caption_url", "local",
+               "--vae_url", "local", "--dry-run", "--", "--card_gb", "0.000001", "--device", "CPU")
+    assert r.returncode == 2 and "no layout of 1 card(s) of 1e-06 GiB is predicted to fit" in r.stderr, r.stderr
+
+
 def test_bad_save_path_fails_fast_and_writes_nothing(models, tmp_path):
     (tmp_path / "a_file").write_text("x")
     before = sorted(os.listdir(tmp_path))

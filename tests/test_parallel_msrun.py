@@ -35,6 +35,13 @@ CASES = (
     # (int8 + float groups) weights, pp 2; world 4 = ulysses 2 x pp 2 sharded, cfg 2 x ulysses 2
     + [Case("t2v", ODD, 2, 1, shard=True, weights="int8"), Case("ti2v", ODD, 1, 2, weights="int8"),
        Case("ti2v", ODD, 2, 2, shard=True, weights="int8"), Case("t2v", ODD, 2, 1, cfg=2, weights="int8")]
+    # block offload (issue 16) in the same launches: ulysses 2 (T2V), cfg 2 (TI2V); pp 2 (TI2V, 2 layers per
+    # stage, streamed per micro-batch); ulysses 2 x pp 2 (T2V) and cfg 2 x pp 2 (TI2V)
+    + [Case("t2v", ODD, 2, 1, offload=True), Case("ti2v", ODD, 1, 1, cfg=2, offload=True),
+       Case("ti2v", ODD, 1, 2, offload=True), Case("t2v", ODD, 2, 2, offload=True),
+       Case("ti2v", ODD, 1, 2, cfg=2, offload=True)]
+    # sequential CFG with sharded weights (a planner choice for 32 GB cards): one gather per block and half
+    + [Case("t2v", ODD, 2, 1, shard=True, seq=True)]
 )
 
 

@@ -74,8 +74,9 @@ def test_describe_plan_lists_fitting_layouts(capsys):
     assert describe.main(["--plan", "--cards", "4", "--card_gb", "40"]) == 0
     out = capsys.readouterr().out
     assert "75,888 tokens" in out and "ulysses 4 x pp 1 + shard" in out
-    assert "ulysses 4 x pp 1 " not in out.replace("ulysses 4 x pp 1 + shard", "")  # 72 GiB: does not fit
-    assert "ulysses 2 x pp 2 " not in out.replace("ulysses 2 x pp 2 + shard", "")  # 47 GiB
+    listed = {line[:47].strip() for line in out.splitlines()}
+    assert "ulysses 4 x pp 1" not in listed  # 72 GiB: does not fit
+    assert "ulysses 2 x pp 2" not in listed  # 47 GiB
     assert "assumed:" in out and "910B" in out
     with pytest.raises(SystemExit):
         describe.main(["--plan"])
@@ -111,18 +112,18 @@ def test_int8_weights_by_hand_and_on_four_32_gib_cards():
     assert RELEASED.block_scales == 13 * d  # one per output channel of those weights
     block_bytes = 16 * d * d + (RELEASED.block_params - 16 * d * d + 13 * d) * 2
     assert RELEASED.block_bytes("int8", 2) == block_bytes
-    full = planner.plan(RELEASED, planner.Layout(1, 4, 1, False, "int8"), GRID_204F)
+    full = planner.plan(RELEASED, planner.Layout(1, 4, 1, False, weights="int8"), GRID_204F)
     assert full.memory["weights"] == 48 * block_bytes + RELEASED.other_params * 2
     assert 27.5 < full.memory["weights"] / 2 ** 30 < 28.0  # from 54.7 GiB in bf16
     assert full.memory["dequantized weight"] == 0  # the W8A16 kernel takes the int8 weight
-    shard = planner.plan(RELEASED, planner.Layout(1, 4, 1, True, "int8"), GRID_204F)
+    shard = planner.plan(RELEASED, planner.Layout(1, 4, 1, True, weights="int8"), GRID_204F)
     bf16 = planner.plan(RELEASED, planner.Layout(1, 4, 1, True), GRID_204F)
     assert shard.sent_bytes["weight gathers"] == 48 * 3 * -(-block_bytes // 4)
     assert 0.49 < shard.sent_bytes["weight gathers"] / bf16.sent_bytes["weight gathers"] < 0.52
     fits = [p.layout for p in (planner.plan(RELEASED, lay, GRID_204F)
                                for lay in planner.layouts(4, 48, 48, weights="int8")) if p.fits(32)]
     assert fits and all(lay.shard and lay.weights == "int8" for lay in fits)
-    assert not [lay for lay in planner.layouts(4, 48, 48) if planner.plan(RELEASED, lay, GRID_204F).fits(32)]
-    cpu = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, "int8"), GRID_204F, hardware=planner.CPU)
+    assert not [lay for lay in planner.layouts(4, 48, 48, offload=False) if planner.plan(RELEASED, lay, GRID_204F).fits(32)]
+    cpu = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, weights="int8"), GRID_204F, hardware=planner.CPU)
     assert cpu.memory["dequantized weight"] == 4 * d * d * 4  # one float32 copy of the largest weight
     assert "--weights int8" in full.layout.arguments()

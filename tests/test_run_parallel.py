@@ -69,6 +69,7 @@ def test_single_process_writes_video_json_and_latents(served, single):
     record = json.loads(mp4[0].with_suffix(".json").read_text())
     assert record["settings"]["seed"] == 11 and record["settings"]["task"] == served[0]
     assert set(record["timings"]) >= {"load_s", "encode_s", "denoise_s", "decode_s"}
+    assert record["memory"]["anonymous_gib"] > 0 and "file_backed_gib" in record["memory"]  # CPU: no device statistics
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)

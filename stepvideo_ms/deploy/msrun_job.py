@@ -64,12 +64,15 @@ def build_parser(task: str) -> argparse.ArgumentParser:
                    help="int8: the DiT's block weights in int8 with per-channel scales (half the memory); "
                         "default: what the transformer folder holds")
     g = p.add_argument_group("layout")
-    g.add_argument("--cfg", type=int, default=1,
+    g.add_argument("--cfg", type=int, default=None,
                    help="CFG-parallel degree: 2 runs [cond, uncond] on two rank groups (default 1)")
-    g.add_argument("--ulysses", type=int, default=2, help="sequence-parallel degree (default 2)")
-    g.add_argument("--pp", type=int, default=2, help="pipeline stages (default 2)")
+    g.add_argument("--ulysses", type=int, default=None, help="sequence-parallel degree (default 2)")
+    g.add_argument("--pp", type=int, default=None, help="pipeline stages (default 2)")
     g.add_argument("--cards", default=None,
-                   help="this host's cards, e.g. 0,1,2,3 (ASCEND_RT_VISIBLE_DEVICES; default: the first ones)")
+                   help="this host's cards, e.g. 0,1,2,3 (ASCEND_RT_VISIBLE_DEVICES; default: the first ones). "
+                        "With --cards and none of --cfg/--ulysses/--pp, the world is one worker per card and "
+                        "run_parallel.py's planner picks the fastest layout predicted to fit the card size "
+                        "(the Ascend card's, or --card_gb after --); --cards 0 runs on one card")
     g.add_argument("--nnodes", type=int, default=1, help="hosts of the job (default 1)")
     g.add_argument("--node_rank", type=int, default=0, help="this host's index, 0 .. nnodes-1")
     g.add_argument("--master_addr", default="127.0.0.1", help="address of host 0 (msrun's scheduler)")
@@ -108,7 +111,15 @@ def take_token(extra: List[str]):
 
 
 def layout(args):
-    """-> (world, local workers, card list or None), or LaunchError naming the argument."""
+    """-> (world, local workers, card list or None), or LaunchError naming the argument. Sets
+    args.auto_layout when the world comes from --cards alone (the planner picks the layout)."""
+    args.auto_layout = bool(args.cards) and args.cfg is None and args.ulysses is None and args.pp is None
+    if args.auto_layout:
+        count = len([c for c in args.cards.split(",") if c.strip()])
+        args.cfg, args.ulysses, args.pp = 1, count * args.nnodes, 1  # the world size; the degrees are chosen later
+    for name, default in (("cfg", 1), ("ulysses", 2), ("pp", 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for name in ("cfg", "ulysses", "pp", "nnodes"):
         if getattr(args, name) < 1:
             raise LaunchError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -139,10 +150,10 @@ def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
     preset = {k: v for k, v in PRESETS[args.preset].items() if f"--{k}" not in given}  # `-- --infer_steps 30` wins
     if task == "ti2v" and args.motion_score is not None:
         preset["motion_score"] = args.motion_score
+    degrees = [] if getattr(args, "auto_layout", False) else [
+        "--cfg_degree", str(args.cfg), "--ulysses_degree", str(args.ulysses), "--pp_degree", str(args.pp)]
     out = ["--model_dir", os.path.abspath(args.model_dir), "--caption_url", args.caption_url,
-           "--vae_url", args.vae_url, "--cfg_degree", str(args.cfg), "--ulysses_degree", str(args.ulysses),
-           "--pp_degree", str(args.pp),
-           "--prompt", args.prompt or DEFAULT_PROMPTS[task]]
+           "--vae_url", args.vae_url, *degrees, "--prompt", args.prompt or DEFAULT_PROMPTS[task]]
     if task == "ti2v":
         out += ["--first_image_path", os.path.abspath(args.first_image_path)]
     for key, value in preset.items():
@@ -167,8 +178,12 @@ def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = Tr
     checks.validate(rp, world)
     if node_rank != 0 or not servers:  # only rank 0 (on host 0) talks to the servers
         return
-    needed = [("caption", RemoteClient.for_caption(rp.caption_url, token=rp.auth_token, retries=0))]
-    if rp.first_image_path or not rp.no_video:
+    from ..diffusion.backends import is_local
+
+    needed = []  # `local`: loaded by rank 0 itself, nothing to reach
+    if not is_local(rp.caption_url):
+        needed.append(("caption", RemoteClient.for_caption(rp.caption_url, token=rp.auth_token, retries=0)))
+    if (rp.first_image_path or not rp.no_video) and not is_local(rp.vae_url):
         needed.append(("VAE", RemoteClient.for_vae(rp.vae_url, token=rp.auth_token, retries=0)))
     for name, client in needed:
         with client:

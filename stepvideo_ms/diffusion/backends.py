@@ -12,38 +12,76 @@ LOCAL = "local"  # --caption_url local / --vae_url local: load the model into th
 
 
 class InProcessBackends:
-    def __init__(self, caption_encoder=None, vae=None, progress: bool = True):
+    """`loaders` ("in turn", one card holding everything in turn): {"caption_encoder"/"vae": a function
+    loading it}; such a model is loaded for each call and released after it, so that it never sits on
+    the card beside the DiT's working set (each video reads its weights again)."""
+
+    def __init__(self, caption_encoder=None, vae=None, progress: bool = True, loaders: Optional[dict] = None):
         self.caption_encoder = caption_encoder
         self.vae = vae
         self.progress = progress
+        self.loaders = dict(loaders or {})
+        self.loads = 0  # models loaded in turn (tests)
 
     @classmethod
     def from_model_dir(cls, model_dir: str, llm_dir: str = "step_llm", clip_dir: str = "hunyuan_clip",
                        vae_dir: str = "vae", progress: bool = True, caption: bool = True,
-                       vae: bool = True) -> "InProcessBackends":
-        """Load the caption encoders and/or the VAE (`caption`, `vae` pick) of a released model directory."""
+                       vae: bool = True, in_turn: bool = False) -> "InProcessBackends":
+        """Load the caption encoders and/or the VAE (`caption`, `vae` pick) of a released model directory
+        (with `in_turn`, only when each is used, and released after)."""
         from ..models.caption import CaptionEncoder
         from ..models.vae import AutoencoderKL
 
-        encoder = (CaptionEncoder.from_model_dir(model_dir, llm_dir=llm_dir, clip_dir=clip_dir, progress=progress)
-                   if caption else None)
-        model = AutoencoderKL.from_pretrained(os.path.join(model_dir, vae_dir), progress=progress) if vae else None
-        return cls(encoder, model, progress)
+        loaders = {}
+        if caption:
+            loaders["caption_encoder"] = lambda: CaptionEncoder.from_model_dir(
+                model_dir, llm_dir=llm_dir, clip_dir=clip_dir, progress=progress)
+        if vae:
+            loaders["vae"] = lambda: AutoencoderKL.from_pretrained(os.path.join(model_dir, vae_dir), progress=progress)
+        if in_turn:
+            return cls(None, None, progress, loaders)
+        return cls(*(loaders[k]() if k in loaders else None for k in ("caption_encoder", "vae")), progress)
+
+    def _run(self, name: str, what: str, call):
+        model = getattr(self, name)
+        if model is not None:
+            return call(model)
+        if name not in self.loaders:
+            raise RuntimeError(f"no {what} loaded in this process")
+        model = self.loaders[name]()
+        self.loads += 1
+        try:
+            return call(model)
+        finally:
+            del model
+            _release()
 
     def caption(self, prompts: Sequence[str]) -> Dict[str, np.ndarray]:
-        if self.caption_encoder is None:
-            raise RuntimeError("no caption encoder loaded in this process")
-        return self.caption_encoder.encode(list(prompts))
+        return self._run("caption_encoder", "caption encoder", lambda enc: enc.encode(list(prompts)))
 
     def vae_decode(self, latents: np.ndarray) -> np.ndarray:
-        if self.vae is None:
-            raise RuntimeError("no VAE loaded in this process")
-        return self.vae.decode_numpy(latents, progress=self.progress)
+        return self._run("vae", "VAE", lambda vae: vae.decode_numpy(latents, progress=self.progress))
 
     def vae_encode(self, frames: np.ndarray, seed: int = 0, sample: bool = True) -> np.ndarray:
+        if self.vae is None and "vae" in self.loaders:
+            return self._run("vae", "VAE", lambda vae: vae.encode_numpy(frames, seed=seed, sample=sample,
+                                                                        progress=self.progress))
         if self.vae is None:
             raise RuntimeError("no VAE loaded in this process")
         return self.vae.encode_numpy(frames, seed=seed, sample=sample, progress=self.progress)
+
+
+def _release() -> None:
+    """A model used in turn is garbage now; on Ascend its memory goes back to the device."""
+    import gc
+
+    gc.collect()
+    from ..runtime import is_ascend, is_simulated
+
+    if is_ascend() and not is_simulated():  # pragma: no cover - needs an NPU
+        import mindspore as ms
+
+        ms.runtime.empty_cache()
 
 
 def is_local(url: Optional[str]) -> bool:
@@ -61,7 +99,7 @@ def check_local_dirs(model_dir: str, caption_url: Optional[str], vae_url: Option
 
 
 def open_backends(model_dir: str, caption_url: Optional[str], vae_url: Optional[str], token: Optional[str] = None,
-                  need_vae: bool = True, progress: bool = True) -> Tuple[object, Optional[object]]:
+                  need_vae: bool = True, progress: bool = True, in_turn: bool = False) -> Tuple[object, Optional[object]]:
     """(text encoder, VAE): HTTP clients for server URLs (checked with /health), in-process models for
     None or LOCAL. `need_vae=False` skips the VAE (no decode and no image to encode)."""
     from ..serving.client import RemoteClient
@@ -75,7 +113,7 @@ def open_backends(model_dir: str, caption_url: Optional[str], vae_url: Optional[
         vae.health()
     if text is None or (need_vae and vae is None):
         local = InProcessBackends.from_model_dir(model_dir, progress=progress, caption=text is None,
-                                                 vae=need_vae and vae is None)
+                                                 vae=need_vae and vae is None, in_turn=in_turn)
         text = text or local
         vae = vae or (local if need_vae else None)
     return text, vae

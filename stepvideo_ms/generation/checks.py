@@ -9,6 +9,8 @@ import os
 import warnings
 from typing import Optional
 
+import numpy as np
+
 from ..diffusion.settings import GenerationSettings
 
 
@@ -38,7 +40,12 @@ def validate_model(args, world_size: int):
     config = checkpoint.read_config(transformer)
     checkpoint.checkpoint_files(transformer)  # the shards are all there
     task = "ti2v" if config.get("use_additional_conditions") else "t2v"
-    weights_of(args, config, transformer)  # --weights against what the folder holds
+    weights = weights_of(args, config, transformer)  # --weights against what the folder holds
+    if weights == "int8" and getattr(args, "offload", False):
+        raise ValueError("--offload streams full-precision blocks: it does not take --weights int8 yet (an int8 "
+                         "folder holds int8 weights): use --weights int8 with --shard_weights, or --offload with "
+                         "the released weights and --weights full")
+    resolve_layout(args, world_size, task, config, weights)
     mesh = mesh_from(args, world_size, 0)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
     check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
@@ -66,7 +73,8 @@ def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
         from ..runtime import pick_device
 
         config = read_config(transformer)
-        check_fits(args.card_gb, mesh, config, settings, pick_device(args.device), weights_of(args, config, transformer))
+        check_fits(args.card_gb, mesh, config, settings, pick_device(args.device), args,
+                   weights_of(args, config, transformer))
 
 
 def validate(args, world_size: int):
@@ -85,14 +93,147 @@ def validate(args, world_size: int):
     return settings, transformer
 
 
+LAYOUT_FLAGS = ("cfg_degree", "ulysses_degree", "pp_degree")
+LAYOUT_SWITCHES = ("shard_weights", "offload", "sequential_cfg")
+
+
+def layout_given(args) -> bool:
+    return (any(getattr(args, f, None) is not None for f in LAYOUT_FLAGS)
+            or any(getattr(args, f, False) for f in LAYOUT_SWITCHES) or bool(getattr(args, "pp_split", None)))
+
+
+def resolve_layout(args, world_size: int, task: str, config: dict, weights: str = "full") -> None:
+    """Fill in the layout arguments. Given ones win (unset degrees are 1). With none given and a known
+    card size (--card_gb, or the Ascend card's own), the planner picks the fastest layout of the world
+    predicted to fit the command line's video (offload, sequential CFG and sharding included) and rank 0
+    prints it with its predicted peak and step time; none fitting is refused, naming what would."""
+    if getattr(args, "_layout_resolved", False):
+        return
+    chosen = None
+    if not layout_given(args):
+        from ..runtime import pick_device
+
+        device = pick_device(args.device)
+        card_gb = args.card_gb if args.card_gb is not None else device_memory_gib(device)
+        if card_gb is not None:
+            chosen = choose_layout(args, world_size, task, config, card_gb, device, weights)
+    for flag in LAYOUT_FLAGS:
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, 1)
+    if chosen is not None:
+        args.cfg_degree, args.ulysses_degree, args.pp_degree = chosen.layout.cfg, chosen.layout.ulysses, chosen.layout.pp
+        args.shard_weights, args.offload, args.sequential_cfg = chosen.layout.shard, chosen.layout.offload, chosen.layout.seq_cfg
+    args._layout_resolved = True
+
+
+HOST_SHARE = 0.8  # of this host's physical memory, at most, for the offloaded blocks of its ranks
+
+
+def host_memory_gib() -> Optional[float]:
+    """HOST_SHARE of this machine's physical memory, in GiB (what --offload may pin), when known."""
+    try:
+        return HOST_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def local_backend_parts(args, dtype_bytes: int) -> dict:
+    """Weights of the in-process text encoders (--caption_url local) and VAE (--vae_url local) that rank 0's
+    card holds beside its DiT stage: {"encoders": bytes, "vae": bytes}, from their parameter counts
+    (safetensors headers) x the compute dtype's bytes."""
+    from ..diffusion.backends import is_local
+    from ..formats.safetensors_io import SafetensorsFile
+
+    parts = {}
+    for part, folders, url in (("encoders", ("step_llm", "hunyuan_clip"), args.caption_url),
+                               ("vae", ("vae",), args.vae_url)):
+        if not is_local(url):
+            continue
+        elements = 0
+        for sub in folders:
+            for root, _, files in os.walk(os.path.join(args.model_dir, sub)):
+                for name in files:
+                    if name.endswith(".safetensors"):
+                        f = SafetensorsFile(os.path.join(root, name))
+                        elements += sum(int(np.prod(f.shape(k), dtype=np.int64)) for k in f.keys())
+        parts[part] = elements * dtype_bytes
+    return parts
+
+
+def fits_with_local(plan, card_gb: float, parts: dict, in_turn: bool) -> bool:
+    """Rank 0's card: the DiT's peak plus the local encoders/VAE held all along, or (in turn) the DiT's peak
+    alone and, apart from it, the DiT's resident weights plus the larger local model (its activations,
+    e.g. the VAE decode's, are not modelled)."""
+    from ..parallel.plan import GIB
+
+    if not in_turn:
+        return plan.fits(card_gb - sum(parts.values()) / GIB)
+    resident = plan.memory["weights"] + plan.memory["runtime reserve"] + max(parts.values(), default=0)
+    return plan.fits(card_gb) and resident / GIB <= card_gb
+
+
+def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float, device: str,
+                  weights: str = "full"):
+    """The planner's fastest layout of `world_size` cards predicted to fit `card_gb` GiB (printed by rank 0)."""
+    from ..parallel import plan as planner
+
+    if card_gb <= 0:
+        raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
+    settings = GenerationSettings("layout", task, num_frames=args.num_frames, height=args.height, width=args.width,
+                                  cfg_scale=args.cfg_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        settings = settings.resolved()
+    hardware = planner.CPU if device == "CPU" else planner.Hardware()
+    shape = planner.ModelShape.from_config(config)
+    grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
+    guidance = settings.cfg_scale > 1.0
+    plans = [planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
+             for layout in planner.layouts(world_size, shape.heads, shape.num_layers, guidance, weights=weights)]
+    parts = local_backend_parts(args, hardware.dtype_bytes)
+    shared = sum(parts.values())
+    host_gb = host_memory_gib()  # one host: every rank's offloaded stage adds up
+    in_turn = bool(getattr(args, "local_in_turn", False))
+    best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, in_turn)], None, host_gb)
+    if best is None and parts and not in_turn:  # one card holds everything in turn
+        best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, True)], None, host_gb)
+        in_turn = args.local_in_turn = best is not None
+    what = f"{settings.num_frames} frames {settings.height}x{settings.width}"
+    if shared:
+        what += (f", rank 0 also holding the local encoders/VAE ({shared / planner.GIB:.3g} GiB)" if not in_turn else
+                 f", the local encoders and VAE loaded in turn (--local_in_turn, at most "
+                 f"{max(parts.values()) / planner.GIB:.3g} GiB beside the DiT's weights)")
+    if best is None:
+        least = min(plans, key=lambda q: q.peak_bytes)
+        raise ValueError(
+            f"no layout of {world_size} card(s) of {card_gb:g} GiB is predicted to fit {what}: the smallest, "
+            f"{least.layout.arguments()}, needs {least.peak_gib + shared / planner.GIB:.1f} GiB on rank 0's card; use "
+            f"more cards (msrun workers), {'caption/VAE servers on other cards, ' if shared else ''}"
+            f"fewer --num_frames or a smaller --height/--width (python -m stepvideo_ms describe --plan --cards "
+            f"{world_size} --card_gb {card_gb:g} --frames {settings.num_frames} --height {settings.height} "
+            f"--width {settings.width} --all shows every layout)")
+    if os.environ.get("RANK_ID", os.environ.get("MS_NODE_ID", "0")) == "0":
+        offload = f", offload x{best.offload_ratio:.3f} of compute" if best.layout.offload else ""
+        host = f", host memory {best.host_gib:.1f} GiB" if best.layout.offload else ""
+        print(f"[run_parallel] layout for {world_size} card(s) of {card_gb:g} GiB ({hardware.name}, {what}): "
+              f"{best.layout.arguments()}; predicted peak {best.peak_gib:.3g} GiB per card{host}, step "
+              f"{best.step_s:.3g} s{offload} (predictions; explicit layout flags override)", flush=True)
+    return best
+
+
 def mesh_from(args, world_size: int, rank: int):
     from ..parallel import Mesh
 
-    return Mesh.create(world_size, rank, args.ulysses_degree, args.pp_degree, args.ring_degree, args.pp_split,
-                       args.cfg_degree, args.shard_weights)
+    def degree(name):
+        value = getattr(args, name, None)
+        return 1 if value is None else value
+
+    return Mesh.create(world_size, rank, degree("ulysses_degree"), degree("pp_degree"), args.ring_degree,
+                       args.pp_split, degree("cfg_degree"), args.shard_weights, getattr(args, "offload", False),
+                       getattr(args, "sequential_cfg", False), getattr(args, "chunk_tokens", 0))
 
 
-def check_fits(card_gb: float, mesh, config: dict, settings, device: str, weights: str = "full") -> None:
+def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=None, weights: str = "full") -> None:
     """Refuse (before any weight is read) a layout the planner predicts not to fit `card_gb` GiB per card
     (the CPU backend's profile on CPU: float32, memory per rank; the 910B profile otherwise)."""
     from ..parallel import plan as planner
@@ -101,21 +242,40 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, weight
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
     hardware = planner.CPU if device == "CPU" else planner.Hardware()
     shape = planner.ModelShape.from_config(config)
-    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, weights)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
     guidance = settings.cfg_scale > 1.0
+    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
+                            mesh.sequential_cfg and guidance and mesh.cfg_degree == 1 and mesh.pp_degree == 1,
+                            weights=weights)
     predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
+    parts = local_backend_parts(args, hardware.dtype_bytes) if args is not None else {}
+    in_turn = bool(getattr(args, "local_in_turn", False))
+    shared = 0 if in_turn else sum(parts.values())
+    if in_turn and predicted.fits(card_gb) and not fits_with_local(predicted, card_gb, parts, True):
+        raise ValueError(f"--local_in_turn: {layout.name()} keeps {predicted.memory['weights'] / planner.GIB:.1f} GiB "
+                         f"of DiT weights on the card, with the largest local model "
+                         f"({max(parts.values()) / planner.GIB:.1f} GiB) over --card_gb {card_gb:g}: use --offload "
+                         "or --shard_weights, or caption/VAE servers on other cards")
+    card_gb = card_gb - shared / planner.GIB  # rank 0's card also holds the local encoders / VAE
+    host_gb = host_memory_gib()
+    if predicted.fits(card_gb) and not predicted.fits(None, host_gb):
+        raise ValueError(f"--offload: {layout.name()} pins {predicted.host_gib:.1f} GiB of host memory for its "
+                         f"{mesh.world_size} rank(s) (each its own stage), over {host_gb:.1f} GiB "
+                         f"({HOST_SHARE:.0%} of this host's memory): use more pipeline stages (--pp_degree) so "
+                         "that each rank holds fewer blocks, or --shard_weights")
     if predicted.fits(card_gb):
         return
     others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)
               for other in planner.layouts(mesh.world_size, shape.heads, shape.num_layers, settings.cfg_scale > 1.0,
-                                           weights)]
+                                           weights=weights)]
     fitting = sorted((q for q in others if q.fits(card_gb)), key=lambda q: q.step_s)
     hint = (f"layouts of {mesh.world_size} cards predicted to fit: "
             + "; ".join(f"{q.layout.arguments()} ({q.peak_gib:.1f} GiB)" for q in fitting[:3])) if fitting else \
         f"no layout of {mesh.world_size} cards fits: use more cards or fewer frames / a smaller size"
-    raise ValueError(f"--card_gb {card_gb:g}: {layout.name()} is predicted to need {predicted.peak_gib:.1f} GiB per "
-                     f"card for {settings.num_frames} frames {settings.height}x{settings.width} "
+    local = f" beside {shared / planner.GIB:.3g} GiB of local encoders/VAE" if shared else ""
+    raise ValueError(f"--card_gb {card_gb + shared / planner.GIB:g}: {layout.name()} is predicted to need "
+                     f"{predicted.peak_gib:.1f} GiB per card{local} for {settings.num_frames} frames "
+                     f"{settings.height}x{settings.width} "
                      f"(python -m stepvideo_ms describe --plan shows the parts); {hint}")
 
 

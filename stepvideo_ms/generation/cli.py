@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "HunyuanCLIP in this process (rank 0 under msrun)")
     g.add_argument("--vae_url", default="127.0.0.1",
                    help="VAE server, http://HOST:PORT (host alone: port 5001), or 'local': the VAE in this process")
+    g.add_argument("--local_in_turn", action="store_true",
+                   help="with local encoders/VAE: load each only while it runs and release it after (one card holds "
+                        "everything in turn; every video reads their weights again). Chosen by itself when the "
+                        "card is too small for them beside the DiT")
     g.add_argument("--auth_token", default=None, help="token of the servers (default: $STEPVIDEO_AUTH_TOKEN)")
     g.add_argument("--device", default=None, help="Ascend or CPU (default: Ascend when present)")
     g = p.add_argument_group("what to make")
@@ -81,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace an existing NAME.mp4/NAME.json (default: write NAME-1, NAME-2, ...)")
     g = p.add_argument_group("parallelism (world size = cfg_degree x ulysses_degree x pp_degree msrun workers)")
-    g.add_argument("--cfg_degree", type=int, default=1, help="2: the [cond, uncond] halves on two rank groups (1)")
-    g.add_argument("--ulysses_degree", type=int, default=1, help="sequence-parallel ranks per pipeline stage")
-    g.add_argument("--pp_degree", type=int, default=1, help="pipeline stages")
+    g.add_argument("--cfg_degree", type=int, default=None, help="2: the [cond, uncond] halves on two rank groups (1)")
+    g.add_argument("--ulysses_degree", type=int, default=None, help="sequence-parallel ranks per pipeline stage (1)")
+    g.add_argument("--pp_degree", type=int, default=None,
+                   help="pipeline stages (1). With no layout flag at all and a known card size (--card_gb, or the "
+                        "Ascend card's), the planner picks the fastest layout predicted to fit and prints it")
     g.add_argument("--pp_split", default=None, help="stage boundaries as layer indices, e.g. 24 or 12,24,36 (balanced)")
     g.add_argument("--ring_degree", type=int, default=1, help="must be 1: ring attention is not supported")
     g.add_argument("--shard_weights", action="store_true",
@@ -92,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: the DiT blocks' linear layers hold int8 weights with one scale per output channel "
                         "(half the memory and gather traffic of bf16), quantized while loading released weights or "
                         "read from a convert.py --quantize int8 folder (default: what the transformer folder holds)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the stage's block weights in host memory and copy each in just before it runs (the "
+                        "next one's copy issued ahead on a side stream); the card holds the rest and two blocks")
+    g.add_argument("--sequential_cfg", action="store_true",
+                   help="run the [cond, uncond] halves one after the other (half the activations, same result)")
+    g.add_argument("--chunk_tokens", type=int, default=0,
+                   help="run the blocks' token-wise parts (norms, cross-attention, feed-forward, output projection) "
+                        "on this many tokens at a time: same result, smaller activation peak (0: off)")
     g.add_argument("--card_gb", type=finite_float, default=None,
                    help="memory per card (GiB): refuse a layout predicted not to fit (default: the device's, when known)")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")

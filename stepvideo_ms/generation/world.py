@@ -130,7 +130,7 @@ class GenerationWorld:
             config = read_config(transformer)
             for settings in fit:
                 check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), config, settings, rt.device,
-                           weights_of(args, config, transformer))
+                           args, weights_of(args, config, transformer))
         world_size, rank = init_world()
         mesh = mesh_from(args, world_size, rank)
         comm = make_communicator(mesh)
@@ -143,6 +143,10 @@ class GenerationWorld:
                   + f"ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}"
                   + (", sharded weights" if mesh.shard_weights else "")
                   + (f", {args.weights} weights" if getattr(args, "weights", None) else "")
+                  + (", blocks offloaded to host memory" if mesh.offload else "")
+                  + (", sequential CFG" if mesh.sequential_cfg else "")
+                  + (f", token-wise parts in chunks of {mesh.chunk_tokens}" if mesh.chunk_tokens else "")
+                  + (", local encoders/VAE in turn" if getattr(args, "local_in_turn", False) else "")
                   + f"; device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
         text = vae = None
         ok = True
@@ -152,7 +156,8 @@ class GenerationWorld:
                 if before_load is not None:
                     before_load()
                 text, vae = open_backends(args.model_dir, args.caption_url, args.vae_url, args.auth_token,
-                                          need_vae=need_vae, progress=progress)
+                                          need_vae=need_vae, progress=progress,
+                                          in_turn=getattr(args, "local_in_turn", False))
         except BaseException:
             ok = False
             all_ok(comm, False, rank)
@@ -166,7 +171,9 @@ class GenerationWorld:
         pipe = StepVideoPipeline(model, scheduler, text_encoder=text, vae=vae, progress=progress)
         info = {"model_dir": os.path.abspath(args.model_dir), "device": rt.device,
                 "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
-                             "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
+                             "shard_weights": mesh.shard_weights, "offload": mesh.offload,
+                             "sequential_cfg": mesh.sequential_cfg, "chunk_tokens": mesh.chunk_tokens,
+                             "ulysses_degree": mesh.ulysses_degree,
                              "pp_degree": mesh.pp_degree,
                              "stages": [str(r) for r in mesh.partition(model.num_layers)]},
                 "weights": model.weights}
@@ -224,6 +231,10 @@ class GenerationWorld:
                 raise JobFailed(f"denoising failed: {why}") from error
             return None
         timings["denoise_s"] = time.perf_counter() - t0
+        from ..parallel.memory import memory_record, release_working_set
+
+        memory = memory_record(self.rt.device)  # rank 0's, after the loop
+        release_working_set(self.rt.device)  # the loop's activations and working blocks, before the VAE decodes
         if self.rank != 0:
             return None
         t0 = time.perf_counter()
@@ -237,7 +248,7 @@ class GenerationWorld:
                 frames = self.pipe.decode(latents)
             timings["decode_s"] = time.perf_counter() - t0
             timings["job_s"] = time.perf_counter() - t_start
-            record = dict(self.info, timings=dict(timings, load_s=self.load_s), **(extra or {}))
+            record = dict(self.info, timings=dict(timings, load_s=self.load_s), memory=memory, **(extra or {}))
             return self.pipe.write_outputs(frames, s, save_path, job.output_file_name, job.name_suffix, record,
                                            overwrite=getattr(self.args, "overwrite", False))
         except Exception as exc:

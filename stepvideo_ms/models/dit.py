@@ -21,7 +21,7 @@ from ..ops.attention import KeyMask
 from ..ops.quant import resolve_weights
 from .common import LayerNorm, Linear, count_parameters, new_param
 from .embeddings import AdaLayerNormSingle, PixArtAlphaTextProjection
-from .layers import AttentionCore, PatchEmbed, StepVideoTransformerBlock
+from .layers import AttentionCore, PatchEmbed, StepVideoTransformerBlock, tokenwise
 from .rope import Rope3D
 
 
@@ -158,20 +158,21 @@ class StepVideoModel(nn.Cell):
         return Rope3D.for_grid(*grid, self.attention_head_dim, start, stop, dtype=self.dtype)
 
     def run_blocks(self, x: Tensor, inputs: DiTInputs, rope: Rope3D, layers: Optional[range] = None,
-                   core: Optional[AttentionCore] = None) -> Tensor:
+                   core: Optional[AttentionCore] = None, chunk: Optional[int] = None) -> Tensor:
         for i in layers if layers is not None else range(self.num_layers):
-            x = self.transformer_blocks[i](x, inputs.context, inputs.t6, inputs.key_mask, rope, core)
+            x = self.transformer_blocks[i](x, inputs.context, inputs.t6, inputs.key_mask, rope, core, chunk)
         return x
 
     def finish(self, x: Tensor, inputs: DiTInputs) -> Tensor:
         return self.unpatchify(self.project_out(x, inputs), inputs.grid)
 
-    def project_out(self, x: Tensor, inputs: DiTInputs) -> Tensor:
+    def project_out(self, x: Tensor, inputs: DiTInputs, chunk: Optional[int] = None) -> Tensor:
         """Final modulation and projection, token by token: (b, n, D) -> (b, n, p*p*out_channels) for any
-        n tokens of the grid (a sequence-parallel rank projects its own slice before gathering)."""
+        n tokens of the grid (a sequence-parallel rank projects its own slice before gathering); `chunk`
+        tokens at a time when given."""
         shift, scale = mint.chunk(self.scale_shift_table[None] + inputs.embedded_timestep[:, None], 2, dim=1)
-        return self.proj_out(ops.modulated_layer_norm(x, self.norm_out.weight, self.norm_out.bias, scale, shift,
-                                                      self.norm_out.eps))
+        return tokenwise(lambda t: self.proj_out(ops.modulated_layer_norm(t, self.norm_out.weight, self.norm_out.bias,
+                                                                          scale, shift, self.norm_out.eps)), x, chunk)
 
     def unpatchify(self, y: Tensor, grid: Tuple[int, int, int]) -> Tensor:
         """(b, f*h*w, p*p*c) projected tokens -> (b, f, c, h*p, w*p) latents."""

@@ -84,6 +84,16 @@ class FeedForward(nn.Cell):
         return x
 
 
+def tokenwise(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: Optional[int]) -> Tensor:
+    """fn(x) for an fn that works token by token ((b, n, ...) -> (b, n, ...)), run on `chunk` tokens at a
+    time when n is larger: the same result, with fn's intermediates (the 4x-wide feed-forward, float32
+    norm temporaries) the size of one chunk instead of the whole sequence."""
+    n = int(x.shape[1])
+    if not chunk or n <= chunk:
+        return fn(x)
+    return mint.cat([fn(x[:, i:min(i + chunk, n)]) for i in range(0, n, chunk)], dim=1)
+
+
 class StepVideoTransformerBlock(nn.Cell):
     """weights "int8": every linear layer of the block (attention q/k/v/out, cross-attention, feed-forward)
     holds int8 weights with per-output-channel scales; norms and the modulation table stay in dtype."""
@@ -100,14 +110,22 @@ class StepVideoTransformerBlock(nn.Cell):
         self.scale_shift_table = new_param((6, dim), dtype)
 
     def construct(self, x: Tensor, context: Tensor, t6: Tensor, key_mask: Optional[Tensor],
-                  rope: Rope3D, core: Optional[AttentionCore] = None) -> Tensor:
+                  rope: Rope3D, core: Optional[AttentionCore] = None, chunk: Optional[int] = None) -> Tensor:
+        """`chunk`: run the token-wise parts (modulated norms, cross-attention queries, feed-forward) on
+        that many tokens at a time (tokenwise); the self-attention sees the whole sequence."""
         mods = self.scale_shift_table[None] + t6.reshape(-1, 6, self.dim)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mint.chunk(mods, 6, dim=1)
-        h = ops.modulated_layer_norm(x, self.norm1.weight, self.norm1.bias, scale_msa, shift_msa, self.norm1.eps)
+        h = tokenwise(lambda t: ops.modulated_layer_norm(t, self.norm1.weight, self.norm1.bias, scale_msa, shift_msa,
+                                                         self.norm1.eps), x, chunk)
         x = ops.broadcast.mul(gate_msa, self.attn1(h, rope, core)) + x
-        x = self.attn2(x, context, key_mask) + x
-        h = ops.modulated_layer_norm(x, self.norm2.weight, self.norm2.bias, scale_mlp, shift_mlp, self.norm2.eps)
-        return ops.broadcast.mul(gate_mlp, self.ff(h)) + x
+        del h
+
+        def rest(t: Tensor) -> Tensor:
+            t = self.attn2(t, context, key_mask) + t
+            h2 = ops.modulated_layer_norm(t, self.norm2.weight, self.norm2.bias, scale_mlp, shift_mlp, self.norm2.eps)
+            return ops.broadcast.mul(gate_mlp, self.ff(h2)) + t
+
+        return tokenwise(rest, x, chunk)
 
 
 class PatchEmbed(nn.Cell):

@@ -10,7 +10,8 @@ single-process `denoise` loop with a parallel predictor.
 With cfg_degree 2, each CFG replica embeds and runs only its half of the [cond, uncond] batch;
 the one world all-gather of the projected tokens at the end of the forward also brings the two
 halves together (the once-per-step combination). With sharded weights (shard.py) the stage's
-blocks come from a BlockGatherer instead of the model's own (unallocated) blocks.
+blocks come from a BlockGatherer instead of the model's own (unallocated) blocks; with offload
+(offload.py) from a BlockStreamer that copies them in from host memory.
 
 Entry points for a command line:
     world_size, rank = comm.init_world()
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mindspore as ms
 from mindspore import Tensor, mint
@@ -37,6 +38,7 @@ from ..models.rope import Rope3D
 from .comm import Communicator
 from .mesh import Mesh
 from .pipeline import Schedule, micro_batch_count, run_stage
+from .offload import BlockStreamer, HostBlocks, load_offloaded_stage
 from .shard import BlockGatherer, BlockShards, load_sharded_stage
 from .ulysses import TokenShard, UlyssesAttention
 
@@ -70,10 +72,17 @@ def load_stage_model(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = T
 
 
 def load_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True,
-               weights: Optional[str] = None) -> Tuple[StepVideoModel, Optional[BlockShards]]:
+               weights: Optional[str] = None) -> Tuple[StepVideoModel, Union[None, BlockShards, HostBlocks]]:
     """(model, shards): this rank's stage with full block weights, or with `mesh.shard_weights` the
-    model without its block weights and this rank's slices of the stage's blocks. weights: "full",
-    "int8" (the blocks' linear layers in int8) or None (what the folder holds)."""
+    model without its block weights and this rank's slices of the stage's blocks, or with
+    `mesh.offload` the model without its block weights and the stage's blocks in host memory.
+    weights: "full", "int8" (the blocks' linear layers in int8) or None (what the folder holds);
+    offload takes full weights only."""
+    if mesh.offload:
+        if weights == "int8":
+            raise ValueError("--offload streams full-precision blocks: it does not take --weights int8 yet "
+                             "(use --weights int8 with --shard_weights, or --offload with full weights)")
+        return load_offloaded_stage(path, mesh, dtype, progress)
     if mesh.shard_weights:
         return load_sharded_stage(path, mesh, dtype, progress, weights)
     return load_stage_model(path, mesh, dtype, progress, weights), None
@@ -122,9 +131,10 @@ class _StageWork:
     """The DiT's blocks as pipeline work on this rank's token shard."""
 
     def __init__(self, model: StepVideoModel, micro: List[DiTInputs], shard: TokenShard, rope: Rope3D,
-                 core: Optional[UlyssesAttention], blocks: Optional[BlockGatherer] = None):
+                 core: Optional[UlyssesAttention], blocks: Union[None, BlockGatherer, BlockStreamer] = None):
         self.model, self.micro, self.shard, self.rope, self.core = model, micro, shard, rope, core
         self.blocks = blocks
+        self.chunk = None
         self.transfer_shape = (int(micro[0].tokens.shape[0]), shard.local, model.inner_dim)
         self.transfer_dtype = model.dtype
 
@@ -133,9 +143,10 @@ class _StageWork:
 
     def run_layer(self, x: Tensor, micro: int, layer: int) -> Tensor:
         if self.blocks is None:
-            return self.model.run_blocks(x, self.micro[micro], self.rope, layers=range(layer, layer + 1), core=self.core)
+            return self.model.run_blocks(x, self.micro[micro], self.rope, layers=range(layer, layer + 1), core=self.core,
+                                         chunk=self.chunk)
         m = self.micro[micro]
-        return self.blocks.block(layer)(x, m.context, m.t6, m.key_mask, self.rope, self.core)
+        return self.blocks.block(layer)(x, m.context, m.t6, m.key_mask, self.rope, self.core, self.chunk)
 
     def idle_layer(self) -> None:
         if self.blocks is not None:
@@ -147,19 +158,24 @@ class _StageWork:
 class ParallelDiT:
     """`forward(latents, timestep, conditioning)` -> the model output, the same on every rank."""
 
-    def __init__(self, mesh: Mesh, comm: Communicator, model: StepVideoModel, shards: Optional[BlockShards] = None):
+    def __init__(self, mesh: Mesh, comm: Communicator, model: StepVideoModel,
+                 shards: Union[None, BlockShards, HostBlocks] = None):
         if comm.rank != mesh.rank or comm.world_size != mesh.world_size:
             raise ValueError(f"communicator (rank {comm.rank}/{comm.world_size}) does not match the mesh ({mesh.describe()})")
-        if mesh.shard_weights != (shards is not None):
+        if mesh.shard_weights != isinstance(shards, BlockShards):
             raise ValueError("shard_weights needs the model and shards of parallel.load_stage (and only then)")
+        if mesh.offload != isinstance(shards, HostBlocks):
+            raise ValueError("offload needs the model and host blocks of parallel.load_stage (and only then)")
         mesh.check_model(model.num_attention_heads, model.num_layers)
         self.mesh, self.comm, self.model = mesh, comm, model
         self.partition = mesh.partition(model.num_layers)
         self._ropes: Dict[Tuple[int, int, int], Rope3D] = {}
         self._text_slices: Dict[object, object] = {}  # micro-batch (start, stop) -> (context, KeyMask)
         self.blocks = None
-        if shards is not None:
+        if isinstance(shards, BlockShards):
             self.blocks = BlockGatherer(comm, mesh.shard_group, shards, model, mesh.stage_layers(model.num_layers))
+        elif isinstance(shards, HostBlocks):
+            self.blocks = BlockStreamer(shards, model, mesh.stage_layers(model.num_layers))
 
     def forward(self, hidden_states: Tensor, timestep: Tensor, cond: Conditioning,
                 text: Optional[Tuple[Tensor, KeyMask]] = None) -> Tensor:
@@ -184,7 +200,7 @@ class ParallelDiT:
                              cond.encoder_hidden_states_2, condition, cond.motion_score, text=text)
         f, h, w = inputs.grid
         shard = TokenShard(f * h * w, mesh.ulysses_degree, mesh.sp_rank)
-        n_micro = micro_batch_count(batch, mesh.pp_degree)
+        n_micro = micro_batch_count(batch, mesh.pp_degree, mesh.sequential_cfg)
         size = batch // n_micro
         micro = [self._slice(inputs, m * size, (m + 1) * size, text) for m in range(n_micro)]
         core = None
@@ -192,11 +208,12 @@ class ParallelDiT:
             core = UlyssesAttention(self.comm, mesh.sp_group, shard, size, model.num_attention_heads,
                                     model.attention_head_dim, model.dtype)
         work = _StageWork(model, micro, shard, self._rope(shard, inputs.grid), core, self.blocks)
+        work.chunk = mesh.chunk_tokens or None
         outputs = run_stage(mesh, self.comm, Schedule(mesh.pp_degree, n_micro), self.partition, work)
 
         channels = model.patch_size * model.patch_size * model.out_channels
         if mesh.is_last_stage:
-            projected = [model.project_out(outputs[m], micro[m]) for m in range(n_micro)]
+            projected = [model.project_out(outputs[m], micro[m], mesh.chunk_tokens or None) for m in range(n_micro)]
             mine = projected[0] if n_micro == 1 else mint.cat(projected, dim=0)
         else:
             mine = mint.empty((batch, shard.local, channels), dtype=model.dtype)  # sliced away below: no fill
@@ -241,13 +258,13 @@ class ParallelDiT:
 
 def parallel_denoise(mesh: Mesh, comm: Communicator, model: StepVideoModel, latents: Tensor, cond: Conditioning,
                      scheduler: FlowMatchScheduler, num_inference_steps: int, time_shift: float,
-                     guidance_scale: float, progress: bool = True, shards: Optional[BlockShards] = None,
-                     on_step=None) -> Tensor:
+                     guidance_scale: float, progress: bool = True,
+                     shards: Union[None, BlockShards, HostBlocks] = None, on_step=None) -> Tensor:
     """The flow-matching loop of `sampling.denoise` with the DiT run on the mesh (`on_step` as there).
 
     latents: the initial noise (b, f, c, h, w), identical on every rank (same seed).
     cond: embeddings batched [cond, uncond] (2b) when guidance_scale > 1, else b.
-    shards: this rank's block slices when mesh.shard_weights (from `load_stage`).
+    shards: this rank's block slices when mesh.shard_weights, its host blocks when mesh.offload (from `load_stage`).
     Returns the final latents (float32), identical on every rank.
     """
     if mesh.cfg_degree > 1 and not uses_guidance(guidance_scale):

@@ -9,7 +9,11 @@ sharing an SP index across stages form a pipeline "column" through which activat
 
 With `shard_weights`, the ranks that run the same layers at the same time (one stage's SP
 ranks in every replica: the "shard group", cfg_degree x ulysses_degree ranks) each keep 1/N of
-every block's parameters and all-gather a block just before it runs.
+every block's parameters and all-gather a block just before it runs. With `offload`, every rank
+keeps its stage's blocks in host memory and copies each in just before it runs (offload.py). With
+`sequential_cfg`, the [cond, uncond] batch runs as two micro-batches of one sample even without a
+pipeline (the activations of one sample at a time; with pp > 1 or cfg 2 that is so already). With
+`chunk_tokens`, the blocks' token-wise parts run on that many tokens at a time (layers.tokenwise).
 
 The layers are cut into `pp_degree` contiguous stages: balanced by default (earlier stages take
 the extra layer when the count does not divide), or at explicit boundaries (`pp_split`, the first
@@ -107,18 +111,22 @@ class Mesh:
     pp_split: Tuple[int, ...] = ()
     cfg_degree: int = 1
     shard_weights: bool = False
+    offload: bool = False
+    sequential_cfg: bool = False  # the [cond, uncond] halves one after the other (micro-batches of one sample)
+    chunk_tokens: int = 0  # the blocks' token-wise parts on this many tokens at a time (0: all at once)
 
     @classmethod
     def create(cls, world_size: int, rank: int, ulysses_degree: int = 1, pp_degree: int = 1,
                ring_degree: int = 1, pp_split: SplitSpec = None, cfg_degree: int = 1,
-               shard_weights: bool = False) -> "Mesh":
+               shard_weights: bool = False, offload: bool = False, sequential_cfg: bool = False,
+               chunk_tokens: int = 0) -> "Mesh":
         """Validate the layout arguments (as named on the command line) and build the mesh."""
         if ring_degree != 1:
             raise ValueError(f"ring_degree={ring_degree} is not supported: this port does Ulysses sequence "
                              f"parallelism only; use --ring_degree 1 and --ulysses_degree "
                              f"{world_size // max(pp_degree * cfg_degree, 1) or 1}")
         return cls(int(world_size), int(rank), int(ulysses_degree), int(pp_degree), parse_pp_split(pp_split),
-                   int(cfg_degree), bool(shard_weights))
+                   int(cfg_degree), bool(shard_weights), bool(offload), bool(sequential_cfg), int(chunk_tokens or 0))
 
     def __post_init__(self):
         if self.world_size < 1:
@@ -147,6 +155,14 @@ class Mesh:
                 f"but cfg_degree={self.cfg_degree} x ulysses_degree={self.ulysses_degree} = 1 leaves nothing to split: "
                 "drop --shard_weights, or raise --ulysses_degree / --cfg_degree (e.g. --ulysses_degree "
                 f"{self.world_size} --pp_degree 1 --shard_weights)")
+        if self.chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens} must be a positive number of tokens (or 0: no chunks), "
+                             "e.g. --chunk_tokens 8192")
+        if self.shard_weights and self.offload:
+            raise ValueError(
+                "offload and shard_weights are two ways to keep the blocks off the card: offload streams each block "
+                "from host memory, shard_weights all-gathers it from the other ranks; use one of --offload and "
+                "--shard_weights (python -m stepvideo_ms describe --plan compares them)")
         if self.pp_split and len(self.pp_split) != self.pp_degree - 1:
             raise ValueError(f"pp_split={','.join(map(str, self.pp_split))} gives {len(self.pp_split) + 1} stages "
                              f"but pp_degree={self.pp_degree}: give pp_degree-1 = {self.pp_degree - 1} boundaries")
@@ -228,6 +244,7 @@ class Mesh:
     def describe(self) -> str:
         cfg = f"cfg rank {self.cfg_rank}/{self.cfg_degree}, " if self.cfg_degree > 1 else ""
         shard = f", weights 1/{len(self.shard_group)}" if self.shard_weights else ""
+        shard += ", blocks offloaded to host memory" if self.offload else ""
         return (f"rank {self.rank}/{self.world_size}: {cfg}stage {self.stage}/{self.pp_degree}, "
                 f"sp rank {self.sp_rank}/{self.ulysses_degree}{shard}")
 

@@ -19,9 +19,10 @@ from .comm import Communicator
 from .mesh import Mesh
 
 
-def micro_batch_count(batch: int, pp_degree: int) -> int:
-    """One micro-batch per sample when there are stages to overlap, else the whole batch at once."""
-    return batch if pp_degree > 1 else 1
+def micro_batch_count(batch: int, pp_degree: int, sequential: bool = False) -> int:
+    """One micro-batch per sample when there are stages to overlap or the samples must run one after
+    the other (sequential CFG), else the whole batch at once."""
+    return batch if pp_degree > 1 or sequential else 1
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,26 @@ pipeline.py, ulysses.py, shard.py):
   temporaries (2) (the feed-forward phase, x + h + 4D hidden + 4D GELU = 10 units, is smaller;
   attention is fused, no N x N scores). Memory pools do not pack that tightly: the target's
   `activation_units` is CALIBRATED, 30 on Ascend (puts both published points, mindone's ulysses 2 x
-  pp 2 and upstream's ulysses 4, within 7 %) and 44 on the CPU backend (peak RSS of a 2-layer,
-  12 x 64 DiT on a 4x16x32 latent grid with the CPU kernels of issue 11; tests/test_plan.py checks it
-  on another size);
+  pp 2 and upstream's ulysses 4, within 7 %) and 12 on the CPU backend plus its blocked attention's
+  score blocks (3 x min(128 MiB, the scores of the micro-batch)), measured with bench/bench_offload.py
+  at one and two samples (the earlier single 44-unit figure mixed the two; tests/test_plan.py checks
+  the peak RSS of another size);
 - pipeline: the stage's input/output of each micro-batch in flight (M x m x n x D);
 - conditions: the caption context (B, Lk, D) and the text embeddings;
 - a fixed runtime reserve (framework, HCCL buffers, kernel workspaces): the target's `reserve_gib`.
+
+Offload (offload.py): the card keeps the non-block parameters and `offload_working_blocks` blocks
+(Ascend: the one computing and the next one being copied in; CPU: one, filled synchronously), the
+host keeps the rank's whole stage (`host_bytes`, pinned, per rank: ranks on one host add up). Every
+block is copied in once per micro-batch (unless the stage has no more blocks than working blocks)
+over the host link (`host_link_gb_s`, per card, ASSUMED), issued one block ahead: a copy costs only
+what exceeds the block it hides under, plus the `1 - offload_overlap` share (ASSUMED) the overlap
+does not hide (DMA contention, the event wait). Sequential CFG (`seq_cfg`, one card or pure ulysses
+layouts): the [cond, uncond] halves run one after the other as two micro-batches of one sample, so
+the block activations are those of one sample; the FLOPs are the same. Chunked token-wise parts
+(`chunk`, layers.tokenwise): the modulated norms, the cross-attention and the feed-forward run a
+chunk of tokens at a time, so the float32 norm temporaries of the attention phase become a chunk's
+(`chunk_units_saved` fewer units) and the feed-forward phase stays below the attention's.
 
 Traffic per card per step: Ulysses all-to-alls (q k v out, the output back: (u-1)/u of 4 n m D
 per layer and micro-batch), weight gathers ((N-1)/N of a block per layer and micro-batch),
@@ -46,6 +60,7 @@ from .mesh import CFG_DEGREES
 
 GIB = 2 ** 30
 TEXT_TOKENS = 320 + 77  # Step-1 + HunyuanCLIP caption tokens (the context is at most this long)
+CHUNK_TOKENS = 8192  # the chunk of token-wise parts the planner proposes (--chunk_tokens)
 
 
 @dataclass(frozen=True)
@@ -61,17 +76,29 @@ class Hardware:
     reserve_gib: float = 3.0  # assumed: framework, HCCL buffers, kernel workspaces
     lockstep: bool = False  # CPU world collectives: no gather issued ahead
     int8_matmul: bool = True  # the W8A16 kernel takes int8 weights (else one linear is dequantized at a time)
+    host_link_gb_s: float = 25.0  # assumed: host-to-card copy bandwidth per card (PCIe 4.0 x16, pinned), GB/s
+    offload_overlap: float = 0.95  # assumed: share of a copy hidden under a longer block's compute
+    offload_working_blocks: int = 2  # the computing block and the next one in flight (offload.py)
+    chunk_units_saved: float = 4.0  # modelled: the float32 norm temporaries (2 of the 15 units) x the calibration (30/15)
+    score_block_bytes: int = 0  # CPU: the blocked attention's score block bound (0: fused attention, no scores)
+    score_copies: float = 0.0  # CPU: score-sized tensors alive at once (scores, exponentials, probabilities)
 
     def describe(self) -> str:
         return (f"assumed: {self.name} at {self.peak_tflops:.0f} TFLOPS bf16 peak x {self.utilisation:.0%} "
-                f"utilisation, {self.link_gb_s:.0f} GB/s sent per card, runtime reserve {self.reserve_gib:g} GiB; "
-                f"calibrated: {self.activation_units:g} activation units")
+                f"utilisation, {self.link_gb_s:.0f} GB/s sent per card, runtime reserve {self.reserve_gib:g} GiB, "
+                f"offload: {self.host_link_gb_s:g} GB/s host link per card, {self.offload_overlap:.0%} of a copy hidden "
+                f"under a longer block; calibrated: {self.activation_units:g} activation units")
 
 
 # MindSpore's CPU backend as tests and benchmarks run it: float32, lockstep gathers, RSS measured above
 # the process's size after start-up (no reserve); activation units from measured peak RSS.
+# Activations: 12 units per sample plus 3 score blocks of the blocked attention (measured with
+# bench/bench_offload.py on 8 x 8 x 64 at 2048 and 4096 tokens, one and two samples; it also reproduces the
+# earlier 44-unit calibration's probe); chunking measured no saving on CPU (the score blocks dominate).
 CPU = Hardware(name="CPU backend", peak_tflops=0.25, utilisation=1.0, link_gb_s=5.0, dtype_bytes=4,
-               activation_units=44.0, reserve_gib=0.0, lockstep=True, int8_matmul=False)
+               activation_units=12.0, reserve_gib=0.0, lockstep=True, host_link_gb_s=5.0, offload_working_blocks=1,
+               chunk_units_saved=0.0, score_block_bytes=128 * 2 ** 20, score_copies=3.0,
+               int8_matmul=False)
 
 
 @dataclass(frozen=True)
@@ -142,6 +169,9 @@ class Layout:
     ulysses: int
     pp: int
     shard: bool
+    offload: bool = False
+    seq_cfg: bool = False  # the [cond, uncond] halves one after the other (cfg 1, pp 1)
+    chunk: int = 0  # token-wise parts on this many tokens at a time (0: off)
     weights: str = "full"  # or "int8" (--weights int8)
 
     @property
@@ -154,12 +184,15 @@ class Layout:
 
     def name(self) -> str:
         parts = ([f"cfg {self.cfg}"] if self.cfg > 1 else []) + [f"ulysses {self.ulysses}", f"pp {self.pp}"]
-        return (" x ".join(parts) + (" + shard" if self.shard else "")
+        return (" x ".join(parts) + (" + shard" if self.shard else "") + (" + offload" if self.offload else "")
+                + (" + seq cfg" if self.seq_cfg else "") + (" + chunks" if self.chunk else "")
                 + (" + int8" if self.weights == "int8" else ""))
 
     def arguments(self) -> str:
         return ((f"--cfg_degree {self.cfg} " if self.cfg > 1 else "") + f"--ulysses_degree {self.ulysses} "
                 f"--pp_degree {self.pp}" + (" --shard_weights" if self.shard else "")
+                + (" --offload" if self.offload else "") + (" --sequential_cfg" if self.seq_cfg else "")
+                + (f" --chunk_tokens {self.chunk}" if self.chunk else "")
                 + (" --weights int8" if self.weights == "int8" else ""))
 
 
@@ -172,6 +205,9 @@ class Plan:
     idle_share: float
     compute_s: float
     comm_s: float
+    host_bytes: int = 0  # offload: this rank's blocks in host memory
+    offload_s: float = 0.0  # offload: copy time not hidden under compute, per step
+    host_copy_bytes: int = 0  # offload: bytes copied host -> card per step
 
     @property
     def peak_bytes(self) -> int:
@@ -182,11 +218,21 @@ class Plan:
         return self.peak_bytes / GIB
 
     @property
-    def step_s(self) -> float:
-        return self.compute_s / (1.0 - self.idle_share) + self.comm_s
+    def host_gib(self) -> float:
+        """Host memory of the whole world's offloaded blocks (every rank pins its own stage)."""
+        return self.host_bytes * self.layout.world / GIB
 
-    def fits(self, card_gb: Optional[float]) -> bool:
-        return card_gb is None or self.peak_gib <= card_gb
+    @property
+    def step_s(self) -> float:
+        return self.compute_s / (1.0 - self.idle_share) + self.comm_s + self.offload_s
+
+    @property
+    def offload_ratio(self) -> float:
+        """Step time over the step time without the offload's exposed copies (1.0 without offload)."""
+        return self.step_s / (self.step_s - self.offload_s)
+
+    def fits(self, card_gb: Optional[float], host_gb: Optional[float] = None) -> bool:
+        return (card_gb is None or self.peak_gib <= card_gb) and (host_gb is None or self.host_gib <= host_gb)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -203,7 +249,9 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
     batch = (2 if guidance else 1) // layout.cfg  # samples of this rank's replica
     if batch < 1:
         raise ValueError("cfg_degree 2 needs guidance (a [cond, uncond] batch)")
-    micro = batch if layout.pp > 1 else 1  # micro-batches (pipeline.micro_batch_count)
+    if layout.seq_cfg and (layout.pp > 1 or batch < 2):
+        raise ValueError("sequential CFG applies to a [cond, uncond] batch on cfg 1 x pp 1 layouts")
+    micro = batch if layout.pp > 1 or layout.seq_cfg else 1  # micro-batches (pipeline.micro_batch_count)
     m = batch // micro  # samples per micro-batch
     n = ceil_div(tokens, layout.ulysses)  # local tokens
     stage_layers = ceil_div(model.num_layers, layout.pp)  # the largest (balanced) stage
@@ -211,12 +259,18 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
     parts = layout.shard_parts
     int8 = layout.weights == "int8"
 
+    resident_blocks = stage_layers
+    if layout.offload:
+        resident_blocks = min(stage_layers, hardware.offload_working_blocks)
     memory = {
-        "weights": stage_layers * ceil_div(block_bytes, parts) + model.other_params * b,
+        "weights": resident_blocks * ceil_div(block_bytes, parts) + model.other_params * b,
         "gather buffers": (2 if hardware.lockstep else 3) * block_bytes if parts > 1 else 0,
         "dequantized weight": model.largest_linear * b if int8 and not hardware.int8_matmul else 0,
         "embedded tokens": batch * tokens * d * b,
-        "block activations": int(hardware.activation_units * m * n * d * b),
+        "block activations": int((hardware.activation_units - (hardware.chunk_units_saved if layout.chunk else 0.0))
+                                 * m * n * d * b
+                                 + hardware.score_copies * min(hardware.score_block_bytes,
+                                                               m * (model.heads // layout.ulysses) * tokens * tokens * 4)),
         "pipeline in flight": (2 * micro * m * n * d * b) if layout.pp > 1 else 0,
         "conditions": batch * text_tokens * (d + model.caption_channels) * b + batch * 77 * model.clip_channels * b,
         "runtime reserve": int(hardware.reserve_gib * GIB),
@@ -240,11 +294,25 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
         per_block_gather = gather / (stage_layers * micro) / link
         exposed += stage_layers * micro * max(0.0, per_block_gather - per_block_compute)
     idle = (layout.pp - 1) / (micro + layout.pp - 1) if layout.pp > 1 else 0.0
-    return Plan(layout, memory, sent, flops, idle, compute, exposed)
+    host = copied = 0
+    offload = 0.0
+    if layout.offload:
+        host = stage_layers * block_bytes
+        copies = 0 if stage_layers <= hardware.offload_working_blocks else stage_layers * micro
+        copied = copies * block_bytes
+        if copies:
+            per_copy = block_bytes / (hardware.host_link_gb_s * 1e9)
+            per_block = compute / (stage_layers * micro)
+            offload = copies * (max(0.0, per_copy - per_block)
+                                + (1.0 - hardware.offload_overlap) * min(per_copy, per_block))
+    return Plan(layout, memory, sent, flops, idle, compute, exposed, host, offload, copied)
 
 
-def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, weights: str = "full") -> List[Layout]:
-    """Every valid layout of `cards` ranks (the rules of mesh.Mesh), with `weights` ("full" or "int8")."""
+def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, offload: bool = True,
+            weights: str = "full") -> List[Layout]:
+    """Every valid layout of `cards` ranks (the rules of mesh.Mesh), with `weights` ("full" or "int8"); with
+    `offload`, also the offload variants and (cfg 1 x pp 1 with guidance) sequential CFG, alone and with
+    chunked token-wise parts."""
     found = []
     for cfg in CFG_DEGREES:
         if cards % cfg or (cfg > 1 and not guidance):
@@ -253,23 +321,39 @@ def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, weig
         for u in range(1, rest + 1):
             if rest % u or heads % u or rest // u > num_layers:
                 continue
-            for shard in (False, True):
-                if shard and cfg * u == 1:
-                    continue
-                found.append(Layout(cfg, u, rest // u, shard, weights))
+            pp = rest // u
+            budgets = [(False, 0)]
+            offload_ok = offload and weights != "int8"  # offload streams full-precision blocks (dit_forward)
+            if offload and guidance and cfg == 1 and pp == 1:
+                budgets += [(True, 0), (True, CHUNK_TOKENS)]
+            for seq, chunk in budgets:
+                for shard, off in ((False, False), (True, False), (False, True)):
+                    if (shard and cfg * u == 1) or (off and not offload_ok):
+                        continue
+                    found.append(Layout(cfg, u, pp, shard, off, seq, chunk, weights))
     return found
 
 
-def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware) -> str:
-    """A text table, the fitting layouts first by step time."""
-    head = (f"{'layout':<42} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'sent GB/step':>12} "
-            f"{'idle':>5} {'step s':>7}  fits")
+def choose(plans: List[Plan], card_gb: Optional[float], host_gb: Optional[float] = None) -> Optional[Plan]:
+    """The fastest predicted plan that fits, or None; among equally fast ones (to the millisecond) the
+    one without offload, sequential CFG or sharding (fewer moving parts), then the least memory."""
+    fitting = [p for p in plans if p.fits(card_gb, host_gb)]
+    return min(fitting, key=lambda q: (round(q.step_s, 3), q.layout.offload, q.layout.seq_cfg, bool(q.layout.chunk),
+                                       q.layout.shard, q.peak_bytes)) if fitting else None
+
+
+def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_gb: Optional[float] = None) -> str:
+    """A text table, the fitting layouts first by step time. host GiB: the offloaded blocks of all
+    ranks; offload x: step time over the same layout's without exposed copies."""
+    head = (f"{'layout':<47} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'host GiB':>8} {'sent GB/step':>12} "
+            f"{'idle':>5} {'step s':>7} {'offload x':>9}  fits")
     lines = [head, "-" * len(head)]
-    for pl in sorted(plans, key=lambda q: (not q.fits(card_gb), q.step_s)):
+    for pl in sorted(plans, key=lambda q: (not q.fits(card_gb, host_gb), q.step_s)):
         mem = pl.memory
         act = mem["block activations"] + mem["embedded tokens"] + mem["pipeline in flight"]
-        lines.append(f"{pl.layout.name():<42} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
-                     f"{sum(pl.sent_bytes.values()) / 1e9:12.1f} {pl.idle_share:5.0%} {pl.step_s:7.1f}  "
-                     f"{'yes' if pl.fits(card_gb) else 'no'}")
+        ratio = f"{pl.offload_ratio:9.3f}" if pl.layout.offload else f"{'-':>9}"
+        lines.append(f"{pl.layout.name():<47} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
+                     f"{pl.host_gib:8.1f} {sum(pl.sent_bytes.values()) / 1e9:12.1f} {pl.idle_share:5.0%} "
+                     f"{pl.step_s:7.1f} {ratio}  {'yes' if pl.fits(card_gb, host_gb) else 'no'}")
     lines.append(hardware.describe())
     return "\n".join(lines)

@@ -271,8 +271,9 @@ class BlockGatherer:
             self.comm.all_gather(mint.zeros((size,), dtype=gdtype), self.group, axis=0)
 
 
-def held_block_elements(model: StepVideoModel, shards: Optional[BlockShards]) -> int:
-    """Block parameter elements this rank holds: loaded block parameters plus its shards."""
+def held_block_elements(model: StepVideoModel, shards) -> int:
+    """Block parameter elements this rank holds: loaded block parameters plus its shards (BlockShards)
+    or its host blocks (offload.HostBlocks)."""
     loaded = sum(int(np.prod(p.shape)) for n, p in model.parameters_and_names()
                  if _block_layer(n) is not None and not p.has_init)
     return loaded + (shards.numel() if shards is not None else 0)

@@ -68,7 +68,7 @@ def latent_grid(frames: int, height: int, width: int) -> tuple:
 
 
 def plan_text(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
-              show_all: bool = False, hardware=None, weights: str = "full") -> str:
+              show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full") -> str:
     from ..parallel import plan as planner
 
     hardware = hardware or planner.Hardware()
@@ -76,7 +76,7 @@ def plan_text(config: dict, frames: int, height: int, width: int, cards: int, ca
     grid = latent_grid(frames, height, width)
     plans = [planner.plan(shape, layout, grid, hardware=hardware)
              for layout in planner.layouts(cards, shape.heads, shape.num_layers, weights=weights)]
-    fitting = [p for p in plans if p.fits(card_gb)]
+    fitting = [p for p in plans if p.fits(card_gb, host_gb)]
     shown = plans if show_all else fitting
     f, h, w = grid
     title = (f"{frames} frames {height}x{width} -> latents {f}x{h}x{w} = {f * h * w:,} tokens; "
@@ -86,7 +86,11 @@ def plan_text(config: dict, frames: int, height: int, width: int, cards: int, ca
              + (f" of {card_gb:g} GiB" if card_gb else "") + f": {len(fitting)} of {len(plans)} layouts fit")
     if not shown:
         return title + "\nnone fits: use more cards, --shard_weights layouts, or fewer frames / a smaller size"
-    return title + "\n" + planner.table(shown, card_gb, hardware)
+    best = planner.choose(plans, card_gb, host_gb)
+    chosen = (f"\nchosen (fastest predicted to fit): {best.layout.arguments()}: peak {best.peak_gib:.1f} GiB per card, "
+              f"host {best.host_gib:.1f} GiB, step {best.step_s:.1f} s" + (
+                  f", offload x{best.offload_ratio:.3f}" if best.layout.offload else "")) if best else ""
+    return title + "\n" + planner.table(shown, card_gb, hardware, host_gb) + chosen
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -104,6 +108,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--all", action="store_true", help="also list the layouts that do not fit --card_gb")
     g.add_argument("--weights", choices=("full", "int8"), default="full",
                    help="int8: the blocks' linear weights in int8 with per-channel scales (run_parallel.py --weights)")
+    g.add_argument("--host_gb", type=float, default=None,
+                   help="host memory for offloaded blocks in GiB (all ranks of one host): offload layouts over it do "
+                        "not fit (default: not checked, the host GiB column shows the need)")
     args = parser.parse_args(argv)
     config = {}
     if args.config:
@@ -118,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--card_gb {args.card_gb:g} must be positive (GiB per card, e.g. 64)")
         try:
             print(plan_text(config, args.frames, args.height, args.width, args.cards, args.card_gb, args.all,
-                            weights=args.weights))
+                            host_gb=args.host_gb, weights=args.weights))
         except ValueError as exc:
             parser.error(str(exc))
         return 0

@@ -110,6 +110,9 @@ def _synchronize_blocking(real):
             signature.bind(*args, **kwargs)
         except TypeError as err:
             raise TypeError(f"synchronize(): {err}") from None
+        from .streams import synchronize_all
+
+        synchronize_all()  # every asynchronous copy lands
 
     return synchronize
 

@@ -1,0 +1,226 @@
+"""Block offload (`--offload`): the stage's block weights live in host memory, the card holds the
+non-block parameters and a few working blocks, and each block is copied in just before it runs.
+
+Host side (`HostBlocks`): every parameter of every block of this rank's stage, read once from the
+safetensors files. On Ascend they are pinned host tensors (`Tensor.pin_memory()`), the source of
+asynchronous copies. On the CPU backend, where host and device are the same memory, they sit in a
+file-backed memory map (an unlinked temporary file), so that a process's resident memory tells
+them apart from its working memory: file-backed (or shared) pages are the host blocks, anonymous
+pages the device-resident part (see bench/bench_offload.py).
+
+Device side (`BlockStreamer`): working blocks whose parameters are allocated once and filled in
+place (`Tensor.copy_`). On Ascend there are two: while block i computes on the current stream, the
+copy of the stage's next block is issued on a side stream (`mindspore.runtime.Stream`) into the
+other working block, after that side stream waited for the event recorded when the compute stream
+last handed that working block out (its previous contents are no longer read), and an `Event` is
+recorded behind the copy. `block(i + 1)` makes the compute stream wait on that event (never on the
+whole device) before handing the working block out. The order wraps around (after the stage's last
+block comes its first: the next micro-batch or the next step), so every copy is issued one block
+ahead. On the CPU backend one working block is filled synchronously. A stage with no more blocks
+than working blocks copies each once and keeps them.
+
+It composes with ulysses, pipeline and CFG parallelism: every rank streams its own stage's blocks.
+It replaces `--shard_weights` (which keeps 1/N of every block on each card and all-gathers it over
+the card links): offload needs no peers and frees the card of all blocks but the working ones, at
+the price of host memory (a whole stage per rank) and host-link traffic; the planner chooses.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint
+from tqdm.auto import tqdm
+
+from ..formats import checkpoint
+from ..formats.safetensors_io import SafetensorsFile
+from ..models.dit import StepVideoModel
+from ..models.layers import StepVideoTransformerBlock
+from .mesh import Mesh
+from .shard import BLOCK_PREFIX, BlockLayout, _block_layer
+
+ASCEND_WORKING_BLOCKS = 2  # the one computing and the next one being copied in
+CPU_WORKING_BLOCKS = 1
+
+
+@dataclass
+class HostBlocks:
+    """This rank's stage blocks in host memory: {layer: [host tensor or array per parameter, in layout order]}."""
+
+    layout: BlockLayout
+    blocks: Dict[int, List[object]]
+    pinned: bool  # Ascend: pinned host Tensors; CPU: numpy views of a file-backed map
+    backing: Optional[np.memmap] = None
+
+    def numel(self) -> int:
+        return len(self.blocks) * self.layout.total
+
+    @property
+    def layers(self) -> List[int]:
+        return sorted(self.blocks)
+
+
+def _host_map(elements: int) -> np.memmap:
+    """A float32 map of `elements` over an unlinked temporary file (gone with the process)."""
+    fd, path = tempfile.mkstemp(prefix="stepvideo_offload_", suffix=".bin", dir=os.environ.get("STEPVIDEO_OFFLOAD_DIR"))
+    try:
+        os.ftruncate(fd, max(elements, 1) * 4)
+        backing = np.memmap(path, dtype=np.float32, mode="r+", shape=(max(elements, 1),))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return backing
+
+
+def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32,
+                         progress: bool = True) -> Tuple[StepVideoModel, HostBlocks]:
+    """The DiT of `path` with every non-block parameter loaded and the blocks unallocated, and this
+    rank's stage blocks in host memory."""
+    from ..runtime import is_ascend
+
+    config = checkpoint.read_config(path)
+    probe = {k: v for k, v in config.items() if k in StepVideoModel.config_keys()}
+    heads, layers = int(probe.get("num_attention_heads", 48)), int(probe.get("num_layers", 48))
+    mesh.check_model(heads, layers)
+    model = StepVideoModel.from_pretrained(path, config, dtype=dtype, select=lambda n: _block_layer(n) is None,
+                                           progress=progress)
+    layout = BlockLayout.of(model.transformer_blocks[0])
+    mine = list(mesh.stage_layers(model.num_layers))
+    files = [SafetensorsFile(f) for f in checkpoint.checkpoint_files(path)]
+    where = {key: f for f in files for key in f.keys() if _block_layer(key) in mine}
+    wanted = {f"{BLOCK_PREFIX}{layer}.{name}": shape for layer in mine
+              for name, shape in zip(layout.names, layout.shapes)}
+    missing = sorted(set(wanted) - set(where))
+    wrong = [f"{k}: checkpoint {where[k].shape(k)} vs model {wanted[k]}" for k in sorted(set(wanted) & set(where))
+             if tuple(where[k].shape(k)) != wanted[k]]
+    if missing or wrong:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} does not fit the stage's blocks: missing {missing[:10]} wrong shapes {wrong[:10]}; "
+            "check that the config matches the weights")
+    pinned = is_ascend()
+    backing = None if pinned else _host_map(len(mine) * layout.total)
+    blocks: Dict[int, List[object]] = {}
+    at = 0
+    for layer in tqdm(mine, desc="loading blocks to host memory", unit="block", disable=not progress, leave=False):
+        held = []
+        for name, shape, size in zip(layout.names, layout.shapes, layout.sizes):
+            key = f"{BLOCK_PREFIX}{layer}.{name}"
+            arr = where[key].get(key)
+            if pinned:
+                held.append(Tensor(arr, dtype).pin_memory())
+            else:
+                view = backing[at:at + size].reshape(shape)
+                view[...] = arr
+                held.append(view)
+                at += size
+        blocks[layer] = held
+    for f in files:
+        f.close()
+    if backing is not None:
+        backing.flush()
+    return model, HostBlocks(layout, blocks, pinned, backing)
+
+
+class _Copy:
+    def __init__(self, slot: int, event):
+        self.slot, self.event = slot, event
+
+
+class BlockStreamer:
+    """`block(layer)`: a working block holding layer `layer`'s weights, copied in from host memory
+    (on Ascend the copy was issued one block ahead on a side stream)."""
+
+    def __init__(self, host: HostBlocks, model: StepVideoModel, stage_layers: Sequence[int],
+                 asynchronous: Optional[bool] = None):
+        from ..runtime import is_ascend
+
+        self.host = host
+        self.order = list(stage_layers)
+        if sorted(self.order) != host.layers:
+            raise ValueError(f"host blocks of layers {host.layers} but the stage runs {self.order}")
+        self.asynchronous = is_ascend() if asynchronous is None else asynchronous
+        count = min(ASCEND_WORKING_BLOCKS if self.asynchronous else CPU_WORKING_BLOCKS, len(self.order))
+        self.slots = []
+        for _ in range(count):
+            cell = StepVideoTransformerBlock(model.inner_dim, model.attention_head_dim, model.dtype)
+            cell.set_train(False)
+            for _, p in cell.parameters_and_names():  # real storage, allocated once
+                p.set_data(mint.zeros(tuple(p.shape), dtype=model.dtype))
+            if BlockLayout.of(cell) != host.layout:
+                raise ValueError("the working block's parameters do not match the host blocks' layout")
+            self.slots.append(cell)
+        self._params = [[p for _, p in cell.parameters_and_names()] for cell in self.slots]
+        self.holds: List[Optional[int]] = [None] * count  # layer in each working block (copied or in flight)
+        self._pending: Dict[int, _Copy] = {}
+        self._released: List[object] = [None] * count  # compute-stream event after a working block's last use
+        self._running: Optional[int] = None  # the working block handed out last
+        self.copies = 0  # blocks copied in (for tests and the bench)
+        self._side = ms.runtime.Stream() if self.asynchronous else None
+
+    # ---- copies ---------------------------------------------------------------------------
+    def _copy_sync(self, layer: int, slot: int) -> None:
+        for param, src in zip(self._params[slot], self.host.blocks[layer]):
+            param.copy_(src if isinstance(src, Tensor) else Tensor.from_numpy(src))
+        self.holds[slot] = layer
+        self.copies += 1
+
+    def _issue(self, layer: int, slot: int) -> _Copy:
+        """The copy of `layer` into working block `slot` on the side stream, behind the compute
+        stream's release of that block; returns it with the event recorded after it."""
+        side = self._side
+        with ms.runtime.StreamCtx(side):
+            if self._released[slot] is not None:
+                side.wait_event(self._released[slot])
+            for param, src in zip(self._params[slot], self.host.blocks[layer]):
+                param.copy_(src, non_blocking=True)
+            event = ms.runtime.Event()
+            event.record(side)
+        self.holds[slot] = layer
+        self.copies += 1
+        return _Copy(slot, event)
+
+    def _wait(self, copy: _Copy) -> None:
+        """The current (compute) stream waits for the copy's event: only that copy, not the device."""
+        ms.runtime.current_stream().wait_event(copy.event)
+
+    def _free_slot(self, avoid: Optional[int]) -> int:
+        """A working block to fill: one not handed out last and not holding a pending copy."""
+        busy = {c.slot for c in self._pending.values()}
+        for slot in range(len(self.slots)):
+            if slot != avoid and slot not in busy:
+                return slot
+        raise RuntimeError("no free working block")  # cannot happen with one copy in flight
+
+    # ---- the stage's forward ---------------------------------------------------------------
+    def block(self, layer: int) -> StepVideoTransformerBlock:
+        if not self.asynchronous:
+            if layer not in self.holds:
+                self._copy_sync(layer, 0)
+            return self.slots[self.holds.index(layer)]
+        if self._running is not None:  # everything the last block runs is queued by now
+            self._released[self._running] = ms.runtime.current_stream().record_event()
+        copy = self._pending.pop(layer, None)
+        if copy is not None:
+            self._wait(copy)
+            slot = copy.slot
+        elif layer in self.holds:  # kept (a stage no larger than the working blocks)
+            slot = self.holds.index(layer)
+        else:  # the first block of all: nothing was issued ahead
+            copy = self._issue(layer, self._free_slot(self._running))
+            self._wait(copy)
+            slot = copy.slot
+        self._running = slot
+        nxt = self.order[(self.order.index(layer) + 1) % len(self.order)]
+        if nxt not in self.holds and nxt not in self._pending:
+            self._pending[nxt] = self._issue(nxt, self._free_slot(slot))
+        return self.slots[slot]
+
+    def idle(self) -> None:
+        """An idle pipeline slot: no collective to join."""
+
+    def device_elements(self) -> int:
+        return len(self.slots) * self.host.layout.total

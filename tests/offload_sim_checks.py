@@ -1,0 +1,75 @@
+"""Block offload under ascend-sim, in one process (run by tests/test_offload.py):
+
+    STEPVIDEO_DEVICE=ascend-sim python tests/offload_sim_checks.py MODELS_DIR
+
+Prints one JSON line: per kind (t2v, ti2v) the max |offload - plain| of the final latents (bf16 policy,
+both in the simulation), the working blocks' and the model's device-resident parameter counts, the
+copies made and issued ahead, and what happens when the compute stream does not wait for a copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from parallel_cases import GUIDANCE, STEPS, TIME_SHIFT, Case, case_inputs, conditioning, reference_latents
+
+
+def main(models_dir: str) -> int:
+    from mindspore import Tensor
+    from stepvideo_ms import runtime
+
+    rt = runtime.init("ascend-sim")
+    from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
+    from stepvideo_ms.parallel import Mesh, load_stage, make_communicator, parallel_denoise
+    from stepvideo_ms.parallel.dit_forward import ParallelDiT
+    from stepvideo_ms.parallel.offload import BlockStreamer
+
+    report = {"device": rt.device, "dtype": str(rt.compute_dtype)}
+    for kind in ("t2v", "ti2v"):
+        case = Case(kind, (3, 3, 3), 1, 1)
+        path = os.path.join(models_dir, kind)
+        want = reference_latents(path, case, rt.compute_dtype)
+        mesh = Mesh.create(1, 0, offload=True)
+        comm = make_communicator(mesh)
+        model, host = load_stage(path, mesh, rt.compute_dtype, progress=False)
+        inputs = case_inputs(case)
+
+        def run():
+            return parallel_denoise(mesh, comm, model, Tensor(inputs["latents"]), conditioning(inputs, kind),
+                                    FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE, progress=False,
+                                    shards=host).asnumpy()
+
+        got = run()
+        dit = ParallelDiT(mesh, comm, model, host)
+        streamer = dit.blocks
+        model_resident = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names() if not p.has_init)
+        working = sum(int(np.prod(p.shape)) for cell in streamer.slots for _, p in cell.parameters_and_names())
+        pinned = all(t.is_pinned() for block in host.blocks.values() for t in block)
+        # one forward through the streamer: every block copied, each but the first issued ahead
+        x = dit.forward(Tensor(np.concatenate([inputs["latents"]] * 2)), Tensor(np.array([500.0, 500.0], np.float32)),
+                        conditioning(inputs, kind))
+        report[kind] = {"err": float(np.abs(got - want).max()), "scale": float(np.abs(want).max()),
+                        "moved": float(np.abs(want - inputs["latents"]).max()),
+                        "model_resident": model_resident, "working": working, "working_blocks": len(streamer.slots),
+                        "block": host.layout.total, "host": host.numel(), "layers": model.num_layers,
+                        "pinned": pinned, "copies_one_forward": streamer.copies,
+                        "in_flight_after": sorted(streamer._pending), "finite": bool(np.isfinite(x.asnumpy()).all())}
+        # the wait removed: the compute stream uses a block whose copy has not landed
+        saved = BlockStreamer._wait
+        BlockStreamer._wait = lambda self, copy: None
+        try:
+            run()
+            report[kind]["without_wait"] = "no error"
+        except RuntimeError as exc:
+            report[kind]["without_wait"] = str(exc)
+        finally:
+            BlockStreamer._wait = saved
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
