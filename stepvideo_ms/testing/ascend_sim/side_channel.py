@@ -21,7 +21,9 @@ POLL_FIRST, POLL_MAX = 0.0005, 0.01  # seconds between looks for a message: doub
 
 def write_bytes(dest: str, data: bytes) -> None:
     """Publish a message whole: written beside its name, then renamed (a reader never sees half of it)."""
-    tmp = f"{dest}.{os.getpid()}.part"
+    folder, name = os.path.split(dest)
+    os.makedirs(folder, exist_ok=True)  # a rank leaving first may have removed the emptied run directory
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.part")
     with open(tmp, "wb") as fh:
         fh.write(data)
     os.replace(tmp, dest)
