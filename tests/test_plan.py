@@ -103,3 +103,31 @@ def test_plan_matches_measured_cpu_rss(layers, heads, head_dim, grid):
                              hardware=planner.CPU, text_tokens=6 + 3)
     assert measured["weights"] == pytest.approx(predicted.memory["weights"], rel=0.05)
     assert measured["peak"] == pytest.approx(predicted.peak_bytes, rel=0.25), (measured, predicted.memory)
+
+
+@pytest.mark.parametrize("cards,card_gb,expect", [
+    # 4 x 32 GiB: the shard layouts are among those refused; 6 cards or 153 frames would fit
+    (4, 32, ["0 of 9 layouts fit", "closest: cfg 2 x ulysses 2 x pp 1 + shard", "2.4 GiB over 32",
+             "fewest cards of 32 GiB for 204 frames 544x992: 6 ", "--cards 6 --card_gb 32",
+             "largest video on 4 cards of 32 GiB: 153 frames 544x992"]),
+    # 1 x 64 GiB: sharding is impossible on one card; 17 frames fit it
+    (1, 64, ["1 card of 64 GiB", "none of the 1 layouts of 1 card fits", "47.5 GiB over 64",
+             "largest video on 1 card of 64 GiB: 17 frames 544x992", "fewest cards of 64 GiB for 204 frames 544x992: 2 "]),
+    # 1 x 32 GiB: no size fits, the weights alone are larger
+    (1, 32, ["no video fits 1 card of 32 GiB: the weights and the runtime reserve alone need 57.7 GiB"]),
+])
+def test_describe_plan_says_what_would_fit_and_exits_1(capsys, cards, card_gb, expect):
+    assert describe.main(["--plan", "--cards", str(cards), "--card_gb", str(card_gb)]) == 1
+    out = capsys.readouterr().out
+    for part in expect:
+        assert part in out, out
+    assert "1 cards" not in out and "--all lists them" in out
+
+
+def test_the_advice_is_the_planner_s_own_answer():
+    """What the advice names does fit, and one less does not."""
+    assert describe.main(["--plan", "--cards", "6", "--card_gb", "32"]) == 0
+    assert describe.main(["--plan", "--cards", "5", "--card_gb", "32"]) == 1
+    assert describe.main(["--plan", "--cards", "4", "--card_gb", "32", "--frames", "153"]) == 0
+    assert describe.main(["--plan", "--cards", "4", "--card_gb", "32", "--frames", "170"]) == 1
+    assert describe.main(["--plan", "--cards", "1", "--card_gb", "64", "--frames", "17"]) == 0
