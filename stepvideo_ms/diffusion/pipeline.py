@@ -106,10 +106,13 @@ class StepVideoPipeline:
         before any weight is read."""
         from ..formats import checkpoint
         from .. import runtime
-        from .backends import check_local_dirs, open_backends
+        from .backends import check_local_dirs, model_folder_problem, open_backends
 
         if not os.path.isdir(model_dir):
             raise ValueError(f"model_dir={model_dir!r} is not a directory: pass the downloaded model folder")
+        problem = model_folder_problem(model_dir, [os.path.join(transformer_dir, "config.json")], "model_dir")
+        if problem:
+            raise ValueError(problem)
         transformer = os.path.join(model_dir, transformer_dir)
         config = checkpoint.read_config(transformer)
         checkpoint.checkpoint_files(transformer)

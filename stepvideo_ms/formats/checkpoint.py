@@ -37,7 +37,8 @@ def read_config(path: str) -> dict:
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     cfg = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg):
-        raise CheckpointError(f"no config.json in {folder}: a model directory needs its config.json")
+        raise CheckpointError(f"no config.json in {folder} (looked for {cfg}): the folder of a model's weights holds "
+                              "its config.json (e.g. MODEL_DIR/transformer/config.json)")
     with open(cfg, "r", encoding="utf-8") as fh:
         return json.load(fh)
 
