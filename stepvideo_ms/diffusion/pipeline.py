@@ -154,16 +154,22 @@ class StepVideoPipeline:
 
     @staticmethod
     def save(frames: np.ndarray, path: str, overwrite: bool = False) -> str:
-        """Write frames (t, h, w, 3) uint8 as an H.264 MP4 at 25 fps (atomically); refuses to replace a
-        file unless overwrite=True."""
+        """Write frames (t, h, w, 3) uint8 as an H.264 MP4 at 25 fps (atomically) -> the path written. An
+        existing file is never replaced unless overwrite=True: the video goes to NAME-1.mp4, NAME-2.mp4, ...
+        as on the command line, so running the same script twice keeps both."""
+        from ..generation.outputs import free_stem
+
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be (t, h, w, 3) uint8 as pipe(...) returns, got {frames.shape} {frames.dtype}")
-        if not str(path).lower().endswith(".mp4"):
+        path = os.fspath(path)
+        if not path.lower().endswith(".mp4"):
             raise ValueError(f"path={path!r}: give a file name ending in .mp4")
-        if os.path.exists(path) and not overwrite:
-            raise ValueError(f"{path} exists: pick another name or pass overwrite=True")
-        return video_io.write_mp4(frames, os.fspath(path))
+        if os.path.isdir(path):
+            raise ValueError(f"path={path!r} is a folder: give a file name ending in .mp4")
+        folder, name = os.path.split(os.path.abspath(path))
+        stem = free_stem(folder, name[:-4], overwrite, extensions=(name[-4:],))
+        return video_io.write_mp4(frames, os.path.join(os.path.dirname(path), stem + name[-4:]))
 
     @property
     def task(self) -> str:
