@@ -49,7 +49,7 @@ def run_service(args, world_size: int) -> int:
     from ..jobs import Job, defaults_from
     from ..world import GenerationWorld, JobFailed, any_rank, broadcast_json
     from .app import ServiceState, create_app
-    from .board import JobBoard
+    from .board import JobBoard, last_id_in
 
     token = args.auth_token or os.environ.get(AUTH_ENV) or None
     if not is_loopback(args.host) and not token:
@@ -65,8 +65,9 @@ def run_service(args, world_size: int) -> int:
     task, transformer = validate_model(args, world_size)
     stop = StopRequest()
     limits = Limits()
-    board = JobBoard(args.queue_size)
-    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {}, defaults_from(args))
+    uploads = os.path.join(save_path, "uploads")
+    board = JobBoard(args.queue_size, last_id=last_id_in(save_path, uploads))  # ids go on across restarts
+    state = ServiceState(board, task, limits, token, uploads, {}, defaults_from(args))
     holder = {}
 
     def bind():  # rank 0, before any weight: a taken port fails in seconds
