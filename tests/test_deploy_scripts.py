@@ -71,6 +71,15 @@ def test_every_script_answers_help(name):
     assert r.stderr == ""
 
 
+def test_test_sh_has_its_own_help():
+    r = script("test.sh", "--help")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "usage: bash scripts/test.sh [PYTEST ARGUMENTS]" and len(lines) < 30, r.stdout
+    assert "slow" in r.stdout and "minutes" in r.stdout and "tests/test_plan.py" in r.stdout
+    assert "[setup]" not in r.stdout  # help installs nothing
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ulysses", "2", "--pp", "1", "--cards", "0,1,2"], "lists 3 cards, but this host runs 2 workers"),
     (["--ulysses", "3", "--pp", "1", "--nnodes", "2"], "do not split evenly over --nnodes 2"),

@@ -259,7 +259,10 @@ def output_stem(save_path: str, prompt: str, output_file_name: str = "", name_su
     return free_stem(os.path.abspath(save_path), stem, overwrite)
 
 
-def safe_stem(prompt: str, limit: int = 50) -> str:
-    """A file name from a prompt: its first characters, path separators and control characters removed."""
-    stem = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "_", prompt.strip())[:limit].strip(" ._")
+def safe_stem(prompt: str, limit: int = 40) -> str:
+    """A file name from a prompt: its first characters, letters and digits of any script kept as they are
+    (readable), every run of anything else (spaces, punctuation, path separators, the shell's special
+    characters) one '_', so the name needs no quoting in a shell."""
+    stem = re.sub(r"[^\w.-]+", "_", prompt.strip())
+    stem = re.sub(r"_{2,}", "_", stem)[:limit].strip("._-")
     return stem or "video"

@@ -152,7 +152,7 @@ class GenerationWorld:
                 "parallel": {"world_size": world_size, "cfg_degree": mesh.cfg_degree,
                              "shard_weights": mesh.shard_weights, "ulysses_degree": mesh.ulysses_degree,
                              "pp_degree": mesh.pp_degree,
-                             "stages": [str(r) for r in mesh.partition(model.num_layers)]}}
+                             "stages": [[r.start, r.stop] for r in mesh.partition(model.num_layers)]}}
         return cls(args, rt, mesh, comm, model, scheduler, pipe, rank, progress, load_s, info, shards)
 
     @property
