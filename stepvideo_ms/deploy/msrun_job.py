@@ -26,7 +26,7 @@ import sys
 import threading
 from typing import List, Optional
 
-from ..console import NoiseFilter, quiet_environment
+from ..console import PROGRESS_ENV, NoiseFilter, live_bars, quiet_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_PARALLEL = os.path.join(REPO, "run_parallel.py")
@@ -271,6 +271,8 @@ def job_environment(args, cards: Optional[List[str]]) -> dict:
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if cards:
         env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(cards)
+    # the workers write to log files that msrun shows here: live bars only if this console is a terminal
+    env.setdefault(PROGRESS_ENV, "bars" if live_bars(sys.stdout) else "lines")
     return quiet_environment(args.verbose, env)
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
-from tqdm.auto import tqdm
+from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from ..ops.conv import clear_weight_caches
 from .safetensors_io import SafetensorsFile
@@ -124,7 +124,7 @@ def load_into(
     clear_weight_caches(cell)  # layouts made from the old weights go (and free their storage)
     loaded = {}
     order = sorted(params, key=lambda n: (where[n][0].path, n))  # one shard after the other
-    for name in tqdm(order, desc=f"loading {type(cell).__name__}", unit="tensor", disable=not progress, leave=False):
+    for name in progress_bar(order, desc=f"loading {type(cell).__name__}", unit="tensor", disable=not progress, leave=False):
         f, key = where[name]
         arr = f.get(key)
         param = params[name]

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
-from tqdm.auto import tqdm
+from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from ..formats import checkpoint
 from ..models.dit import StepVideoModel
@@ -119,7 +119,7 @@ def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32,
             f"checkpoint {path} does not fit the stage's blocks: missing {missing[:10]} wrong shapes {wrong[:10]}; "
             "check that the config matches the weights")
     flats: Dict[int, Tensor] = {}
-    for layer in tqdm(mine, desc="loading block shards", unit="block", disable=not progress, leave=False):
+    for layer in progress_bar(mine, desc="loading block shards", unit="block", disable=not progress, leave=False):
         flat = np.zeros(size, np.float32)
         at = 0
         for i, lo, hi in layout.pieces(start, stop):
