@@ -28,13 +28,9 @@ LOGS=$OUT/logs
 mkdir -p "$LOGS"
 
 echo "[demo] building the tiny model directories"
-BUILDS=()
-for task in t2v ti2v; do  # side by side: each is mostly one core's interpreter start and tokenizer training
-  "$PY" -P -m stepvideo_ms tiny "$OUT/tiny_$task" --task "$task" --force > "$LOGS/tiny_$task.log" 2>&1 &
-  BUILDS+=($!)
-done
-for i in 0 1; do
-  wait "${BUILDS[$i]}" || { cat "$LOGS/tiny_t2v.log" "$LOGS/tiny_ti2v.log" >&2; exit 1; }
+for task in t2v ti2v; do
+  "$PY" -P -m stepvideo_ms tiny "$OUT/tiny_$task" --task "$task" --force > "$LOGS/tiny_$task.log" 2>&1 \
+    || { cat "$LOGS/tiny_$task.log" >&2; exit 1; }
 done
 
 stop() { bash "$SCRIPTS/stop_servers.sh" --log_dir "$LOGS" > /dev/null 2>&1 || true; }

@@ -10,8 +10,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.requirements.sha256
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
-# one interpreter start both checks the installation and reports it (MindSpore takes seconds to import)
-check() { .venv/bin/python -c 'import stepvideo_ms, mindspore, numpy; print("mindspore", mindspore.__version__, "numpy", numpy.__version__)' 2>/dev/null | tail -1; }
+# the installation is checked without importing MindSpore (seconds): every package is found, at its version
+check() {
+  .venv/bin/python -P - <<'PY' 2>/dev/null | tail -1
+import importlib.metadata as md, importlib.util as iu
+missing = [m for m in ("stepvideo_ms", "mindspore", "numpy") if iu.find_spec(m) is None]
+if missing:
+    raise SystemExit(1)
+print("mindspore", md.version("mindspore"), "numpy", md.version("numpy"))
+PY
+}
 ready=""
 if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ]; then
   ready=$(check) || ready=""

@@ -109,6 +109,9 @@ def test_a_folder_of_models_is_answered_with_the_models_inside(models):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "is a folder of models, not a model" in r.stderr and "models/transformer/config.json" in r.stderr
     assert str(models / "models" / "t2v") in r.stderr and str(models / "models" / "ti2v") in r.stderr
+    servers = script("start_servers.sh", "--model_dir", "models", "--log_dir", "logs", cwd=models)
+    assert servers.returncode == 2 and "is a folder of models, not a model" in servers.stderr, servers.stderr
+    assert str(models / "models" / "t2v") in servers.stderr and not (models / "logs").exists()
     empty = models / "empty_model"
     empty.mkdir(exist_ok=True)
     r = script("run_t2v.sh", "--model_dir", "empty_model", "--ulysses", "2", "--pp", "1", "--dry-run", cwd=models)
@@ -240,11 +243,13 @@ def test_servers_runs_two_hosts_and_stop_for_real(models, capsys):
         console.append(t2v.stdout + t2v.stderr)
         assert t2v.returncode == 0, t2v.stdout + t2v.stderr
         shutil.copyfile(os.path.join(REPO, "assets", "demo.png"), cwd / "img.png")
+        with_progress = [a for a in SMALL if a != "--no_progress"]  # the console is a pipe here: plain lines
         ti2v = script("run_ti2v.sh", "--model_dir", "../models/ti2v", "--first_image_path", "img.png",
                       "--ulysses", 1, "--pp", 2, *urls, "--save_path", "out", "--log_dir", "logs/ti2v", "--",
-                      *SMALL, "--output_file_name", "ti2v", cwd=cwd, env=token_env, timeout=RUN_TIMEOUT)
+                      *with_progress, "--output_file_name", "ti2v", cwd=cwd, env=token_env, timeout=RUN_TIMEOUT)
         console.append(ti2v.stdout + ti2v.stderr)
         assert ti2v.returncode == 0, ti2v.stdout + ti2v.stderr
+        assert "\r" not in ti2v.stdout + ti2v.stderr and "denoising: 2/2 steps, in " in ti2v.stdout + ti2v.stderr
         assert sorted(os.listdir(cwd / "out")) == ["t2v.json", "t2v.mp4", "ti2v.json", "ti2v.mp4"]
         for text in console[1:]:  # quiet: our lines and the progress, no launcher echo or MindSpore log lines
             assert "Event base dispatch" not in text and "Start worker process" not in text
