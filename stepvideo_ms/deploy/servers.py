@@ -131,8 +131,9 @@ def start(args) -> int:
     from ..diffusion.backends import model_folder_problem, model_folders_in
 
     parts = ("step_llm", "hunyuan_clip", "vae")
-    if model_folders_in(args.model_dir, parts):  # one level up: name the models inside (else a server says what lacks)
-        problem = model_folder_problem(args.model_dir, parts)
+    model = os.path.abspath(args.model_dir)
+    if model_folders_in(model, parts):  # one level up: name the models inside (else a server says what lacks)
+        problem = model_folder_problem(model, parts)
         if problem:
             return _fail(problem, 2)
     commands = server_commands(args)
