@@ -45,7 +45,7 @@ URLS=$(bash "$SCRIPTS/start_servers.sh" --model_dir "$OUT/tiny_t2v" --caption_po
 echo "[demo] servers ready: $URLS"
 read -r -a URL_ARGS <<< "$URLS"
 # two 17-frame chunks (the VAE blends them), 4 steps, a small picture: the decode runs at the video's size
-SMALL=(--num_frames 34 --height 64 --width 96 --infer_steps 4 --seed 42 --overwrite)
+SMALL=(--num_frames 34 --height 48 --width 80 --infer_steps 4 --seed 42 --overwrite)
 
 echo "[demo] T2V: msrun, 2 workers (ulysses 2)"
 bash "$SCRIPTS/run_t2v.sh" --model_dir "$OUT/tiny_t2v" --ulysses 2 --pp 1 "${URL_ARGS[@]}" --save_path "$OUT" \
