@@ -44,17 +44,18 @@ URLS=$(bash "$SCRIPTS/start_servers.sh" --model_dir "$OUT/tiny_t2v" --caption_po
        "${VERBOSE[@]}" | tail -1)
 echo "[demo] servers ready: $URLS"
 read -r -a URL_ARGS <<< "$URLS"
-SMALL=(--num_frames 34 --height 128 --width 192 --infer_steps 4 --seed 42 --overwrite)
+# two 17-frame chunks (the VAE blends them), 4 steps, a small picture: the decode runs at the video's size
+SMALL=(--num_frames 34 --height 48 --width 80 --infer_steps 4 --seed 42 --overwrite)
 
 echo "[demo] T2V: msrun, 2 workers (ulysses 2)"
 bash "$SCRIPTS/run_t2v.sh" --model_dir "$OUT/tiny_t2v" --ulysses 2 --pp 1 "${URL_ARGS[@]}" --save_path "$OUT" \
   --log_dir "$LOGS/msrun_t2v" --prompt "A red house under a yellow sun, the camera slowly pushes in" "${VERBOSE[@]}" \
-  -- --output_file_name t2v_demo "${SMALL[@]}"
+  --output_file_name t2v_demo "${SMALL[@]}"
 
 echo "[demo] TI2V: msrun, 2 workers (pp 2), first frame assets/demo.png"
 bash "$SCRIPTS/run_ti2v.sh" --model_dir "$OUT/tiny_ti2v" --ulysses 1 --pp 2 "${URL_ARGS[@]}" --save_path "$OUT" \
   --log_dir "$LOGS/msrun_ti2v" --prompt "镜头缓慢推进，太阳升起" --first_image_path "$ROOT/assets/demo.png" \
-  --motion_score 5 "${VERBOSE[@]}" -- --output_file_name ti2v_demo "${SMALL[@]}"
+  --motion_score 5 "${VERBOSE[@]}" --output_file_name ti2v_demo "${SMALL[@]}"
 
 bash "$SCRIPTS/stop_servers.sh" --log_dir "$LOGS" > /dev/null
 for f in "$OUT/t2v_demo.mp4" "$OUT/ti2v_demo.mp4"; do

@@ -54,7 +54,9 @@ def api(request, tiny):
     return request.param, model, StepVideoPipeline.from_pretrained(model, device="CPU", progress=False)
 
 
-def test_readme_example_runs_as_written(tmp_path, tiny, monkeypatch, capsys):
+def test_readme_example_runs_as_written_twice(tmp_path, tiny):
+    """As a user runs it: a fresh interpreter in the user's folder, twice; the second run keeps the first
+    run's videos, and nothing but the example's own lines reaches the console."""
     code = readme_example()
     model = tiny("t2v")
     lines = code.splitlines()
@@ -64,13 +66,19 @@ def test_readme_example_runs_as_written(tmp_path, tiny, monkeypatch, capsys):
         name = lines[i].split(" = ")[0]
         lines[i] = f"{name} = {model!r}" if name == "model_dir" else f"preview = {SMALL!r}"
     assert len(lines) <= 12, "the README example should stay about ten lines"
-    monkeypatch.chdir(tmp_path)
-    exec(compile("\n".join(lines), "README.md example", "exec"), {})
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOG_v", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    env["PYTHONPATH"] = REPO
     import imageio.v3 as iio
-    for i in range(2):
-        frames = np.stack(list(iio.imiter(str(tmp_path / f"preview_{i}.mp4"))))
-        assert frames.shape == (17, 48, 80, 3)
-    assert capsys.readouterr().out.count("(17, 48, 80, 3) uint8") == 2
+    for run, names in enumerate([("preview_0.mp4", "preview_1.mp4"), ("preview_0-1.mp4", "preview_1-1.mp4")]):
+        r = subprocess.run([sys.executable, "-c", "\n".join(lines)], cwd=tmp_path, capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert r.returncode == 0, f"run {run + 1}: {r.stderr[-3000:]}"
+        assert r.stdout.count("(17, 48, 80, 3) uint8") == 2 and all(n in r.stdout for n in names), r.stdout
+        assert "None of PyTorch" not in r.stderr + r.stdout, r.stderr
+        for name in names:
+            frames = np.stack(list(iio.imiter(str(tmp_path / name))))
+            assert frames.shape == (17, 48, 80, 3)
+    assert sorted(os.listdir(tmp_path)) == ["preview_0-1.mp4", "preview_0.mp4", "preview_1-1.mp4", "preview_1.mp4"]
 
 
 def test_call_returns_frames_or_latents(api, tmp_path):
@@ -81,9 +89,9 @@ def test_call_returns_frames_or_latents(api, tmp_path):
     frames = pipe("a red house", first_image=image, seed=3, **SMALL)
     assert frames.shape == (17, 48, 80, 3) and frames.dtype == np.uint8
     path = pipe.save(frames, str(tmp_path / "a.mp4"))
-    with pytest.raises(ValueError, match="exists"):
-        pipe.save(frames, path)
-    pipe.save(frames, path, overwrite=True)
+    assert pipe.save(frames, path) == str(tmp_path / "a-1.mp4")  # never replaced: numbered as the command line
+    assert pipe.save(frames, path, overwrite=True) == path
+    assert sorted(os.listdir(tmp_path)) == ["a-1.mp4", "a.mp4"]
 
 
 def test_api_errors_name_the_argument(api, tmp_path):

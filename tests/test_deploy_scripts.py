@@ -71,6 +71,15 @@ def test_every_script_answers_help(name):
     assert r.stderr == ""
 
 
+def test_test_sh_has_its_own_help():
+    r = script("test.sh", "--help")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "usage: bash scripts/test.sh [PYTEST ARGUMENTS]" and len(lines) < 30, r.stdout
+    assert "slow" in r.stdout and "minutes" in r.stdout and "tests/test_plan.py" in r.stdout
+    assert "[setup]" not in r.stdout  # help installs nothing
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ulysses", "2", "--pp", "1", "--cards", "0,1,2"], "lists 3 cards, but this host runs 2 workers"),
     (["--ulysses", "3", "--pp", "1", "--nnodes", "2"], "do not split evenly over --nnodes 2"),
@@ -82,6 +91,76 @@ def test_launch_arguments_are_checked_before_msrun(models, args, message):
     r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and "msrun" not in r.stdout
+
+
+def test_wrong_layout_is_answered_in_the_caller_s_flags_with_layouts_the_model_takes(models):
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses", "3", "--dry-run")
+    assert r.returncode == 2, r.stdout + r.stderr
+    # the tiny model: 2 heads, 2 layers; pp 3 or 6 would be refused too, so neither is advised
+    assert "run_t2v.sh: error: --ulysses 3 does not divide num_attention_heads=2" in r.stderr, r.stderr
+    assert "--ulysses 2 --pp 1" in r.stderr and "_degree" not in r.stderr and "--pp 3" not in r.stderr
+    assert r.stderr.count("\n") == 1
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses_degree", "2", "--dry-run")
+    assert r.returncode == 2 and "takes --ulysses N" in r.stderr, r.stderr
+
+
+def test_a_folder_of_models_is_answered_with_the_models_inside(models):
+    r = script("run_t2v.sh", "--model_dir", "models", "--ulysses", "2", "--pp", "1", "--dry-run", cwd=models)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "is a folder of models, not a model" in r.stderr and "models/transformer/config.json" in r.stderr
+    assert str(models / "models" / "t2v") in r.stderr and str(models / "models" / "ti2v") in r.stderr
+    servers = script("start_servers.sh", "--model_dir", "models", "--log_dir", "logs", cwd=models)
+    assert servers.returncode == 2 and "is a folder of models, not a model" in servers.stderr, servers.stderr
+    assert str(models / "models" / "t2v") in servers.stderr and not (models / "logs").exists()
+    empty = models / "empty_model"
+    empty.mkdir(exist_ok=True)
+    r = script("run_t2v.sh", "--model_dir", "empty_model", "--ulysses", "2", "--pp", "1", "--dry-run", cwd=models)
+    assert r.returncode == 2 and "is not a model folder" in r.stderr and "step_llm/" in r.stderr, r.stderr
+
+
+def test_weights_of_the_other_task_name_the_other_script(models):
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "ti2v", "--ulysses", "2", "--pp", "1", "--dry-run")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "holds TI2V weights" in r.stderr and os.path.join(SCRIPTS, "run_ti2v.sh") in r.stderr
+    assert "--first_image_path" not in r.stderr
+    r = script("run_ti2v.sh", "--model_dir", models / "models" / "t2v", "--first_image_path",
+               os.path.join(REPO, "assets", "demo.png"), "--ulysses", "2", "--pp", "1", "--dry-run")
+    assert r.returncode == 2 and "holds T2V weights" in r.stderr and "run_t2v.sh" in r.stderr, r.stderr
+
+
+def test_servers_not_started_is_a_pre_launch_mistake_pointing_to_start_servers(models, tmp_path):
+    from stepvideo_ms.parallel.msrun import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses", "2", "--pp", "1",
+               "--caption_url", url, "--vae_url", url, "--log_dir", "logs", cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the caption server does not answer" in r.stderr and "call_remote_server" not in r.stderr
+    assert f"bash {os.path.join(SCRIPTS, 'start_servers.sh')} --model_dir {models / 'models' / 't2v'}" in r.stderr
+    assert "msrun" not in r.stdout
+
+
+def test_stop_servers_speaks_as_itself(tmp_path):
+    r = script("stop_servers.sh", "--log_dir", "logs", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("stop_servers.sh: no run file"), r.stderr
+    assert "start_servers.sh" not in r.stderr
+
+
+def test_run_parallel_settings_are_taken_without_the_double_dash(models):
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses", "2", "--pp", "1",
+               "--num_frames", "17", "--height", "48", "--width", "80", "--infer_steps", "3", "--seed", "5",
+               "--cfg_scale", "4.5", "--time_shift", "11", "--output_file_name", "cat", "--overwrite",
+               "--no_progress", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    for part in ("--num_frames 17", "--height 48", "--width 80", "--infer_steps 3", "--seed 5",
+                 "--cfg_scale 4.5", "--time_shift 11.0", "--output_file_name cat", "--overwrite", "--no_progress"):
+        assert part in r.stdout, r.stdout
+    assert "--infer_steps 50" not in r.stdout and "--cfg_scale 9.0" not in r.stdout  # the preset yields to them
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--bogus", "2", "--dry-run")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus 2" in r.stderr and "--help" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    help_text = script("run_ti2v.sh", "--help").stdout
+    assert "--num_frames" in help_text and "--output_file_name" in help_text and "--ulysses_degree" not in help_text
 
 
 def test_two_host_dry_run_maps_onto_msrun_options(models):
@@ -171,17 +250,20 @@ def test_servers_runs_two_hosts_and_stop_for_real(models, capsys):
         pids = [int(line.split("pid ")[1].split(",")[0]) for line in started.stdout.splitlines() if " pid " in line]
         assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
 
-        t2v = script("run_t2v.sh", "--model_dir", "../models/t2v", "--ulysses", 2, "--pp", 1, *urls,
-                     "--save_path", "out", "--log_dir", "logs/t2v", "--", *SMALL, "--output_file_name", "t2v",
+        assert f"stop with: bash {os.path.join(SCRIPTS, 'stop_servers.sh')} --run_file" in started.stdout
+        t2v = script("run_t2v.sh", "--model_dir", "../models/t2v", "--ulysses", 2, "--pp", 1, *urls,  # no --
+                     "--save_path", "out", "--log_dir", "logs/t2v", *SMALL, "--output_file_name", "t2v",
                      "--auth_token", TOKEN, cwd=cwd, timeout=RUN_TIMEOUT)
         console.append(t2v.stdout + t2v.stderr)
         assert t2v.returncode == 0, t2v.stdout + t2v.stderr
         shutil.copyfile(os.path.join(REPO, "assets", "demo.png"), cwd / "img.png")
+        with_progress = [a for a in SMALL if a != "--no_progress"]  # the console is a pipe here: plain lines
         ti2v = script("run_ti2v.sh", "--model_dir", "../models/ti2v", "--first_image_path", "img.png",
                       "--ulysses", 1, "--pp", 2, *urls, "--save_path", "out", "--log_dir", "logs/ti2v", "--",
-                      *SMALL, "--output_file_name", "ti2v", cwd=cwd, env=token_env, timeout=RUN_TIMEOUT)
+                      *with_progress, "--output_file_name", "ti2v", cwd=cwd, env=token_env, timeout=RUN_TIMEOUT)
         console.append(ti2v.stdout + ti2v.stderr)
         assert ti2v.returncode == 0, ti2v.stdout + ti2v.stderr
+        assert "\r" not in ti2v.stdout + ti2v.stderr and "denoising: 2/2 steps, in " in ti2v.stdout + ti2v.stderr
         assert sorted(os.listdir(cwd / "out")) == ["t2v.json", "t2v.mp4", "ti2v.json", "ti2v.mp4"]
         for text in console[1:]:  # quiet: our lines and the progress, no launcher echo or MindSpore log lines
             assert "Event base dispatch" not in text and "Start worker process" not in text
@@ -216,6 +298,8 @@ def test_servers_runs_two_hosts_and_stop_for_real(models, capsys):
         stopped = script("stop_servers.sh", "--log_dir", "logs", cwd=cwd, timeout=60)
     assert stopped.returncode == 0 and stopped.stdout.count(": stopped") == 2, stopped.stdout + stopped.stderr
     assert not os.path.exists(cwd / "logs" / "servers.json")
+    again = script("stop_servers.sh", "--log_dir", "logs", cwd=cwd, timeout=60)
+    assert again.returncode == 1 and again.stderr.startswith("stop_servers.sh: "), again.stderr
     assert processes_mentioning(str(root)) == [] and not any(os.path.exists(f"/proc/{p}/cmdline") for p in pids)
     # the token: in no output or log file, on no console line
     for folder, _, files in os.walk(root):

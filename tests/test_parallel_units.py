@@ -70,6 +70,11 @@ def test_mesh_refuses_bad_cfg_and_shard_layouts(args, match):
 def test_model_checks_name_heads_and_layers_with_a_valid_alternative():
     with pytest.raises(ValueError, match=r"ulysses_degree=4 does not divide num_attention_heads=6.*--ulysses_degree 2 --pp_degree 2"):
         Mesh.create(4, 0, 4, 1).check_model(num_attention_heads=6, num_layers=48)
+    # only layouts the model takes are advised: 6 ranks of a 2-head, 2-layer model fit none (pp 3 and 6 > 2 layers)
+    with pytest.raises(ValueError, match=r"no layout of 6 ranks fits this model: --ulysses_degree must divide 2 "
+                                         r"\(1, 2\) and --pp_degree be at most 2") as refused:
+        Mesh.create(6, 0, 3, 2).check_model(num_attention_heads=2, num_layers=2)
+    assert "--pp_degree 3" not in str(refused.value) and "--pp_degree 6" not in str(refused.value)
     with pytest.raises(ValueError, match=r"num_layers=3 < pp_degree=4.*pp_degree <= 3"):
         Mesh.create(4, 0, 1, 4).check_model(num_attention_heads=48, num_layers=3)
     with pytest.raises(ValueError, match=r"pp_split=30,20 must be strictly increasing.*e\.g\. pp_split=16,32"):

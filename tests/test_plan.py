@@ -127,3 +127,32 @@ def test_int8_weights_by_hand_and_on_four_32_gib_cards():
     cpu = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, weights="int8"), GRID_204F, hardware=planner.CPU)
     assert cpu.memory["dequantized weight"] == 4 * d * d * 4  # one float32 copy of the largest weight
     assert "--weights int8" in full.layout.arguments()
+
+
+@pytest.mark.parametrize("cards,card_gb,expect", [
+    # 2 x 16 GiB: even offload with sequential CFG and chunks misses; 3 cards or 153 frames would fit
+    (2, 16, ["0 of 14 layouts fit", "closest: ulysses 2 x pp 1 + offload + seq cfg + chunks", "2.9 GiB over 16",
+             "fewest cards of 16 GiB for 204 frames 544x992: 3 ", "--cards 3 --card_gb 16",
+             "largest video on 2 cards of 16 GiB: 153 frames 544x992"]),
+    # 1 x 16 GiB: sharding is impossible on one card; 68 frames fit it
+    (1, 16, ["1 card of 16 GiB", "none of the 6 layouts of 1 card fits", "14.2 GiB over 16",
+             "largest video on 1 card of 16 GiB: 68 frames 544x992", "fewest cards of 16 GiB for 204 frames 544x992: 3 "]),
+    # 1 x 4 GiB: no size fits, what stays on the card is larger
+    (1, 4, ["no video fits 1 card of 4 GiB: the weights and the runtime reserve alone need 5.9 GiB"]),
+])
+def test_describe_plan_says_what_would_fit_and_exits_1(capsys, cards, card_gb, expect):
+    assert describe.main(["--plan", "--cards", str(cards), "--card_gb", str(card_gb)]) == 1
+    out = capsys.readouterr().out
+    for part in expect:
+        assert part in out, out
+    assert "1 cards" not in out and "--all lists them" in out
+
+
+def test_the_advice_is_the_planner_s_own_answer():
+    """What the advice names does fit, and one less does not."""
+    assert describe.main(["--plan", "--cards", "3", "--card_gb", "16"]) == 0
+    assert describe.main(["--plan", "--cards", "2", "--card_gb", "16"]) == 1
+    assert describe.main(["--plan", "--cards", "2", "--card_gb", "16", "--frames", "153"]) == 0
+    assert describe.main(["--plan", "--cards", "2", "--card_gb", "16", "--frames", "170"]) == 1
+    assert describe.main(["--plan", "--cards", "1", "--card_gb", "16", "--frames", "68"]) == 0
+    assert describe.main(["--plan", "--cards", "1", "--card_gb", "16", "--frames", "85"]) == 1

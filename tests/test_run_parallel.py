@@ -70,6 +70,8 @@ def test_single_process_writes_video_json_and_latents(served, single):
     assert record["settings"]["seed"] == 11 and record["settings"]["task"] == served[0]
     assert set(record["timings"]) >= {"load_s", "encode_s", "denoise_s", "decode_s"}
     assert record["memory"]["anonymous_gib"] > 0 and "file_backed_gib" in record["memory"]  # CPU: no device statistics
+    assert record["parallel"]["stages"] == [[0, 2]]  # each stage's [first, end) layers, as data
+    assert mp4[0].name == "a_red_house_under_the_sun.mp4"  # the prompt's words, no spaces
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
@@ -157,6 +159,21 @@ def test_existing_output_name_gets_a_number_unless_overwrite(tmp_path):
                                              "--output_file_name", "clip"])
     settings = checks.settings_from(args, "t2v")
     assert checks.output_stem(args, settings) == "clip-2"
+
+
+@pytest.mark.parametrize("prompt,stem", [
+    ("a cat playing the piano", "a_cat_playing_the_piano"),
+    ("一名宇航员在月球上发现一块石碑，上面印有“stepfun”字样，闪闪发光", "一名宇航员在月球上发现一块石碑_上面印有_stepfun_字样_闪闪发光"),
+    ("it's $HOME; rm -rf / && `x` > y | z * ? (a) [b] {c} \\ \"q\" !", "it_s_HOME_rm_-rf_x_y_z_a_b_c_q"),
+    ("  --flag-like", "flag-like"), ("...", "video"), ("café/crème", "café_crème"),
+])
+def test_default_file_names_need_no_quoting_in_a_shell(prompt, stem):
+    import shlex
+    from stepvideo_ms.diffusion.pipeline import safe_stem
+
+    assert safe_stem(prompt) == stem
+    assert shlex.quote(stem) == stem or not stem.isascii()  # shlex quotes any non-ASCII letter; none is special
+    assert not set(stem) & set(" \t\n'\"`$&|;<>()[]{}*?!\\/~#") and not stem.startswith("-")
 
 
 def test_save_folder_checks_create_nothing(tmp_path):

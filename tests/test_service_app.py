@@ -123,3 +123,62 @@ def test_finite_numbers_in_range_are_accepted_as_their_types(tmp_path):
     assert r.status_code == 201, r.get_json()
     s = board.record(r.get_json()["id"]).job.settings
     assert (s.cfg_scale, s.time_shift, s.seed) == (100.0, 0.5, 2 ** 63 - 1) and type(s.cfg_scale) is float
+
+
+def test_refused_submissions_take_no_job_id(tmp_path):
+    c, board = client(tmp_path, queue_size=2)
+    assert c.post("/jobs", json={"prompt": "one"}).get_json()["id"] == "job00001"
+    for bad in ({"seed": 3}, {"prompt": "x", "num_frames": 5000}, {"prompt": "x", "steps": 3}, ["x"]):
+        assert c.post("/jobs", json=bad).status_code == 422
+    assert c.post("/jobs", json={"prompt": "two"}).get_json()["id"] == "job00002"
+    assert c.post("/jobs", json={"prompt": "three"}).status_code == 503  # full: no id either
+    board.take(0.1)
+    assert c.post("/jobs", json={"prompt": "four"}).get_json()["id"] == "job00003"
+
+
+def test_ids_go_on_after_a_restart(tmp_path):
+    from stepvideo_ms.generation.service.board import last_id_in
+
+    save = tmp_path / "videos"
+    (save / "uploads").mkdir(parents=True)
+    for name in ("job00006.mp4", "job00006.json", "job00001-1.mp4", "notes.txt", "jobless.mp4"):
+        (save / name).write_text("")
+    (save / "uploads" / "job00007.png").write_text("")
+    assert last_id_in(str(save), str(save / "uploads")) == 7
+    board = JobBoard(2, last_id=last_id_in(str(save), str(save / "uploads")))
+    state = ServiceState(board, "t2v", Limits(), None, str(save / "uploads"), {}, {})
+    assert create_app(state).test_client().post("/jobs", json={"prompt": "x"}).get_json()["id"] == "job00008"
+    assert last_id_in(str(tmp_path / "none")) == 0
+
+
+@pytest.mark.parametrize("job,field,message", [
+    ({"seed": 3}, "prompt", "missing key 'prompt'"),
+    ({"prompt": "  "}, "prompt", "prompt is empty"),
+    ({"prompt": "x", "seed": "7"}, "seed", "seed must be an integer"),
+    ({"prompt": "x", "height": 0}, "height", "height=0"),
+    ({"prompt": "x", "cfg_scale": -1}, "cfg_scale", "cfg_scale=-1"),
+    ({"prompt": "x", "motion_score": 5}, "motion_score", "motion_score is for TI2V"),
+    ({"prompt": "x", "num_frames": 5000}, "num_frames", "num_frames=5000 is over the limit of 1024"),
+    ({"prompt": "x", "width": 4100}, "width", "width=4100 is over the limit of 4096"),
+])
+def test_every_422_names_its_field_in_the_client_s_words(tmp_path, job, field, message):
+    c, _ = client(tmp_path)
+    r = c.post("/jobs", json=job)
+    body = r.get_json()
+    assert r.status_code == 422 and body["field"] == field and message in body["error"], body
+    assert "--" not in body["error"]  # no command-line flag for an HTTP client
+
+
+def test_a_job_shows_decoding_after_its_last_step_and_its_elapsed_time(tmp_path):
+    c, board = client(tmp_path)
+    job_id = c.post("/jobs", json={"prompt": "x"}).get_json()["id"]
+    assert c.get("/jobs/" + job_id).get_json()["elapsed_s"] is None
+    rec = board.take(0.1)
+    board.progress(rec, 1, 2)
+    assert c.get("/jobs/" + job_id).get_json()["state"] == "running"
+    board.progress(rec, 2, 2)
+    shown = c.get("/jobs/" + job_id).get_json()
+    assert shown["state"] == "decoding" and shown["step"] == 2 and shown["elapsed_s"] >= 0
+    assert c.get("/health").get_json()["jobs"]["decoding"] == 1
+    board.finish(rec, "v.mp4", "v.json")
+    assert c.get("/jobs/" + job_id).get_json()["state"] == "done"

@@ -32,9 +32,7 @@ def events(folder):
 def test_restart_lists_finished_resumes_waiting_and_continues_ids(tmp_path):
     board, restored = board_on(tmp_path)
     assert restored["resumed"] == 0 and restored["next"] == "job00001"
-    ids = [board.new_id() for _ in range(4)]
-    for i, job_id in enumerate(ids):
-        board.submit(job_id, job(f"prompt {i}", seed=i))
+    ids = [board.submit(job(f"prompt {i}", seed=i)).id for i in range(4)]
     done = board.take(0)
     board.finish(done, "/v/a.mp4", "/v/a.json")
     failed = board.take(0)
@@ -51,7 +49,7 @@ def test_restart_lists_finished_resumes_waiting_and_continues_ids(tmp_path):
     states = {j["id"]: j["state"] for j in again.listing()}
     assert states == {ids[0]: "done", ids[1]: "failed", ids[2]: "queued", ids[3]: "cancelled"}
     assert again.get(ids[1])["error"] == "denoising failed: boom"
-    assert again.new_id() == "job00005"  # no second job00001
+    assert again.next_id == "job00005"  # no second job00001
     rec = again.take(0)
     assert rec.id == ids[2] and rec.job.settings.seed == 2 and rec.attempts == 2
     again.journal.close()
@@ -59,14 +57,14 @@ def test_restart_lists_finished_resumes_waiting_and_continues_ids(tmp_path):
     third, restored = board_on(tmp_path)  # interrupted a second time: not run again
     assert restored["resumed"] == 0
     assert third.get(ids[2])["state"] == "failed" and f"stopped {MAX_ATTEMPTS} times" in third.get(ids[2])["error"]
-    assert third.new_id() == "job00005"  # an id never accepted was never shown to anyone
+    assert third.next_id == "job00005"  # an id never accepted was never shown to anyone
     third.journal.close()
 
 
 def test_waiting_jobs_survive_a_stop_and_run_in_order(tmp_path):
     board, _ = board_on(tmp_path, queue_size=2)
     for i in range(2):
-        board.submit(board.new_id(), job(f"p{i}"))
+        board.submit(job(f"p{i}"))
     assert board.close() == 2  # SIGTERM: kept, not cancelled
     board.journal.close()
     again, restored = board_on(tmp_path, queue_size=1)  # resumed even beyond a smaller queue
@@ -77,9 +75,8 @@ def test_waiting_jobs_survive_a_stop_and_run_in_order(tmp_path):
 
 def test_torn_last_line_and_unreadable_entries(tmp_path, monkeypatch):
     board, _ = board_on(tmp_path)
-    board.submit(board.new_id(), job("kept"))
-    image_job = board.new_id()
-    board.submit(image_job, job("other model"))
+    board.submit(job("kept"))
+    image_job = board.submit(job("other model")).id
     board.journal.close()
     path = tmp_path / JOURNAL_NAME
     lines = path.read_text().splitlines(keepends=True)

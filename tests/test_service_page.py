@@ -1,5 +1,7 @@
-"""The service's web page in headless Chromium (Debian's `chromium`; skipped where absent): a job
-submitted through the form runs, its video plays in the page, and a screenshot is saved."""
+"""The service's web page in headless Chromium (Debian's `chromium`; skipped where absent): the form starts
+from the operator's settings (/health's defaults), a preset applies only when picked, a job submitted
+through the form runs, its video plays in the page with a download link and its time, and a screenshot
+is saved."""
 import os
 import re
 import signal
@@ -16,6 +18,11 @@ CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 
 
+# what the operator chose on the command line: the page must start from it, not from a preset
+OPERATOR = ["--infer_steps", "3", "--cfg_scale", "7.5", "--num_frames", "17", "--height", "96", "--width", "160",
+            "--seed", "9"]
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("page")
@@ -25,7 +32,7 @@ def service(tmp_path_factory):
     out, err = open(root / "service.out", "w"), open(root / "service.err", "w")
     proc = subprocess.Popen([sys.executable, "run_parallel.py", "--serve", "--port", "0", "--model_dir", str(model),
                              "--caption_url", "local", "--vae_url", "local", "--save_path", str(root / "videos"),
-                             "--no_progress"], cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                             "--no_progress", *OPERATOR], cwd=REPO, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                             env={**os.environ, "GLOG_v": "3"})
     url = None
     deadline = time.monotonic() + 180
@@ -52,15 +59,22 @@ def test_form_submits_a_job_and_its_video_plays(service, tmp_path):
         browser.navigate(url)
         presets = browser.wait_for("Array.from(document.querySelectorAll('#preset option')).map(o => o.value)",
                                    60, "the presets")
-        assert presets == ["T2V", "T2V-Turbo"]  # a T2V model: the TI2V preset and image field are hidden
-        assert browser.js("document.getElementById('infer_steps').value") == "50"
-        browser.js("document.getElementById('preset').value = 'T2V-Turbo';"
-                   "document.getElementById('preset').dispatchEvent(new Event('change')); 1")
-        assert browser.js("document.getElementById('cfg_scale').value") == "5"
+        # a T2V model: the TI2V preset and image field are hidden; the form starts from the server's defaults
+        assert presets == ["server defaults", "T2V", "T2V-Turbo"]
+        form = "Object.fromEntries(%s.map(id => [id, document.getElementById(id).value]))" % (
+            ["preset", "infer_steps", "cfg_scale", "time_shift", "num_frames", "height", "width", "seed"],)
+        assert browser.js(form) == {"preset": "server defaults", "infer_steps": "3", "cfg_scale": "7.5",
+                                    "time_shift": "13", "num_frames": "17", "height": "96", "width": "160",
+                                    "seed": "9"}
+        pick = "document.getElementById('preset').value = '%s'; " \
+               "document.getElementById('preset').dispatchEvent(new Event('change')); 1"
+        browser.js(pick % "T2V-Turbo")  # a preset sets what it names, the rest stays
+        assert browser.js(form) == {"preset": "T2V-Turbo", "infer_steps": "15", "cfg_scale": "5", "time_shift": "17",
+                                    "num_frames": "17", "height": "96", "width": "160", "seed": "9"}
+        browser.js(pick % "server defaults")
+        assert browser.js("document.getElementById('infer_steps').value") == "3"
         browser.js("""(() => {
-            const set = (id, v) => { document.getElementById(id).value = v; };
-            set('prompt', 'a lighthouse at dusk'); set('num_frames', 17); set('height', 96); set('width', 160);
-            set('infer_steps', 3); set('seed', 9);
+            document.getElementById('prompt').value = 'a lighthouse at dusk';
             document.getElementById('submit').click(); return 1; })()""")
         browser.wait_for("document.getElementById('message').textContent.startsWith('queued as')", 30,
                          "the job to be queued")
@@ -69,6 +83,11 @@ def test_form_submits_a_job_and_its_video_plays(service, tmp_path):
                 {t: v.currentTime, w: v.videoWidth, h: v.videoHeight} : null; })()""", 180, "the video to play")
         assert (playing["w"], playing["h"]) == (160, 96)
         assert "done" in browser.js("document.querySelector('#jobs tr td:nth-child(3)').textContent")
+        assert browser.js("document.querySelector('#jobs tr td:nth-child(4)').textContent").strip().endswith("3/3")
+        assert re.fullmatch(r"\d+ s", browser.js("document.querySelector('#jobs tr td:nth-child(5)').textContent"))
+        link = browser.js("(() => { const a = document.querySelector('#jobs a[download]');"
+                          " return a && {name: a.download, blob: a.href.startsWith('blob:')}; })()")
+        assert link == {"name": "job00001.mp4", "blob": True}
         shot = tmp_path / "page.png"
         browser.screenshot(str(shot))
         assert shot.stat().st_size > 10_000

@@ -129,6 +129,12 @@ def test_config_defaults_and_checks():
         VAEConfig.from_dict({"z_channel": 8})
     with pytest.raises(ValueError, match="multiples of 32"):
         VAEConfig.from_dict({"encoder": {"ch": 24}})
+    # the decoder builds num_res_blocks + 1 blocks per level (as upstream), so 0 is one block; the encoder needs one
+    one_block = AutoencoderKL.from_config({"z_channels": 8, "decoder": {"ch": 32, "ch_mult": [1, 1, 1, 1],
+                                                                        "num_res_blocks": 0}})
+    assert [len(level.block) for level in one_block.decoder.up] == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="encoder.num_res_blocks=0 must be >= 1"):
+        VAEConfig.from_dict({"encoder": {"num_res_blocks": 0}})
 
 
 def test_released_parameter_names():

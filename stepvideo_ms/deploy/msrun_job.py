@@ -26,7 +26,7 @@ import sys
 import threading
 from typing import List, Optional
 
-from ..console import NoiseFilter, quiet_environment
+from ..console import PROGRESS_ENV, NoiseFilter, live_bars, quiet_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_PARALLEL = os.path.join(REPO, "run_parallel.py")
@@ -42,11 +42,20 @@ class LaunchError(ValueError):
     """A bad launch argument: exit status 2 with this message."""
 
 
+class ShortParser(argparse.ArgumentParser):
+    """An argument error in one line and a pointer to --help, not the whole usage of 40 options."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
+
+
 def build_parser(task: str) -> argparse.ArgumentParser:
     prog = f"run_{task}.sh"
-    p = argparse.ArgumentParser(
-        prog=prog, description=f"Step-Video-{task.upper()} with msrun: world = cfg x ulysses x pp workers, over "
-        "--nnodes hosts. Arguments after -- go to run_parallel.py unchanged (python run_parallel.py --help).",
+    p = ShortParser(
+        prog=prog, allow_abbrev=False,
+        description=f"Step-Video-{task.upper()} with msrun: world = cfg x ulysses x pp workers, over "
+        "--nnodes hosts. Every run_parallel.py setting is taken directly (below); arguments after -- go to "
+        "run_parallel.py unchanged too.",
         epilog="Two hosts, 16 cards: on each host run the same command with --nnodes 2 --master_addr HOST0 "
                "--ulysses 8 --pp 2 and --node_rank 0 (on HOST0) or 1.")
     p.add_argument("--model_dir", required=True, help="the downloaded model directory")
@@ -60,9 +69,6 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument("--vae_url", default="http://127.0.0.1:5001", help="the VAE server")
     p.add_argument("--save_path", default=None, help="folder of the MP4 and its JSON (default ./results)")
     p.add_argument("--device", default=None, help="Ascend, CPU or ascend-sim (default: Ascend when present)")
-    p.add_argument("--weights", choices=("full", "int8"), default=None,
-                   help="int8: the DiT's block weights in int8 with per-channel scales (half the memory); "
-                        "default: what the transformer folder holds")
     g = p.add_argument_group("layout")
     g.add_argument("--cfg", type=int, default=None,
                    help="CFG-parallel degree: 2 runs [cond, uncond] on two rank groups (default 1)")
@@ -81,7 +87,57 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     g.add_argument("--log_dir", default="logs/msrun", help="msrun's worker logs (default logs/msrun)")
     p.add_argument("--verbose", action="store_true", help="show msrun's and MindSpore's full output")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="validate and print the command only")
+    add_run_parallel_settings(p)
     return p
+
+
+# run_parallel.py's arguments that this script sets itself, under its own name or as they are
+WRAPPER_SETS = {"model_dir", "caption_url", "vae_url", "prompt", "first_image_path", "motion_score", "save_path",
+                "device", "verbose", "help"}
+LAYOUT_NAMES = {"cfg_degree": "--cfg", "ulysses_degree": "--ulysses", "pp_degree": "--pp"}
+OTHER_MODES = {"prompts_file", "serve", "host", "port", "queue_size"}  # run_parallel.py itself runs those
+
+
+def passed_on(parser=None) -> List[argparse.Action]:
+    """run_parallel.py's own arguments that these scripts take directly and pass on unchanged."""
+    from ..generation import cli
+
+    return [a for a in (parser or cli.build_parser())._actions
+            if a.option_strings and a.dest not in WRAPPER_SETS | OTHER_MODES | set(LAYOUT_NAMES)]
+
+
+def add_run_parallel_settings(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run_parallel.py settings (passed on as given; python run_parallel.py --help)")
+    for action in passed_on():
+        kwargs = dict(dest=action.dest, default=argparse.SUPPRESS, help=action.help)
+        if action.nargs == 0:  # a flag
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=action.type, metavar=action.metavar, choices=action.choices)
+        g.add_argument(*action.option_strings, **kwargs)
+    for name, ours in LAYOUT_NAMES.items():  # run_parallel.py's spelling of our layout flags: say ours
+        p.add_argument(f"--{name}", dest=f"rp_{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def given_settings(args) -> List[str]:
+    """The run_parallel.py arguments given directly, as run_parallel.py arguments."""
+    out = []
+    for action in passed_on():
+        if action.dest == "auth_token" or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        flag = action.option_strings[0]
+        out += [flag] if action.nargs == 0 else [flag, str(value)]
+    return out
+
+
+def caller_flags(message: str) -> str:
+    """run_parallel.py's layout names in a message, in these scripts' names (--ulysses_degree 2 -> --ulysses 2)."""
+    import re
+
+    message = re.sub(r"--(cfg|ulysses|pp)_degree\b", r"--\1", message)
+    message = re.sub(r"(?<![-\w])(cfg|ulysses|pp)_degree=", r"--\1 ", message)
+    return re.sub(r"(?<![-\w])(cfg|ulysses|pp)_degree\b", r"--\1", message)
 
 
 def split_extra(argv: List[str]):
@@ -146,6 +202,7 @@ def layout(args):
 def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
     from ..diffusion.settings import PRESETS
 
+    extra = given_settings(args) + list(extra)
     given = {item.split("=", 1)[0] for item in extra if item.startswith("--")}
     preset = {k: v for k, v in PRESETS[args.preset].items() if f"--{k}" not in given}  # `-- --infer_steps 30` wins
     if task == "ti2v" and args.motion_score is not None:
@@ -162,19 +219,23 @@ def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
         out += ["--save_path", os.path.abspath(args.save_path)]
     if args.device:
         out += ["--device", args.device]
-    if args.weights and "--weights" not in given:
-        out += ["--weights", args.weights]
     if args.verbose:
         out += ["--verbose"]
     return out + list(extra)
 
 
-def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = True) -> None:
+def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = True, task: Optional[str] = None) -> None:
     """run_parallel.py's own checks, here, once (argparse errors exit 2 by themselves)."""
     from ..generation import checks, cli
-    from ..serving.client import RemoteClient, RemoteServerError
+    from ..serving.client import START_HINT, RemoteClient, RemoteServerError
 
     rp = cli.build_parser().parse_args(rp_argv)
+    checks.check_outputs(rp)  # first: needs no MindSpore import, so a bad --save_path fails in a second
+    found, _ = checks.validate_model(rp, world)
+    if task and found != task:
+        raise LaunchError(f"--model_dir {rp.model_dir} holds {found.upper()} weights (use_additional_conditions is "
+                          f"{str(found == 'ti2v').lower()} in its transformer/config.json): use "
+                          f"{os.path.join(REPO, 'scripts', f'run_{found}.sh')} for them")
     checks.validate(rp, world)
     if node_rank != 0 or not servers:  # only rank 0 (on host 0) talks to the servers
         return
@@ -190,11 +251,13 @@ def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = Tr
             try:
                 client.health()
             except RemoteServerError as exc:
-                raise ServerDown(f"the {name} server does not answer: {exc}") from None
+                hint = START_HINT.replace("MODEL_DIR", shlex.quote(rp.model_dir))
+                raise ServerDown(f"the {name} server does not answer: {exc}".replace(START_HINT, hint)
+                                 + ("" if START_HINT in str(exc) else f"; {hint}")) from None
 
 
-class ServerDown(RuntimeError):
-    """A server is not reachable: exit status 1."""
+class ServerDown(LaunchError):
+    """A server is not reachable: a pre-launch mistake like any other (exit status 2)."""
 
 
 def msrun_command(args, world: int, local: int, rp_argv: List[str]) -> List[str]:
@@ -223,6 +286,8 @@ def job_environment(args, cards: Optional[List[str]]) -> dict:
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if cards:
         env["ASCEND_RT_VISIBLE_DEVICES"] = ",".join(cards)
+    # the workers write to log files that msrun shows here: live bars only if this console is a terminal
+    env.setdefault(PROGRESS_ENV, "bars" if live_bars(sys.stdout) else "lines")
     return quiet_environment(args.verbose, env)
 
 
@@ -344,6 +409,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     own, extra = split_extra(argv)
     parser = build_parser(task)
     args = parser.parse_args(own)
+    for name, ours in LAYOUT_NAMES.items():
+        if hasattr(args, f"rp_{name}"):
+            parser.error(f"--{name} is run_parallel.py's name: {parser.prog} takes {ours} N (the world is --cfg x "
+                         "--ulysses x --pp)")
+    if getattr(args, "auth_token", None):
+        extra = ["--auth_token", args.auth_token] + extra  # to the environment, below, never a command line
     quiet_environment(args.verbose)  # before MindSpore is imported by the checks
     prog = parser.prog
     try:
@@ -354,16 +425,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.environ[AUTH_ENV] = token  # read by the clients here and in every worker
         world, local, cards = layout(args)
         rp_argv = run_parallel_args(task, args, extra)
-        preflight(rp_argv, world, args.node_rank, servers=not args.dry_run)
+        preflight(rp_argv, world, args.node_rank, servers=not args.dry_run, task=task)
         cmd = msrun_command(args, world, local, rp_argv)
-    except ValueError as exc:  # LaunchError, and run_parallel.py's validation errors
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+    except ValueError as exc:  # LaunchError (a server down too), run_parallel.py's checks, a checkpoint problem
+        print(f"{prog}: error: {caller_flags(str(exc))}", file=sys.stderr, flush=True)
         return 2
-    except Exception as exc:  # a checkpoint problem or a server that does not answer
-        from ..formats.checkpoint import CheckpointError
-
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        return 2 if isinstance(exc, CheckpointError) else 1
+    except Exception as exc:  # anything unforeseen: one line, no traceback
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1
     env = job_environment(args, cards)
     shown = (f"ASCEND_RT_VISIBLE_DEVICES={env['ASCEND_RT_VISIBLE_DEVICES']} " if cards else "") + shlex.join(cmd)
     if args.dry_run:

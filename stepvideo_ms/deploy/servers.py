@@ -28,12 +28,13 @@ from ..console import quiet_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_SCRIPT = os.path.join(REPO, "api", "call_remote_server.py")
+STOP_SCRIPT = os.path.join(REPO, "scripts", "stop_servers.sh")
 RUN_FILE_NAME = "servers.json"
 READY_MARK = "pass to run_parallel.py"
 URL_RE = re.compile(r"--(caption|vae)_url (\S+)")
 STOP_GRACE_S = 20.0
 TAIL_LINES = 30
-PROG = "start_servers.sh"
+PROG, STOP_PROG = "start_servers.sh", "stop_servers.sh"
 POLL_S = 0.2
 
 
@@ -127,6 +128,14 @@ def start(args) -> int:
     if not os.path.isdir(args.model_dir):
         return _fail(f"--model_dir {args.model_dir} does not exist (relative paths are taken from "
                      f"{os.getcwd()})", 2)
+    from ..diffusion.backends import model_folder_problem, model_folders_in
+
+    parts = ("step_llm", "hunyuan_clip", "vae")
+    model = os.path.abspath(args.model_dir)
+    if model_folders_in(model, parts):  # one level up: name the models inside (else a server says what lacks)
+        problem = model_folder_problem(model, parts)
+        if problem:
+            return _fail(problem, 2)
     commands = server_commands(args)
     cards = {"caption": args.caption_card, "vae": args.vae_card}
     log_dir = os.path.abspath(args.log_dir)
@@ -140,7 +149,7 @@ def start(args) -> int:
         live = [e for e in _read_run_file(run_file) if is_same_process(e)]
         if live:
             return _fail(f"servers of {run_file} are still running (pids {', '.join(str(e['pid']) for e in live)}): "
-                         "stop them first with stop_servers.sh, or give another --run_file", 2)
+                         f"stop them first with bash {STOP_SCRIPT} --run_file {run_file}, or give another --run_file", 2)
     os.makedirs(log_dir, exist_ok=True)
     entries = []
     try:
@@ -162,7 +171,7 @@ def start(args) -> int:
         return _fail(str(exc) if isinstance(exc, RuntimeError) else "interrupted: the servers were stopped", 1)
     for e in entries:
         print(f"{e['name']} server: pid {e['pid']}, card {e['card']}, {e['url']}, log {e['log']}")
-    print(f"run file: {run_file} (stop with: bash scripts/stop_servers.sh --run_file {run_file})")
+    print(f"run file: {run_file} (stop with: bash {STOP_SCRIPT} --run_file {run_file})")
     urls = {e["name"]: e["url"] for e in entries}
     print(f"--caption_url {urls['caption']} --vae_url {urls['vae']}", flush=True)
     return 0
@@ -205,7 +214,8 @@ def _exited(pid: int) -> bool:
 def stop(args) -> int:
     run_file = run_file_of(args)
     if not os.path.exists(run_file):
-        return _fail(f"no run file {run_file}: nothing started with this --log_dir/--run_file", 1)
+        return _fail(f"no run file {run_file}: no servers started with this --log_dir/--run_file are running "
+                     "(stopped already, or started with another --log_dir)", 1, STOP_PROG)
     entries = _read_run_file(run_file)
     ended = end_processes(entries)
     for e in entries:
@@ -229,13 +239,14 @@ def _remove(path: str) -> None:
         pass
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+def _fail(message: str, code: int, prog: str = PROG) -> int:
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
     return code
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser(PROG).parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(STOP_PROG if "--stop" in argv else PROG).parse_args(argv)
     return stop(args) if args.stop else start(args)
 
 

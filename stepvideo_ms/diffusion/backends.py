@@ -84,6 +84,35 @@ def _release() -> None:
         ms.runtime.empty_cache()
 
 
+MODEL_FOLDER = ("transformer/ (config.json and the DiT's safetensors shards), step_llm/, hunyuan_clip/, vae/ "
+                "and scheduler/")
+
+
+def model_folders_in(folder: str, parts: Sequence[str]) -> list:
+    """The sub-folders of `folder` that hold every one of `parts` (model folders one level down)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in names
+            if all(os.path.exists(os.path.join(folder, n, p)) for p in parts)]
+
+
+def model_folder_problem(model_dir: str, parts: Sequence[str], flag: str = "--model_dir") -> Optional[str]:
+    """None when `model_dir` holds every one of `parts` (paths inside a model folder); else a message that
+    says what a model folder holds and names the model folders inside `model_dir` when it is one level up."""
+    missing = [p for p in parts if not os.path.exists(os.path.join(model_dir, p))]
+    if not missing:
+        return None
+    looked = os.path.join(model_dir, missing[0])
+    inside = model_folders_in(model_dir, parts)
+    if inside:
+        return (f"{flag} {model_dir} is a folder of models, not a model (no {looked}): pass one of "
+                + ", ".join(inside))
+    return (f"{flag} {model_dir} is not a model folder: no {looked}; a model folder (as downloaded) holds "
+            f"{MODEL_FOLDER}")
+
+
 def is_local(url: Optional[str]) -> bool:
     return url is None or str(url).strip().lower() == LOCAL
 

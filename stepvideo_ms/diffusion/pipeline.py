@@ -116,10 +116,13 @@ class StepVideoPipeline:
         before any weight is read."""
         from ..formats import checkpoint
         from .. import runtime
-        from .backends import check_local_dirs, open_backends
+        from .backends import check_local_dirs, model_folder_problem, open_backends
 
         if not os.path.isdir(model_dir):
             raise ValueError(f"model_dir={model_dir!r} is not a directory: pass the downloaded model folder")
+        problem = model_folder_problem(model_dir, [os.path.join(transformer_dir, "config.json")], "model_dir")
+        if problem:
+            raise ValueError(problem)
         transformer = os.path.join(model_dir, transformer_dir)
         config = checkpoint.read_config(transformer)
         checkpoint.checkpoint_files(transformer)
@@ -163,16 +166,22 @@ class StepVideoPipeline:
 
     @staticmethod
     def save(frames: np.ndarray, path: str, overwrite: bool = False) -> str:
-        """Write frames (t, h, w, 3) uint8 as an H.264 MP4 at 25 fps (atomically); refuses to replace a
-        file unless overwrite=True."""
+        """Write frames (t, h, w, 3) uint8 as an H.264 MP4 at 25 fps (atomically) -> the path written. An
+        existing file is never replaced unless overwrite=True: the video goes to NAME-1.mp4, NAME-2.mp4, ...
+        as on the command line, so running the same script twice keeps both."""
+        from ..generation.outputs import free_stem
+
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be (t, h, w, 3) uint8 as pipe(...) returns, got {frames.shape} {frames.dtype}")
-        if not str(path).lower().endswith(".mp4"):
+        path = os.fspath(path)
+        if not path.lower().endswith(".mp4"):
             raise ValueError(f"path={path!r}: give a file name ending in .mp4")
-        if os.path.exists(path) and not overwrite:
-            raise ValueError(f"{path} exists: pick another name or pass overwrite=True")
-        return video_io.write_mp4(frames, os.fspath(path))
+        if os.path.isdir(path):
+            raise ValueError(f"path={path!r} is a folder: give a file name ending in .mp4")
+        folder, name = os.path.split(os.path.abspath(path))
+        stem = free_stem(folder, name[:-4], overwrite, extensions=(name[-4:],))
+        return video_io.write_mp4(frames, os.path.join(os.path.dirname(path), stem + name[-4:]))
 
     @property
     def task(self) -> str:
@@ -266,7 +275,10 @@ def output_stem(save_path: str, prompt: str, output_file_name: str = "", name_su
     return free_stem(os.path.abspath(save_path), stem, overwrite)
 
 
-def safe_stem(prompt: str, limit: int = 50) -> str:
-    """A file name from a prompt: its first characters, path separators and control characters removed."""
-    stem = re.sub(r"[\\/:*?\"<>|\x00-\x1f]+", "_", prompt.strip())[:limit].strip(" ._")
+def safe_stem(prompt: str, limit: int = 40) -> str:
+    """A file name from a prompt: its first characters, letters and digits of any script kept as they are
+    (readable), every run of anything else (spaces, punctuation, path separators, the shell's special
+    characters) one '_', so the name needs no quoting in a shell."""
+    stem = re.sub(r"[^\w.-]+", "_", prompt.strip())
+    stem = re.sub(r"_{2,}", "_", stem)[:limit].strip("._-")
     return stem or "video"

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
-from tqdm.auto import tqdm
+from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from .scheduler import FlowMatchScheduler
 
@@ -33,7 +33,7 @@ def denoise(predict: Predictor, latents: Tensor, scheduler: FlowMatchScheduler, 
     scheduler.set_timesteps(num_inference_steps, time_shift)
     latents = latents.astype(ms.float32)
     cfg = uses_guidance(guidance_scale)
-    for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", unit="step", disable=not progress)):
+    for i, t in enumerate(progress_bar(scheduler.timesteps, desc="denoising", unit="step", disable=not progress)):
         batch = mint.cat([latents, latents], dim=0) if cfg else latents
         timestep = Tensor(np.full((batch.shape[0],), t, dtype=np.float32)).astype(model_dtype)
         velocity = predict(batch.astype(model_dtype), timestep)

@@ -25,7 +25,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from tqdm.auto import tqdm
+from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from .safetensors_io import SafetensorsError, SafetensorsFile
 from .torch_bin import DType, TorchCheckpoint
@@ -257,7 +257,7 @@ def _config_copy(config_path: Optional[str], dest_dir: str, overwrite: bool) -> 
 
 
 def _progress_bar(total: int, desc: str, progress: bool):
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
+    return progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
 
 
 # ----- public entry points -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
-from tqdm.auto import tqdm
+from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from ..ops.conv import clear_weight_caches
 from ..ops.quant import SCALE_SUFFIX, quantize_rows
@@ -38,7 +38,8 @@ def read_config(path: str) -> dict:
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     cfg = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg):
-        raise CheckpointError(f"no config.json in {folder}: a model directory needs its config.json")
+        raise CheckpointError(f"no config.json in {folder} (looked for {cfg}): the folder of a model's weights holds "
+                              "its config.json (e.g. MODEL_DIR/transformer/config.json)")
     with open(cfg, "r", encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -134,7 +135,7 @@ def load_into(
     clear_weight_caches(cell)  # layouts made from the old weights go (and free their storage)
     loaded = {}
     order = sorted(set(params) - derived, key=lambda n: (where[n][0].path, n))  # one shard after the other
-    for name in tqdm(order, desc=f"loading {type(cell).__name__}", unit="tensor", disable=not progress, leave=False):
+    for name in progress_bar(order, desc=f"loading {type(cell).__name__}", unit="tensor", disable=not progress, leave=False):
         f, key = where[name]
         arr = f.get(key)
         param = params[name]

@@ -32,10 +32,13 @@ def _settings_from(args, task: str) -> GenerationSettings:
 def validate_model(args, world_size: int):
     """The checks of the model and the layout, shared by every mode: -> (task, transformer path)."""
     from ..formats import checkpoint
-    from ..diffusion.backends import check_local_dirs
+    from ..diffusion.backends import check_local_dirs, model_folder_problem
 
     if not os.path.isdir(args.model_dir):
         raise ValueError(f"--model_dir {args.model_dir}: no such directory")
+    problem = model_folder_problem(args.model_dir, [os.path.join(args.transformer_dir, "config.json")])
+    if problem:
+        raise ValueError(problem)
     transformer = os.path.join(args.model_dir, args.transformer_dir)
     config = checkpoint.read_config(transformer)
     checkpoint.checkpoint_files(transformer)  # the shards are all there
@@ -271,7 +274,9 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
     fitting = sorted((q for q in others if q.fits(card_gb)), key=lambda q: q.step_s)
     hint = (f"layouts of {mesh.world_size} cards predicted to fit: "
             + "; ".join(f"{q.layout.arguments()} ({q.peak_gib:.1f} GiB)" for q in fitting[:3])) if fitting else \
-        f"no layout of {mesh.world_size} cards fits: use more cards or fewer frames / a smaller size"
+        f"no layout of {planner.cards_word(mesh.world_size)} fits; " + "; ".join(planner.advice(
+            shape, mesh.world_size, card_gb, settings.num_frames, settings.height, settings.width, guidance,
+            hardware)[1:])
     local = f" beside {shared / planner.GIB:.3g} GiB of local encoders/VAE" if shared else ""
     raise ValueError(f"--card_gb {card_gb + shared / planner.GIB:g}: {layout.name()} is predicted to need "
                      f"{predicted.peak_gib:.1f} GiB per card{local} for {settings.num_frames} frames "

@@ -175,7 +175,7 @@ class GenerationWorld:
                              "sequential_cfg": mesh.sequential_cfg, "chunk_tokens": mesh.chunk_tokens,
                              "ulysses_degree": mesh.ulysses_degree,
                              "pp_degree": mesh.pp_degree,
-                             "stages": [str(r) for r in mesh.partition(model.num_layers)]},
+                             "stages": [[r.start, r.stop] for r in mesh.partition(model.num_layers)]},
                 "weights": model.weights}
         return cls(args, rt, mesh, comm, model, scheduler, pipe, rank, progress, load_s, info, shards)
 

@@ -228,6 +228,9 @@ def load_bert_tokenizer(folder: str):
     """transformers.BertTokenizer from a folder holding vocab.txt."""
     if not os.path.isfile(os.path.join(folder, "vocab.txt")):
         raise FileNotFoundError(f"no vocab.txt in {folder}: the CLIP tokenizer folder is hunyuan_clip/{CLIP_TOKENIZER_DIR}")
+    # transformers' "None of PyTorch, TensorFlow >= 2.0, or Flax" notice says nothing to our users (the
+    # tokenizer needs none of them); the command lines silence it too (console.quiet_environment)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import BertTokenizer
 
     return BertTokenizer.from_pretrained(folder)

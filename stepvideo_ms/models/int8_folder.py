@@ -138,7 +138,7 @@ def _verify(path: str, crcs: Dict[str, int], quantize: set) -> None:
 
 def quantize_folder(src_dir: str, out_dir: str, overwrite: bool = False, progress: bool = True) -> QuantizeReport:
     """Write the int8 copy of the transformer folder `src_dir` to `out_dir` (atomically, verified)."""
-    from tqdm.auto import tqdm
+    from ..console import progress as progress_bar
     from ..formats import checkpoint
     from ..formats.safetensors_io import SafetensorsFile
 
@@ -168,7 +168,7 @@ def quantize_folder(src_dir: str, out_dir: str, overwrite: bool = False, progres
     report = QuantizeReport(bytes_in=need)
     tmp = tempfile.mkdtemp(prefix=".int8-", dir=parent)
     try:
-        bar = tqdm(total=sum(len(s.keys()) + len(quantize & set(s.keys())) for s in sources),
+        bar = progress_bar(total=sum(len(s.keys()) + len(quantize & set(s.keys())) for s in sources),
                    desc="quantizing to int8", unit="tensor", disable=not progress, leave=False)
         weight_map = {}
         for src in sources:

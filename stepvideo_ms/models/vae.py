@@ -18,7 +18,7 @@ from typing import Optional, Union
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
-from tqdm.auto import tqdm
+from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from ..formats import checkpoint
 from .. import runtime
@@ -205,7 +205,7 @@ class AutoencoderKL(nn.Cell):
         f = frames.shape[1]
         size = IMAGE_FRAMES if f == IMAGE_FRAMES else FRAMES_PER_CHUNK
         chunks = []
-        for start in tqdm(range(0, f, size), desc="VAE encode", unit="chunk", disable=not progress, leave=False):
+        for start in progress_bar(range(0, f, size), desc="VAE encode", unit="chunk", disable=not progress, leave=False):
             clip = mint.permute(frames[:, start:start + size], (0, 2, 1, 3, 4))  # b c t h w
             chunks.append(mint.permute(self.encoder(clip), (0, 2, 1, 3, 4)))
         return chunks[0] if len(chunks) == 1 else mint.cat(chunks, dim=1)
@@ -241,7 +241,7 @@ class AutoencoderKL(nn.Cell):
         self._check_latents(latents)
         chunks = []
         n = latents.shape[1]
-        for start in tqdm(range(0, n, LATENT_FRAMES_PER_CHUNK), desc="VAE decode", unit="chunk",
+        for start in progress_bar(range(0, n, LATENT_FRAMES_PER_CHUNK), desc="VAE decode", unit="chunk",
                           disable=not progress, leave=False):
             z = mint.permute(latents[:, start:start + LATENT_FRAMES_PER_CHUNK], (0, 2, 1, 3, 4))
             chunks.append(mint.permute(self.decoder(z), (0, 2, 1, 3, 4)))

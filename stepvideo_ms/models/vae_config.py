@@ -103,8 +103,9 @@ class VAEConfig:
             if len(coder.ch_mult) != NUM_LEVELS:
                 raise ValueError(f"{side}.ch_mult={list(coder.ch_mult)} must have {NUM_LEVELS} levels "
                                  f"(the 16x spatial, 17->3 temporal layout depends on it)")
-            if coder.num_res_blocks < 1:
-                raise ValueError(f"{side}.num_res_blocks={coder.num_res_blocks} must be >= 1")
+            least = 1 if side == "encoder" else 0  # the decoder has num_res_blocks + 1 per level, as upstream
+            if coder.num_res_blocks < least:
+                raise ValueError(f"{side}.num_res_blocks={coder.num_res_blocks} must be >= {least}")
             normed = ((coder.ch,) if side == "encoder" else ()) + coder.widths()  # conv_in feeds a norm
             bad = [w for w in normed if w < 1 or w % NORM_GROUPS]
             if bad:

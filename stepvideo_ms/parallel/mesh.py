@@ -45,6 +45,10 @@ def _factor_pairs(world_size: int) -> str:
     return ", ".join(options)
 
 
+def divisors(n: int):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def parse_pp_split(spec: SplitSpec) -> Tuple[int, ...]:
     """'24' / '12,24,36' / 24 / [12, 24, 36] / None -> a tuple of stage boundaries (empty = balanced)."""
     if spec is None:
@@ -253,12 +257,18 @@ class Mesh:
         """Refuse a layout the model cannot take, before any weight is read."""
         if num_attention_heads % self.ulysses_degree:
             rest = self.world_size // self.cfg_degree
-            fits = [u for u in range(1, rest + 1) if rest % u == 0 and num_attention_heads % u == 0]
+            fits = [u for u in range(1, rest + 1)
+                    if rest % u == 0 and num_attention_heads % u == 0 and rest // u <= num_layers]
             cfg = f"--cfg_degree {self.cfg_degree} " if self.cfg_degree > 1 else ""
+            advice = (f"with {self.world_size} ranks use "
+                      + " or ".join(f"{cfg}--ulysses_degree {u} --pp_degree {rest // u}" for u in fits)) if fits else (
+                f"no layout of {self.world_size} ranks fits this model: --ulysses_degree must divide "
+                f"{num_attention_heads} ({', '.join(str(u) for u in divisors(num_attention_heads)[:8])}) and "
+                f"--pp_degree be at most {num_layers}, e.g. --ulysses_degree {max(divisors(num_attention_heads)[:8])}"
+                " --pp_degree 1")
             raise ValueError(
                 f"ulysses_degree={self.ulysses_degree} does not divide num_attention_heads={num_attention_heads} "
-                f"(each SP rank takes heads/ulysses_degree heads); with {self.world_size} ranks use "
-                + " or ".join(f"{cfg}--ulysses_degree {u} --pp_degree {rest // u}" for u in fits))
+                f"(the sequence-parallel ranks share the heads equally); {advice}")
         layer_partition(num_layers, self.pp_degree, self.pp_split)
 
     def partition(self, num_layers: int) -> Tuple[range, ...]:

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
-from tqdm.auto import tqdm
+from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from ..formats import checkpoint
 from ..formats.safetensors_io import SafetensorsFile
@@ -105,7 +105,7 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32,
     backing = None if pinned else _host_map(len(mine) * layout.total)
     blocks: Dict[int, List[object]] = {}
     at = 0
-    for layer in tqdm(mine, desc="loading blocks to host memory", unit="block", disable=not progress, leave=False):
+    for layer in progress_bar(mine, desc="loading blocks to host memory", unit="block", disable=not progress, leave=False):
         held = []
         for name, shape, size in zip(layout.names, layout.shapes, layout.sizes):
             key = f"{BLOCK_PREFIX}{layer}.{name}"

@@ -27,7 +27,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
-from tqdm.auto import tqdm
+from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from ..formats import checkpoint
 from ..models.dit import StepVideoModel
@@ -204,7 +204,7 @@ def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool =
             "check that the config matches the weights")
     reader = _PieceReader(where)
     flats: Dict[int, Tuple[Tensor, ...]] = {}
-    for layer in tqdm(mine, desc="loading block shards", unit="block", disable=not progress, leave=False):
+    for layer in progress_bar(mine, desc="loading block shards", unit="block", disable=not progress, leave=False):
         mine_flats = []
         for g, gdtype in zip(layouts, dtypes):
             size = g.shard_size(parts)

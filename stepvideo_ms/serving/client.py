@@ -33,6 +33,11 @@ READ_CHUNK_BYTES = 4 * 1024 * 1024
 MAX_ERROR_BYTES = 64 * 1024
 
 
+START_SERVERS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "scripts", "start_servers.sh")
+START_HINT = f"start the servers with: bash {START_SERVERS} --model_dir MODEL_DIR"
+
+
 class RemoteServerError(RuntimeError):
     def __init__(self, message: str, url: str, status: Optional[int] = None, field: Optional[str] = None):
         super().__init__(message)
@@ -184,7 +189,7 @@ class RemoteClient:
                     raise RemoteServerError(
                         f"{what} failed: connection failed on {attempt + 1} attempt(s) over "
                         f"{time.monotonic() - start:.1f} s ({_reason(exc)}); is the server running at "
-                        f"{self.base_url}? (start it with api/call_remote_server.py)", url) from None
+                        f"{self.base_url}? ({START_HINT})", url) from None
                 time.sleep(self._delay(attempt, None))
                 continue
             except requests.exceptions.Timeout as exc:

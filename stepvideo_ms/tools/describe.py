@@ -7,7 +7,9 @@ Builds StepVideoModel under MindSpore's `no_init_parameters` (parameters hold sh
 and prints the parameter count, the per-block shapes and the memory the weights need. With
 --plan: every layout of --cards ranks with its predicted peak memory per card, bytes sent per
 card per step, pipeline idle share and step time (parallel/plan.py; the hardware figures are
-stated assumptions), the layouts that fit --card_gb first.
+stated assumptions), the layouts that fit --card_gb first. When none fits, it says what would (the
+closest layout and its excess, the fewest cards of this size, the largest video on these cards) and
+exits with status 1.
 """
 from __future__ import annotations
 
@@ -69,6 +71,14 @@ def latent_grid(frames: int, height: int, width: int) -> tuple:
 
 def plan_text(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
               show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full") -> str:
+    return plan_report(config, frames, height, width, cards, card_gb, show_all, hardware, host_gb, weights)[0]
+
+
+def plan_report(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
+                show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full"):
+    """-> (the text, how many layouts fit). The fastest fitting layout is named as the one run_parallel.py
+    would choose; when none fits, the text says what would: the closest layout and by how much it misses,
+    the fewest cards of this size, the largest video on these cards."""
     from ..parallel import plan as planner
 
     hardware = hardware or planner.Hardware()
@@ -82,15 +92,33 @@ def plan_text(config: dict, frames: int, height: int, width: int, cards: int, ca
     title = (f"{frames} frames {height}x{width} -> latents {f}x{h}x{w} = {f * h * w:,} tokens; "
              f"{shape.total_params:,} parameters ("
              + ("int8 block linear weights + per-channel scales, the rest bf16" if weights == "int8" else "bf16")
-             + f"); {cards} cards"
+             + f"); {planner.cards_word(cards)}"
              + (f" of {card_gb:g} GiB" if card_gb else "") + f": {len(fitting)} of {len(plans)} layouts fit")
-    if not shown:
-        return title + "\nnone fits: use more cards, --shard_weights layouts, or fewer frames / a smaller size"
+    lines = [title]
+    if shown:
+        lines.append(planner.table(shown, card_gb, hardware, host_gb))
     best = planner.choose(plans, card_gb, host_gb)
-    chosen = (f"\nchosen (fastest predicted to fit): {best.layout.arguments()}: peak {best.peak_gib:.1f} GiB per card, "
-              f"host {best.host_gib:.1f} GiB, step {best.step_s:.1f} s" + (
-                  f", offload x{best.offload_ratio:.3f}" if best.layout.offload else "")) if best else ""
-    return title + "\n" + planner.table(shown, card_gb, hardware, host_gb) + chosen
+    if best is not None:
+        lines.append(f"chosen (fastest predicted to fit): {best.layout.arguments()}: peak {best.peak_gib:.1f} GiB per "
+                     f"card, host {best.host_gib:.1f} GiB, step {best.step_s:.1f} s"
+                     + (f", offload x{best.offload_ratio:.3f}" if best.layout.offload else ""))
+    if fitting and not show_all and len(fitting) < len(plans):
+        lines.append(f"--all also lists the {len(plans) - len(fitting)} that do not fit")
+    if not fitting:
+        used = latent_frames_to_video(grid)
+        lines.append(f"none of the {len(plans)} layouts of {planner.cards_word(cards)} fits"
+                     + ("" if show_all else " (--all lists them with their peaks)") + ". What would:")
+        lines += ["  " + line for line in planner.advice(shape, cards, card_gb, *used, hardware=hardware,
+                                                         weights=weights)]
+    return "\n".join(lines), len(fitting)
+
+
+def latent_frames_to_video(grid) -> tuple:
+    """(frames, height, width) of a latent grid: the request after run_parallel's rounding."""
+    from ..parallel import plan as planner
+
+    f, h, w = grid
+    return (f // planner.LATENT_FRAMES_PER_STEP * planner.FRAME_STEP, h * planner.PIXEL_STEP, w * planner.PIXEL_STEP)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -124,11 +152,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.card_gb is not None and args.card_gb <= 0:
             parser.error(f"--card_gb {args.card_gb:g} must be positive (GiB per card, e.g. 64)")
         try:
-            print(plan_text(config, args.frames, args.height, args.width, args.cards, args.card_gb, args.all,
-                            host_gb=args.host_gb, weights=args.weights))
+            text, fitting = plan_report(config, args.frames, args.height, args.width, args.cards, args.card_gb,
+                                        args.all, host_gb=args.host_gb, weights=args.weights)
         except ValueError as exc:
             parser.error(str(exc))
-        return 0
+        print(text)
+        return 0 if fitting else 1
     print(describe(build_empty(config), args.layers))
     return 0
 

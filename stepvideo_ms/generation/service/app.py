@@ -17,6 +17,7 @@ type, sizes over the limits, an image for T2V, no or unreadable image for TI2V),
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,18 +58,43 @@ class ServiceState:
     started: float = 0.0
 
 
-def _check_limits(job, limits: Limits):
+def _check_limits(job, limits: Limits, data: dict):
+    """The service's limits, quoted in the numbers the client sent (before any rounding to 17 / 16)."""
     s = job.settings
+
+    def asked(name):
+        value = data.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else getattr(s, name)
+
     if len(s.prompt) > limits.max_prompt_chars:
         raise Refused(422, f"prompt has {len(s.prompt)} characters; the limit is {limits.max_prompt_chars}", "prompt")
-    if s.num_frames > limits.max_frames:
-        raise Refused(422, f"num_frames={s.num_frames} is over this service's limit of {limits.max_frames}",
+    if s.num_frames > limits.max_frames or asked("num_frames") > limits.max_frames:
+        raise Refused(422, f"num_frames={asked('num_frames')} is over this service's limit of {limits.max_frames}",
                       "num_frames")
     for name in ("height", "width"):
-        if getattr(s, name) > limits.max_side:
-            raise Refused(422, f"{name}={getattr(s, name)} is over this service's limit of {limits.max_side}", name)
+        if getattr(s, name) > limits.max_side or asked(name) > limits.max_side:
+            raise Refused(422, f"{name}={asked(name)} is over this service's limit of {limits.max_side}", name)
     if s.infer_steps > MAX_STEPS:
         raise Refused(422, f"infer_steps={s.infer_steps} is over this service's limit of {MAX_STEPS}", "infer_steps")
+
+
+# what a job's check says, in the API's words: the JSON key it is about, and no command-line flags
+FIELD_NAMES = tuple(API_KEYS) + ("first_image_path",)
+API_FIELD = {"first_image_path": "first_image"}
+
+
+def field_of(message: str) -> str:
+    """The job key a check's message is about (the first key it names), 'job' when it names none."""
+    found = [(m.start(), key) for key in FIELD_NAMES for m in [re.search(rf"(?<![\w-]){key}(?!\w)", message)] if m]
+    key = min(found)[1] if found else "job"
+    return API_FIELD.get(key, key)
+
+
+def api_message(message: str) -> str:
+    """A check's message for an HTTP client: the JSON keys instead of the command line's flags."""
+    message = re.sub(r' \(--prompt "\.\.\."\)', ' (the "prompt" key)', message)
+    message = re.sub(r"--first_image_path( IMAGE)?", "a 'first_image' file", message)
+    return re.sub(r"--(\w+)", r'"\1"', message)
 
 
 def _read_submission():
@@ -104,7 +130,8 @@ def _read_submission():
                   "multipart/form-data", "Content-Type")
 
 
-def _save_upload(state: ServiceState, job_id: str, blob: bytes) -> str:
+def _save_upload(state: ServiceState, blob: bytes) -> str:
+    """The checked image under a name of its own until the job gets its id (`_bind_files`)."""
     from io import BytesIO
 
     from PIL import Image, UnidentifiedImageError
@@ -120,12 +147,25 @@ def _save_upload(state: ServiceState, job_id: str, blob: bytes) -> str:
     if img.width > state.limits.max_side * 4 or img.height > state.limits.max_side * 4:
         raise Refused(422, f"first_image is {img.width}x{img.height}, over {state.limits.max_side * 4} a side",
                       "first_image")
-    path = os.path.join(state.upload_dir, job_id + IMAGE_SUFFIXES[kind])
+    import uuid
+
+    path = os.path.join(state.upload_dir, f"upload-{uuid.uuid4().hex}{IMAGE_SUFFIXES[kind]}")
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())  # on disk before the journal says the job was accepted
+    return path
+
+
+def _bind_files(job_id: str, job, upload: Optional[str]) -> Optional[str]:
+    """Name a job's files after its id: the video and record JOBID.mp4/.json, the upload JOBID.png."""
+    job.output_file_name = job_id
+    if upload is None:
+        return None
+    path = os.path.join(os.path.dirname(upload), job_id + os.path.splitext(upload)[1])
+    os.replace(upload, path)
+    job.settings.first_image_path = path
     return path
 
 
@@ -179,25 +219,25 @@ def create_app(state: ServiceState) -> Flask:
             if state.task == "ti2v" and blob is None:
                 raise Refused(422, "this service runs a TI2V model: send the first image as a 'first_image' file",
                               "first_image")
-            job_id = state.board.new_id()
-            upload = _save_upload(state, job_id, blob) if blob is not None else None
+            upload = _save_upload(state, blob) if blob is not None else None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # rounding notes are in the job's "notes"
-                    job = job_from_dict(dict(data, first_image_path=upload, output_file_name=job_id), state.task,
-                                        state.defaults)
-                _check_limits(job, state.limits)
-                rec = state.board.submit(job_id, job, upload)
+                    job = job_from_dict(dict(data, first_image_path=upload), state.task, state.defaults)
+                _check_limits(job, state.limits, data)
+                rec = state.board.submit(job, upload, bind=_bind_files)  # the id is taken only now
             except BaseException:
-                if upload:
+                if upload and os.path.exists(upload):
                     os.unlink(upload)
                 raise
         except Refused as exc:
             return error_response(exc.status, exc.message, exc.field)
         except BoardFull as exc:
-            return error_response(503, f"{exc}; retry later", None, {"Retry-After": "5"})
-        except ValueError as exc:  # a SettingError names its field
-            return error_response(422, str(exc), getattr(exc, "field", None))
+            return error_response(503, f"{exc}; retry later", "queue", {"Retry-After": "5"})
+        except ValueError as exc:  # a SettingError names its field; other checks are read for the key they name
+            message = str(exc)
+            field = getattr(exc, "field", None)
+            return error_response(422, api_message(message), API_FIELD.get(field, field) if field else field_of(message))
         resp = jsonify(state.board.get(rec.id))
         resp.status_code = 201
         resp.headers["Location"] = f"/jobs/{rec.id}"

@@ -4,20 +4,44 @@ change of state is on disk before it is visible, and `restore` brings a journal'
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional
 
 from ..jobs import Job
 from .journal import Journal, JournalError
 
 LOG = logging.getLogger("stepvideo_ms.generation.service")
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+QUEUED, RUNNING, DECODING, DONE, FAILED, CANCELLED = "queued", "running", "decoding", "done", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, DECODING, DONE, FAILED, CANCELLED)
+ID_PREFIX = "job"
+ID_RE = re.compile(r"^job(\d{5,})(?:[-.]|$)")
+
+
+def job_id(number: int) -> str:
+    return f"{ID_PREFIX}{number:05d}"
+
+
+def last_id_in(*folders: str) -> int:
+    """The highest job number named by a file in `folders` (the videos, records and uploads an earlier run of
+    the service left), 0 if none: with the journal (which keeps the sequence itself) this also covers files
+    of a folder whose journal was removed, so a restarted service never reuses an id."""
+    last = 0
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            match = ID_RE.match(name)
+            if match:
+                last = max(last, int(match.group(1)))
+    return last
 
 
 class BoardFull(RuntimeError):
@@ -44,13 +68,19 @@ class JobRecord:
     upload_path: Optional[str] = None
     attempts: int = 0  # times it started running (across restarts, from the journal)
 
+    def elapsed_s(self) -> Optional[float]:
+        """Seconds since the job started (until it finished), None before it starts."""
+        if self.started is None:
+            return None
+        return round((self.finished or time.time()) - self.started, 1)
+
     def public(self, position: Optional[int]) -> dict:
         s = self.job.settings
         out = {"id": self.id, "state": self.state, "step": self.step, "steps": self.steps, "position": position,
                "prompt": s.prompt, "task": s.task,
                "settings": {k: v for k, v in s.to_dict().items() if k not in ("first_image_path", "notes")},
                "notes": list(s.notes), "error": self.error, "submitted": self.submitted,
-               "started": self.started, "finished": self.finished}
+               "started": self.started, "finished": self.finished, "elapsed_s": self.elapsed_s()}
         if self.state == DONE:
             out["video"] = f"/jobs/{self.id}/video"
             out["record"] = f"/jobs/{self.id}/record"
@@ -58,7 +88,10 @@ class JobRecord:
 
 
 class JobBoard:
-    def __init__(self, queue_size: int, keep_finished: int = 1000, journal: Optional[Journal] = None):
+    def __init__(self, queue_size: int, keep_finished: int = 1000, journal: Optional[Journal] = None,
+                 last_id: int = 0):
+        """`last_id`: the highest job number already used (e.g. `last_id_in(save folder)`); ids continue after
+        it, and after the journal's own sequence once `restore` has read it."""
         if queue_size < 1:
             raise ValueError(f"queue_size={queue_size} must be at least 1")
         self.queue_size = queue_size
@@ -66,7 +99,7 @@ class JobBoard:
         self.journal = journal
         self._records: Dict[str, JobRecord] = {}
         self._waiting: Deque[str] = collections.deque()
-        self._ids = itertools.count(1)
+        self._last_id = int(last_id)
         self._cv = threading.Condition()
         self.closed = False
 
@@ -102,30 +135,41 @@ class JobBoard:
             elif rec.state == FAILED:
                 failed += 1
         self._forget_old()
-        self._ids = itertools.count(next_number)
+        self._last_id = max(self._last_id, next_number - 1)
+        next_number = self._last_id + 1
         self.journal.rewrite([_entry(r) for r in self._records.values()], next_number)
-        return {"resumed": resumed, "listed": len(self._records) - resumed, "next": f"job{next_number:05d}",
+        return {"resumed": resumed, "listed": len(self._records) - resumed, "next": job_id(next_number),
                 "notes": list(self.journal.notes)}
 
-    def new_id(self) -> str:
+    @property
+    def next_id(self) -> str:
+        """The id the next accepted job will get (refused submissions take none)."""
         with self._cv:
-            return f"job{next(self._ids):05d}"
+            return job_id(self._last_id + 1)
 
-    def submit(self, job_id: str, job: Job, upload_path: Optional[str] = None) -> JobRecord:
+    def submit(self, job: Job, upload_path: Optional[str] = None,
+               bind: Optional[Callable[[str, Job, Optional[str]], Optional[str]]] = None) -> JobRecord:
+        """Queue a checked job under the next id, in the journal before anyone is told. The id is taken only
+        when the job is accepted (a refused submission takes none); `bind(id, job, upload_path)` names the
+        job's files after its id (run while the id is held) and returns the upload's new path."""
         with self._cv:
             if self.closed:
                 raise BoardFull("the service is stopping; it takes no more jobs")
             if len(self._waiting) >= self.queue_size:
-                raise BoardFull(f"{len(self._waiting)} jobs are waiting (the limit, --queue_size)")
-            rec = JobRecord(job_id, job, steps=job.settings.infer_steps, upload_path=upload_path)
+                raise BoardFull(f"{len(self._waiting)} jobs are waiting, this service's limit")
+            new_id = job_id(self._last_id + 1)
+            if bind is not None:
+                upload_path = bind(new_id, job, upload_path)
+            rec = JobRecord(new_id, job, steps=job.settings.infer_steps, upload_path=upload_path)
             if self.journal is not None:
                 try:  # on disk before anyone is told it was accepted
-                    self.journal.append({"event": "accepted", "id": job_id, "job": job.to_dict(),
+                    self.journal.append({"event": "accepted", "id": new_id, "job": job.to_dict(),
                                          "upload": upload_path, "time": rec.submitted, "attempts": 0})
                 except JournalError as exc:
                     raise BoardFull(f"the job cannot be recorded ({exc.strerror})") from None
-            self._records[job_id] = rec
-            self._waiting.append(job_id)
+            self._last_id += 1
+            self._records[new_id] = rec
+            self._waiting.append(new_id)
             self._forget_old()
             self._cv.notify_all()
             return rec
@@ -144,8 +188,11 @@ class JobBoard:
             return rec
 
     def progress(self, rec: JobRecord, step: int, steps: int):
+        """A denoising step done; after the last one the job is decoding (VAE) and writing its files."""
         with self._cv:
             rec.step, rec.steps = step, steps
+            if steps and step >= steps and rec.state == RUNNING:
+                rec.state = DECODING
 
     def finish(self, rec: JobRecord, video_path: str, json_path: str):
         with self._cv:
@@ -200,7 +247,7 @@ class JobBoard:
 
     def counts(self) -> dict:
         with self._cv:
-            out = {s: 0 for s in (QUEUED, RUNNING, DONE, FAILED, CANCELLED)}
+            out = {s: 0 for s in STATES}
             for r in self._records.values():
                 out[r.state] += 1
             return dict(out, queue_size=self.queue_size, accepting=not self.closed)
@@ -219,7 +266,7 @@ class JobBoard:
 
 def _entry(rec: JobRecord) -> dict:
     """A record as a journal entry (journal.Journal.rewrite)."""
-    state = rec.state if rec.state != RUNNING else QUEUED
+    state = rec.state if rec.state not in (RUNNING, DECODING) else QUEUED
     return {"id": rec.id, "job": rec.job.to_dict(), "upload": rec.upload_path, "state": state,
             "submitted": rec.submitted, "started": rec.started, "finished": rec.finished, "error": rec.error,
             "video": rec.video_path, "record": rec.json_path, "attempts": rec.attempts}

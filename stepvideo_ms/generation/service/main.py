@@ -53,7 +53,7 @@ def run_service(args, world_size: int) -> int:
     from ..jobs import Job, defaults_from
     from ..world import GenerationWorld, JobFailed, any_rank, broadcast_json
     from .app import ServiceState, create_app
-    from .board import JobBoard
+    from .board import JobBoard, last_id_in
     from .journal import Journal
 
     token = args.auth_token or os.environ.get(AUTH_ENV) or None
@@ -71,8 +71,10 @@ def run_service(args, world_size: int) -> int:
     task, transformer = validate_model(args, world_size)
     stop = StopRequest()
     limits = Limits()
-    board = JobBoard(args.queue_size)  # rank 0 gives it the journal before serving
-    state = ServiceState(board, task, limits, token, os.path.join(save_path, "uploads"), {}, defaults)
+    uploads = os.path.join(save_path, "uploads")
+    # rank 0 gives it the journal before serving; ids go on after the journal's and any job file's
+    board = JobBoard(args.queue_size, last_id=last_id_in(save_path, uploads))
+    state = ServiceState(board, task, limits, token, uploads, {}, defaults)
     holder = {}
 
     def bind():  # rank 0, before any weight: a locked save folder or a taken port fails in seconds
