@@ -26,6 +26,7 @@ from .vae_blocks import (
     CausalConv, Conv3d, ConvPixelShuffleUp, ConvPixelUnshuffleDown, Downsample2D, Downsample3D, FrameGroupNorm,
     Level, Mid, Resnet3DBlock, Upsample2D, Upsample3D, average_down, causal_padding, duplicate_up,
 )
+from .vae_tiled import as_tile, decode_tiled
 from .vae_config import (
     CHECKPOINT_FILE, CHUNK_BLEND_KEEP, CONFIG_FILE, DECODER_CROPPED_FRAMES, DECODER_TEMPORAL_UP_LEVELS,
     ENCODER_TEMPORAL_DOWN_LEVELS, FRAMES_PER_CHUNK, IMAGE_FRAMES, LATENT_FRAMES_PER_CHUNK, PATCH_FACTOR,
@@ -235,21 +236,27 @@ class AutoencoderKL(nn.Cell):
                              f"(layout (batch, latent frames, channels, height, width))")
         video_frames(latents.shape[1])  # raises unless whole 3-frame chunks
 
-    def decode_chunks(self, latents: ArrayLike, progress: bool = True) -> Tensor:
-        """Each 3-latent-frame chunk decoded to 17 frames, concatenated: (b, f, 3, 16h, 16w), not blended."""
+    def decode_chunks(self, latents: ArrayLike, progress: bool = True, tile_size=None) -> Tensor:
+        """Each 3-latent-frame chunk decoded to 17 frames, concatenated: (b, f, 3, 16h, 16w), not blended.
+
+        tile_size: None decodes each chunk whole; an int or (rows, columns), in latent positions,
+        decodes its up path in spatial tiles of that size (`vae_tiled`: the same frames, less memory)."""
         latents = self._as_tensor(latents, "latents")
         self._check_latents(latents)
+        tile = None if tile_size is None else as_tile(tile_size)
         chunks = []
         n = latents.shape[1]
         for start in tqdm(range(0, n, LATENT_FRAMES_PER_CHUNK), desc="VAE decode", unit="chunk",
                           disable=not progress, leave=False):
             z = mint.permute(latents[:, start:start + LATENT_FRAMES_PER_CHUNK], (0, 2, 1, 3, 4))
-            chunks.append(mint.permute(self.decoder(z), (0, 2, 1, 3, 4)))
+            out = self.decoder(z) if tile is None else decode_tiled(self.decoder, z, tile)
+            chunks.append(mint.permute(out, (0, 2, 1, 3, 4)))
         return chunks[0] if len(chunks) == 1 else mint.cat(chunks, dim=1)
 
-    def decode(self, latents: ArrayLike, progress: bool = True) -> Tensor:
-        """latents (b, f_lat, z, h, w) -> frames (b, f_lat/3*17, 3, 16h, 16w), roughly in [-1, 1]."""
-        return blend_chunks(self.decode_chunks(latents, progress))
+    def decode(self, latents: ArrayLike, progress: bool = True, tile_size=None) -> Tensor:
+        """latents (b, f_lat, z, h, w) -> frames (b, f_lat/3*17, 3, 16h, 16w), roughly in [-1, 1].
+        tile_size: see `decode_chunks`."""
+        return blend_chunks(self.decode_chunks(latents, progress, tile_size))
 
     # ---- numpy in, numpy out: what the VAE server and the in-process backend serve ---------------
     def decode_numpy(self, latents: np.ndarray, progress: bool = True) -> np.ndarray:
