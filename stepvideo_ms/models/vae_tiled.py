@@ -46,7 +46,10 @@ def tile_grid(height: int, width: int, tile: Tuple[int, int]) -> List[Region]:
 
 def as_tile(tile_size) -> Tuple[int, int]:
     """tile_size (latent positions): an int (square) or (rows, columns), each >= 1."""
-    pair = (tile_size, tile_size) if isinstance(tile_size, (int, np.integer)) else tuple(tile_size)
+    if isinstance(tile_size, (int, np.integer)):
+        pair = (tile_size, tile_size)
+    else:
+        pair = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
                                  for v in pair):
         raise ValueError(f"tile_size={tile_size!r} must be a positive int or (rows, columns) of positive ints "
@@ -84,7 +87,8 @@ class FrameStats:
             out += shift
             y = host.wrap(out)
         else:
-            y = x * Tensor(scale).astype(x.dtype) + Tensor(shift).astype(x.dtype)
+            # float32 arithmetic, one rounding to x's dtype: as a fused group-norm kernel does
+            y = (x.astype(ms.float32) * Tensor(scale) + Tensor(shift)).astype(x.dtype)
         return ops.silu(y) if silu else y
 
 
