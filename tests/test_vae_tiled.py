@@ -122,3 +122,47 @@ def test_tiled_decode_under_ascend_sim(golden_dir):
                           env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "tiled decode under ascend-sim: ok" in proc.stdout, proc.stdout
+
+
+def test_budget_picks_tiles_and_decode_numpy_uses_them(golden_vae):
+    from stepvideo_ms.models.vae_config import VAEConfig
+    from stepvideo_ms.models.vae_tiled import choose_tile, decode_peak_bytes
+
+    released = VAEConfig()  # 544x992 -> 34x62 latents, bf16: predicted ~51 GiB untiled
+    untiled = decode_peak_bytes(released, 34, 62, 2)
+    assert decode_peak_bytes(released, 34, 62, 2, 4) < untiled / 3
+    assert choose_tile(released, 34, 62, 2, 2 * untiled) is None
+    tile = choose_tile(released, 34, 62, 2, 32 * 2 ** 30)
+    assert tile is not None and decode_peak_bytes(released, 34, 62, 2, tile) <= 32 * 2 ** 30
+    assert decode_peak_bytes(released, 34, 62, 2, (tile[0] + 1,) * 2) > 32 * 2 ** 30  # the largest that fits
+    with pytest.raises(ValueError, match="raise the budget"):
+        choose_tile(released, 34, 62, 2, 2 ** 30)
+
+    model, latents, untiled_frames, _ = golden_vae
+    try:
+        model.set_decode_tiling(budget_gb=0.034)  # predicted: 0.037 GiB untiled, 0.032 in 1x1 tiles
+        assert model.tile_for(2, 3) == (1, 1)
+        frames = model.decode_numpy(latents)
+        model.set_decode_tiling(tile_size=(1, 2))
+        assert model.tile_for(2, 3) == (1, 2)
+        model.set_decode_tiling(budget_gb=1e3)
+        assert model.tile_for(2, 3) is None
+        with pytest.raises(ValueError, match="not both"):
+            model.set_decode_tiling(tile_size=1, budget_gb=1.0)
+    finally:
+        model.set_decode_tiling()
+    reference = model.decode_numpy(latents)
+    assert np.abs(frames - reference).max() < 1e-4
+
+
+def test_server_tiling_arguments(tmp_path):
+    from stepvideo_ms.serving import main
+
+    (tmp_path / "vae").mkdir()
+    base = ["--model_dir", str(tmp_path), "--enable_vae", "True", "--enable_llm", "False"]
+    args = main.resolve(main.build_parser().parse_args(base + ["--vae_tile", "4"]))
+    assert args.vae_tile == 4 and args.vae_budget_gb is None
+    for extra, message in ((["--vae_tile", "0"], "must be >= 1"), (["--vae_budget_gb", "-2"], "must be positive"),
+                           (["--vae_tile", "2", "--vae_budget_gb", "8"], "not both")):
+        with pytest.raises(SystemExit, match=message):
+            main.resolve(main.build_parser().parse_args(base + extra))

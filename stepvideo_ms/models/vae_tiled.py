@@ -247,3 +247,60 @@ def decode_tiled(decoder, z: Tensor, tile_size) -> Tensor:
                 raise TypeError(f"tiled VAE decode: no tiled form for {type(sampler).__name__}")
     h = _conv_tiled(decoder.conv_out, h, tile(), pre=FrameStats(decoder.norm_out, h))
     return h[:, :, DECODER_CROPPED_FRAMES:]
+
+
+# ---- how much memory a decode needs, and the tile that fits a budget -----------------------------
+
+# Peak of one chunk's decode, calibrated on the CPU backend by bench/bench_vae_tile.py (decoder ch 64,
+# 6x6 latents: untiled 916 MiB, tiles of 2 and 1 latent positions 513 and 257 MiB): untiled, about
+# 10 of the up path's largest tensor; tiled, 2 of them (a block's input, its middle and its output)
+# plus about 32 tensors of one tile with its halo (the CPU convolution's im2col holds the 27 kernel
+# taps of a tile's input). Elsewhere (the Ascend kernels keep other temporaries) a prediction.
+UNTILED_PEAK_TENSORS = 10.0
+TILED_PEAK_TENSORS = 2.0
+TILE_WORKING_TENSORS = 32.0
+
+
+def _up_path_tensors(config, latent_h: int, latent_w: int):
+    """(channels, frames, rows, columns) of the up path's activations for one chunk (batch 1)."""
+    from .vae_config import DECODER_TEMPORAL_UP_LEVELS, LATENT_FRAMES_PER_CHUNK
+
+    widths = config.decoder.widths()
+    frames = LATENT_FRAMES_PER_CHUNK * PATCH_FACTOR - (PATCH_FACTOR - 1)
+    scale, block_in, out = PATCH_FACTOR, widths[-1], []
+    for i in reversed(range(len(widths))):
+        out.append((max(block_in, widths[i]), frames, scale * latent_h, scale * latent_w))
+        block_in = widths[i]
+        if i:
+            frames *= 2 if i in DECODER_TEMPORAL_UP_LEVELS else 1
+            scale *= 2
+            out.append((block_in, frames, scale * latent_h, scale * latent_w))
+    return out
+
+
+def decode_peak_bytes(config, latent_h: int, latent_w: int, dtype_bytes: int, tile_size=None) -> int:
+    """Predicted peak bytes of decoding one chunk of latent_h x latent_w positions (see the constants)."""
+    tensors = _up_path_tensors(config, latent_h, latent_w)
+    largest = max(c * t * h * w for c, t, h, w in tensors) * dtype_bytes
+    if tile_size is None:
+        return int(UNTILED_PEAK_TENSORS * largest)
+    th, tw = as_tile(tile_size)
+    tile = 0
+    for c, t, h, w in tensors:
+        s = h // latent_h  # pixels per latent position at that level
+        tile = max(tile, c * t * (min(th * s, h) + 2) * (min(tw * s, w) + 2))
+    return int(TILED_PEAK_TENSORS * largest + TILE_WORKING_TENSORS * tile * dtype_bytes)
+
+
+def choose_tile(config, latent_h: int, latent_w: int, dtype_bytes: int, budget_bytes: float):
+    """None when the untiled decode is predicted to fit `budget_bytes`, else the largest square tile
+    (latent positions) predicted to fit; ValueError when none does."""
+    if decode_peak_bytes(config, latent_h, latent_w, dtype_bytes) <= budget_bytes:
+        return None
+    for t in range(max(latent_h, latent_w), 0, -1):
+        if decode_peak_bytes(config, latent_h, latent_w, dtype_bytes, t) <= budget_bytes:
+            return (t, t)
+    need = decode_peak_bytes(config, latent_h, latent_w, dtype_bytes, 1)
+    raise ValueError(f"VAE decode budget {budget_bytes / 2 ** 30:.2f} GiB: even 1-position tiles need about "
+                     f"{need / 2 ** 30:.2f} GiB (predicted) for {latent_h}x{latent_w} latents: raise the budget "
+                     f"or decode a smaller size")
