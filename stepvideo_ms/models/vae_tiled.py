@@ -102,11 +102,20 @@ def _plane_sums(x: Tensor, mean: Optional[np.ndarray]) -> np.ndarray:
             return planes.sum(axis=-1, dtype=np.float64)
         centred = planes - mean.astype(xn.dtype)[..., None]
         return np.einsum("bctk,bctk->bct", centred, centred).astype(np.float64)
-    xf = x.astype(ms.float32)
-    if mean is not None:
-        xf = xf - Tensor(mean.astype(np.float32)[..., None, None])
-        xf = xf * xf
-    return mint.sum(xf, dim=(3, 4)).asnumpy().astype(np.float64)
+    # other dtypes (bf16 on Ascend): float32 sums over bands of rows, so that no float32 copy of the
+    # whole tensor is made
+    rows = x.shape[3]
+    band = max(1, -(-rows // 8))
+    total = None
+    centre = None if mean is None else Tensor(mean.astype(np.float32)[..., None, None])
+    for y in range(0, rows, band):
+        xf = x[:, :, :, y:y + band].astype(ms.float32)
+        if centre is not None:
+            xf = xf - centre
+            xf = xf * xf
+        part = mint.sum(xf, dim=(3, 4)).asnumpy().astype(np.float64)
+        total = part if total is None else total + part
+    return total
 
 
 # ---- one convolution, tile by tile ------------------------------------------------------------
