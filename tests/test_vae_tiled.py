@@ -143,8 +143,12 @@ def test_budget_picks_tiles_and_decode_numpy_uses_them(golden_vae):
         model.set_decode_tiling(budget_gb=0.034)  # predicted: 0.037 GiB untiled, 0.032 in 1x1 tiles
         assert model.tile_for(2, 3) == (1, 1)
         frames = model.decode_numpy(latents)
+        from stepvideo_ms.serving.services import VaeService
+
+        assert VaeService(model).describe()["decode_tile"] == "when predicted over 0.034 GiB"
         model.set_decode_tiling(tile_size=(1, 2))
         assert model.tile_for(2, 3) == (1, 2)
+        assert VaeService(model).describe()["decode_tile"] == "1x2 latent positions"
         model.set_decode_tiling(budget_gb=1e3)
         assert model.tile_for(2, 3) is None
         with pytest.raises(ValueError, match="not both"):
