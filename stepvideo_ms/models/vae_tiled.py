@@ -264,8 +264,11 @@ def decode_tiled(decoder, z: Tensor, tile_size) -> Tensor:
 # 6x6 latents: untiled 916 MiB, tiles of 2 and 1 latent positions 513 and 257 MiB): untiled, about
 # 10 of the up path's largest tensor; tiled, 2 of them (a block's input, its middle and its output)
 # plus about 32 tensors of one tile with its halo (the CPU convolution's im2col holds the 27 kernel
-# taps of a tile's input). Elsewhere (the Ascend kernels keep other temporaries) a prediction.
+# taps of a tile's input; the untiled decode also holds one capped im2col block, the CPU conv's
+# 96 MiB: it matters at small sizes, ch 32: 555 MiB measured). Elsewhere (the Ascend kernels keep
+# other temporaries) a prediction.
 UNTILED_PEAK_TENSORS = 10.0
+UNTILED_WORKSPACE_BYTES = 96 * 2 ** 20
 TILED_PEAK_TENSORS = 2.0
 TILE_WORKING_TENSORS = 32.0
 
@@ -292,7 +295,7 @@ def decode_peak_bytes(config, latent_h: int, latent_w: int, dtype_bytes: int, ti
     tensors = _up_path_tensors(config, latent_h, latent_w)
     largest = max(c * t * h * w for c, t, h, w in tensors) * dtype_bytes
     if tile_size is None:
-        return int(UNTILED_PEAK_TENSORS * largest)
+        return int(UNTILED_PEAK_TENSORS * largest + UNTILED_WORKSPACE_BYTES)
     th, tw = as_tile(tile_size)
     tile = 0
     for c, t, h, w in tensors:
