@@ -117,6 +117,10 @@ def t2v_model(tmp_path_factory):
     ("1", ["--shard_weights"], "drop --shard_weights"),
     ("2", ["--ulysses_degree", "2", "--card_gb", "0.001"], "--card_gb 0.001: ulysses 2 x pp 1 is predicted"),
     ("2", ["--ulysses_degree", "2", "--card_gb", "-1"], "--card_gb -1 must be positive"),
+    ("1", ["--vae_tile", "2"], "--vae_tile/--vae_budget_gb tile the in-process VAE"),
+    ("1", ["--vae_url", "local", "--vae_tile", "0"], "--vae_tile 0 must be >= 1"),
+    ("1", ["--vae_url", "local", "--vae_tile", "2", "--vae_budget_gb", "4"], "not both"),
+    ("1", ["--vae_url", "local", "--vae_budget_gb", "1e-9"], "--vae_budget_gb: VAE decode budget"),
 ])
 def test_validation_errors_name_the_argument(t2v_model, tmp_path, monkeypatch, capsys, world, extra, message):
     monkeypatch.setenv("MS_WORKER_NUM", world)

@@ -26,9 +26,11 @@ class InProcessBackends:
     @classmethod
     def from_model_dir(cls, model_dir: str, llm_dir: str = "step_llm", clip_dir: str = "hunyuan_clip",
                        vae_dir: str = "vae", progress: bool = True, caption: bool = True,
-                       vae: bool = True, in_turn: bool = False) -> "InProcessBackends":
+                       vae: bool = True, in_turn: bool = False, vae_tile=None,
+                       vae_budget_gb: Optional[float] = None) -> "InProcessBackends":
         """Load the caption encoders and/or the VAE (`caption`, `vae` pick) of a released model directory
-        (with `in_turn`, only when each is used, and released after)."""
+        (with `in_turn`, only when each is used, and released after). vae_tile / vae_budget_gb: the VAE
+        decodes in spatial tiles, always or when predicted not to fit (`AutoencoderKL.set_decode_tiling`)."""
         from ..models.caption import CaptionEncoder
         from ..models.vae import AutoencoderKL
 
@@ -37,7 +39,12 @@ class InProcessBackends:
             loaders["caption_encoder"] = lambda: CaptionEncoder.from_model_dir(
                 model_dir, llm_dir=llm_dir, clip_dir=clip_dir, progress=progress)
         if vae:
-            loaders["vae"] = lambda: AutoencoderKL.from_pretrained(os.path.join(model_dir, vae_dir), progress=progress)
+            def load_vae():
+                model = AutoencoderKL.from_pretrained(os.path.join(model_dir, vae_dir), progress=progress)
+                model.set_decode_tiling(vae_tile, vae_budget_gb)
+                return model
+
+            loaders["vae"] = load_vae
         if in_turn:
             return cls(None, None, progress, loaders)
         return cls(*(loaders[k]() if k in loaders else None for k in ("caption_encoder", "vae")), progress)
@@ -128,7 +135,8 @@ def check_local_dirs(model_dir: str, caption_url: Optional[str], vae_url: Option
 
 
 def open_backends(model_dir: str, caption_url: Optional[str], vae_url: Optional[str], token: Optional[str] = None,
-                  need_vae: bool = True, progress: bool = True, in_turn: bool = False) -> Tuple[object, Optional[object]]:
+                  need_vae: bool = True, progress: bool = True, in_turn: bool = False, vae_tile=None,
+                  vae_budget_gb: Optional[float] = None) -> Tuple[object, Optional[object]]:
     """(text encoder, VAE): HTTP clients for server URLs (checked with /health), in-process models for
     None or LOCAL. `need_vae=False` skips the VAE (no decode and no image to encode)."""
     from ..serving.client import RemoteClient
@@ -142,7 +150,8 @@ def open_backends(model_dir: str, caption_url: Optional[str], vae_url: Optional[
         vae.health()
     if text is None or (need_vae and vae is None):
         local = InProcessBackends.from_model_dir(model_dir, progress=progress, caption=text is None,
-                                                 vae=need_vae and vae is None, in_turn=in_turn)
+                                                 vae=need_vae and vae is None, in_turn=in_turn,
+                                                 vae_tile=vae_tile, vae_budget_gb=vae_budget_gb)
         text = text or local
         vae = vae or (local if need_vae else None)
     return text, vae

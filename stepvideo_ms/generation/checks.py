@@ -93,7 +93,47 @@ def validate(args, world_size: int):
     if task == "ti2v":
         video.load_image(settings.first_image_path)  # readable, before anything else
     check_layout_for(args, settings, transformer, world_size)
+    check_vae_tiling(args, settings)
     return settings, transformer
+
+
+def check_vae_tiling(args, settings) -> None:
+    """--vae_tile / --vae_budget_gb: for an in-process VAE only, one of them, and (a budget) predicted to be
+    reachable with some tile at this video size, before anything loads."""
+    from ..diffusion.backends import is_local
+
+    tile, budget = getattr(args, "vae_tile", None), getattr(args, "vae_budget_gb", None)
+    if tile is None and budget is None:
+        return
+    if not is_local(args.vae_url):
+        raise ValueError("--vae_tile/--vae_budget_gb tile the in-process VAE (--vae_url local); a VAE server takes "
+                         "them on its own command line (api/call_remote_server.py --vae_tile N / --vae_budget_gb X)")
+    if tile is not None and budget is not None:
+        raise ValueError("give --vae_tile or --vae_budget_gb, not both")
+    if tile is not None and tile < 1:
+        raise ValueError(f"--vae_tile {tile} must be >= 1 (latent positions, 16x16 pixels each)")
+    if budget is not None:
+        if not budget > 0:
+            raise ValueError(f"--vae_budget_gb {budget:g} must be positive (GiB)")
+        import json
+
+        import mindspore as ms
+
+        from ..models.vae_config import CONFIG_FILE, SPATIAL_COMPRESSION, VAEConfig
+        from ..models.vae_tiled import choose_tile
+        from ..runtime import dtype_for, pick_device
+
+        cfg_path = os.path.join(args.model_dir, "vae", CONFIG_FILE)
+        cfg = {}
+        if os.path.isfile(cfg_path):
+            with open(cfg_path, "r", encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        try:
+            choose_tile(VAEConfig.from_dict(cfg), settings.height // SPATIAL_COMPRESSION,
+                        settings.width // SPATIAL_COMPRESSION,
+                        4 if dtype_for(pick_device(args.device)) == ms.float32 else 2, budget * 2 ** 30)
+        except ValueError as err:
+            raise ValueError(f"--vae_budget_gb: {err}") from None
 
 
 LAYOUT_FLAGS = ("cfg_degree", "ulysses_degree", "pp_degree")

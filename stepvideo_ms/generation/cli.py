@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with local encoders/VAE: load each only while it runs and release it after (one card holds "
                         "everything in turn; every video reads their weights again). Chosen by itself when the "
                         "card is too small for them beside the DiT")
+    g.add_argument("--vae_tile", type=int, default=None,
+                   help="with --vae_url local: decode in spatial tiles of N x N latent positions (same frames, "
+                        "less memory)")
+    g.add_argument("--vae_budget_gb", type=finite_float, default=None,
+                   help="with --vae_url local: decode in tiles when the untiled decode is predicted not to fit "
+                        "this many GiB")
     g.add_argument("--auth_token", default=None, help="token of the servers (default: $STEPVIDEO_AUTH_TOKEN)")
     g.add_argument("--device", default=None, help="Ascend or CPU (default: Ascend when present)")
     g = p.add_argument_group("what to make")

@@ -157,7 +157,9 @@ class GenerationWorld:
                     before_load()
                 text, vae = open_backends(args.model_dir, args.caption_url, args.vae_url, args.auth_token,
                                           need_vae=need_vae, progress=progress,
-                                          in_turn=getattr(args, "local_in_turn", False))
+                                          in_turn=getattr(args, "local_in_turn", False),
+                                          vae_tile=getattr(args, "vae_tile", None),
+                                          vae_budget_gb=getattr(args, "vae_budget_gb", None))
         except BaseException:
             ok = False
             all_ok(comm, False, rank)

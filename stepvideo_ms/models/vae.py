@@ -26,6 +26,7 @@ from .vae_blocks import (
     CausalConv, Conv3d, ConvPixelShuffleUp, ConvPixelUnshuffleDown, Downsample2D, Downsample3D, FrameGroupNorm,
     Level, Mid, Resnet3DBlock, Upsample2D, Upsample3D, average_down, causal_padding, duplicate_up,
 )
+from .vae_tiled import as_tile, choose_tile, decode_tiled
 from .vae_config import (
     CHECKPOINT_FILE, CHUNK_BLEND_KEEP, CONFIG_FILE, DECODER_CROPPED_FRAMES, DECODER_TEMPORAL_UP_LEVELS,
     ENCODER_TEMPORAL_DOWN_LEVELS, FRAMES_PER_CHUNK, IMAGE_FRAMES, LATENT_FRAMES_PER_CHUNK, PATCH_FACTOR,
@@ -140,6 +141,10 @@ class AutoencoderKL(nn.Cell):
         self.dtype = dtype
         self.encoder = VideoEncoder(self.config, dtype)
         self.decoder = VideoDecoder(self.config, dtype)
+        # how decode_numpy (the servers, the in-process backend) tiles: a fixed tile_size, or the tile
+        # predicted to fit a budget in bytes (`set_decode_tiling`); neither: untiled
+        self.decode_tile_size = None
+        self.decode_budget_bytes = None
 
     # ---- construction -----------------------------------------------------------------------
 
@@ -235,26 +240,54 @@ class AutoencoderKL(nn.Cell):
                              f"(layout (batch, latent frames, channels, height, width))")
         video_frames(latents.shape[1])  # raises unless whole 3-frame chunks
 
-    def decode_chunks(self, latents: ArrayLike, progress: bool = True) -> Tensor:
-        """Each 3-latent-frame chunk decoded to 17 frames, concatenated: (b, f, 3, 16h, 16w), not blended."""
+    def decode_chunks(self, latents: ArrayLike, progress: bool = True, tile_size=None) -> Tensor:
+        """Each 3-latent-frame chunk decoded to 17 frames, concatenated: (b, f, 3, 16h, 16w), not blended.
+
+        tile_size: None decodes each chunk whole; an int or (rows, columns), in latent positions,
+        decodes its up path in spatial tiles of that size (`vae_tiled`: the same frames, less memory)."""
         latents = self._as_tensor(latents, "latents")
         self._check_latents(latents)
+        tile = None if tile_size is None else as_tile(tile_size)
         chunks = []
         n = latents.shape[1]
         for start in progress_bar(range(0, n, LATENT_FRAMES_PER_CHUNK), desc="VAE decode", unit="chunk",
                           disable=not progress, leave=False):
             z = mint.permute(latents[:, start:start + LATENT_FRAMES_PER_CHUNK], (0, 2, 1, 3, 4))
-            chunks.append(mint.permute(self.decoder(z), (0, 2, 1, 3, 4)))
+            out = self.decoder(z) if tile is None else decode_tiled(self.decoder, z, tile)
+            chunks.append(mint.permute(out, (0, 2, 1, 3, 4)))
         return chunks[0] if len(chunks) == 1 else mint.cat(chunks, dim=1)
 
-    def decode(self, latents: ArrayLike, progress: bool = True) -> Tensor:
-        """latents (b, f_lat, z, h, w) -> frames (b, f_lat/3*17, 3, 16h, 16w), roughly in [-1, 1]."""
-        return blend_chunks(self.decode_chunks(latents, progress))
+    def decode(self, latents: ArrayLike, progress: bool = True, tile_size=None) -> Tensor:
+        """latents (b, f_lat, z, h, w) -> frames (b, f_lat/3*17, 3, 16h, 16w), roughly in [-1, 1].
+        tile_size: see `decode_chunks`."""
+        return blend_chunks(self.decode_chunks(latents, progress, tile_size))
+
+    def set_decode_tiling(self, tile_size=None, budget_gb: Optional[float] = None) -> None:
+        """What `decode_numpy` does: tile_size (latent positions) always tiles; budget_gb tiles only
+        when the untiled decode of a chunk is predicted not to fit (`vae_tiled.choose_tile`)."""
+        if tile_size is not None and budget_gb is not None:
+            raise ValueError("give a VAE tile size or a VAE memory budget, not both")
+        if budget_gb is not None and not budget_gb > 0:
+            raise ValueError(f"VAE decode budget {budget_gb} GB must be positive")
+        self.decode_tile_size = None if tile_size is None else as_tile(tile_size)
+        self.decode_budget_bytes = None if budget_gb is None else float(budget_gb) * 2 ** 30
+
+    def tile_for(self, latent_h: int, latent_w: int):
+        """The tile `decode_numpy` uses for latents of latent_h x latent_w positions (None: untiled)."""
+        if self.decode_tile_size is not None:
+            return self.decode_tile_size
+        if self.decode_budget_bytes is None:
+            return None
+        dtype_bytes = 4 if self.dtype == ms.float32 else 2
+        return choose_tile(self.config, latent_h, latent_w, dtype_bytes, self.decode_budget_bytes)
 
     # ---- numpy in, numpy out: what the VAE server and the in-process backend serve ---------------
     def decode_numpy(self, latents: np.ndarray, progress: bool = True) -> np.ndarray:
-        """DiT latents -> float32 frames, with the serving scale (latents / LATENT_SCALE_FACTOR)."""
-        frames = self.decode(Tensor(np.asarray(latents, np.float32) / LATENT_SCALE_FACTOR), progress=progress)
+        """DiT latents -> float32 frames, with the serving scale (latents / LATENT_SCALE_FACTOR);
+        in tiles when `set_decode_tiling` asks for them."""
+        latents = np.asarray(latents, np.float32)
+        tile = self.tile_for(*latents.shape[-2:]) if latents.ndim == 5 else None
+        frames = self.decode(Tensor(latents / LATENT_SCALE_FACTOR), progress=progress, tile_size=tile)
         return frames.astype(ms.float32).asnumpy()
 
     def encode_numpy(self, frames: np.ndarray, seed: int = 0, sample: bool = True,

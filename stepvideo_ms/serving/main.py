@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm_dir", default="step_llm", help="Step-1 folder inside model_dir")
     p.add_argument("--clip_dir", default="hunyuan_clip", help="HunyuanCLIP folder inside model_dir")
     p.add_argument("--vae_dir", default="vae", help="VAE folder inside model_dir")
+    p.add_argument("--vae_tile", type=int, default=None,
+                   help="decode in spatial tiles of N x N latent positions (16N x 16N pixels; same frames, less memory)")
+    p.add_argument("--vae_budget_gb", type=float, default=None,
+                   help="decode in tiles only when the untiled decode is predicted not to fit this many GiB")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=None,
                    help=f"default {protocol.DEFAULT_CAPTION_PORT} (caption, or both), {protocol.DEFAULT_VAE_PORT} "
@@ -80,6 +84,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if not os.path.isdir(os.path.join(args.model_dir, sub)):
             raise SystemExit(f"call_remote_server: {os.path.join(args.model_dir, sub)} is not a directory "
                              "(check --model_dir and the --llm_dir/--clip_dir/--vae_dir names)")
+    if args.vae_tile is not None and args.vae_budget_gb is not None:
+        raise SystemExit("call_remote_server: give --vae_tile or --vae_budget_gb, not both")
+    if args.vae_tile is not None and args.vae_tile < 1:
+        raise SystemExit(f"call_remote_server: --vae_tile {args.vae_tile} must be >= 1 (latent positions)")
+    if args.vae_budget_gb is not None and not args.vae_budget_gb > 0:
+        raise SystemExit(f"call_remote_server: --vae_budget_gb {args.vae_budget_gb} must be positive")
     if args.port is None:
         args.port = protocol.DEFAULT_CAPTION_PORT if args.enable_llm else protocol.DEFAULT_VAE_PORT
     if not 0 <= args.port <= 65535:
@@ -157,7 +167,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.enable_llm:
         services["caption"] = CaptionService.load(args.model_dir, args.llm_dir, args.clip_dir)
     if args.enable_vae:
-        services["vae"] = VaeService.load(os.path.join(args.model_dir, args.vae_dir))
+        services["vae"] = VaeService.load(os.path.join(args.model_dir, args.vae_dir), tile_size=args.vae_tile,
+                                          budget_gb=args.vae_budget_gb)
     queue = DeviceQueue(limits.queue_size, limits.queue_wait_s, name=f"{rt.device}{rt.device_id}")
     state = ServerState(services, queue, limits, args.auth_token, runtime_info)
     server = make_server(state, args.host, args.port)

@@ -80,10 +80,13 @@ class VaeService:
         self.where = where or {}
 
     @classmethod
-    def load(cls, vae_dir: str, dtype=None, progress: bool = True) -> "VaeService":
+    def load(cls, vae_dir: str, dtype=None, progress: bool = True, tile_size=None,
+             budget_gb: Optional[float] = None) -> "VaeService":
+        """tile_size / budget_gb: spatial tiles for every decode, or when one is predicted not to fit."""
         from ..models.vae import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(vae_dir, dtype=dtype, progress=progress)
+        vae.set_decode_tiling(tile_size, budget_gb)
         return cls(vae, {"vae_dir": os.path.abspath(vae_dir)})
 
     @property
@@ -96,7 +99,8 @@ class VaeService:
     def describe(self) -> dict:
         return {**self.where, "dtype": _dtype_name(self.vae.dtype), "z_channels": self.z_channels,
                 "spatial_compression": SPATIAL_COMPRESSION,
-                "latent_frames_per_chunk": LATENT_FRAMES_PER_CHUNK, "frames_per_chunk": FRAMES_PER_CHUNK}
+                "latent_frames_per_chunk": LATENT_FRAMES_PER_CHUNK, "frames_per_chunk": FRAMES_PER_CHUNK,
+                "decode_tile": _tiling(self.vae)}
 
     def endpoints(self, limits: Limits) -> Endpoints:
         z, sf = self.z_channels, SPATIAL_COMPRESSION
@@ -146,3 +150,13 @@ class VaeService:
 
 def _dtype_name(dtype) -> str:
     return str(dtype).lower()
+
+
+def _tiling(vae) -> str:
+    tile = getattr(vae, "decode_tile_size", None)
+    budget = getattr(vae, "decode_budget_bytes", None)
+    if tile is not None:
+        return f"{tile[0]}x{tile[1]} latent positions"
+    if budget is not None:
+        return f"when predicted over {budget / 2 ** 30:g} GiB"
+    return "off"
