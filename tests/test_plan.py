@@ -156,3 +156,10 @@ def test_the_advice_is_the_planner_s_own_answer():
     assert describe.main(["--plan", "--cards", "2", "--card_gb", "16", "--frames", "170"]) == 1
     assert describe.main(["--plan", "--cards", "1", "--card_gb", "16", "--frames", "68"]) == 0
     assert describe.main(["--plan", "--cards", "1", "--card_gb", "16", "--frames", "85"]) == 1
+
+
+def test_the_advice_for_int8_suggests_int8_commands(capsys):
+    assert describe.main(["--plan", "--cards", "1", "--card_gb", "32", "--weights", "int8"]) == 1
+    out = capsys.readouterr().out
+    suggested = [line for line in out.splitlines() if "python -m stepvideo_ms describe --plan --cards" in line]
+    assert suggested and all(line.rstrip().endswith("--weights int8") or "--weights int8 " in line for line in suggested)

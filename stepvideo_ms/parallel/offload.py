@@ -37,11 +37,10 @@ from mindspore import Tensor, mint
 from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
 from ..formats import checkpoint
-from ..formats.safetensors_io import SafetensorsFile
 from ..models.dit import StepVideoModel
 from ..models.layers import StepVideoTransformerBlock
 from .mesh import Mesh
-from .shard import BLOCK_PREFIX, BlockLayout, _block_layer
+from .shard import BLOCK_PREFIX, BlockLayout, _block_layer, stage_sources
 
 ASCEND_WORKING_BLOCKS = 2  # the one computing and the next one being copied in
 CPU_WORKING_BLOCKS = 1
@@ -90,17 +89,9 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32,
                                            progress=progress)
     layout = BlockLayout.of(model.transformer_blocks[0])
     mine = list(mesh.stage_layers(model.num_layers))
-    files = [SafetensorsFile(f) for f in checkpoint.checkpoint_files(path)]
-    where = {key: f for f in files for key in f.keys() if _block_layer(key) in mine}
     wanted = {f"{BLOCK_PREFIX}{layer}.{name}": shape for layer in mine
               for name, shape in zip(layout.names, layout.shapes)}
-    missing = sorted(set(wanted) - set(where))
-    wrong = [f"{k}: checkpoint {where[k].shape(k)} vs model {wanted[k]}" for k in sorted(set(wanted) & set(where))
-             if tuple(where[k].shape(k)) != wanted[k]]
-    if missing or wrong:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} does not fit the stage's blocks: missing {missing[:10]} wrong shapes {wrong[:10]}; "
-            "check that the config matches the weights")
+    where = stage_sources(path, mine, wanted)
     pinned = is_ascend()
     backing = None if pinned else _host_map(len(mine) * layout.total)
     blocks: Dict[int, List[object]] = {}
@@ -118,7 +109,7 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32,
                 held.append(view)
                 at += size
         blocks[layer] = held
-    for f in files:
+    for f in set(where.values()):
         f.close()
     if backing is not None:
         backing.flush()

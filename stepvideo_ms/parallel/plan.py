@@ -418,6 +418,7 @@ def advice(model: ModelShape, cards: int, card_gb: float, frames: int, height: i
     layout and by how much it misses, the fewest cards of this size that fit, the largest video that
     fits these cards."""
     grid = video_grid(frames, height, width)
+    flag = " --weights int8" if weights == "int8" else ""  # the suggested commands ask about the same weights
     lines = []
     closest = lowest(plans_for(model, cards, grid, guidance, hardware, weights))
     if closest is not None:
@@ -431,7 +432,7 @@ def advice(model: ModelShape, cards: int, card_gb: float, frames: int, height: i
         best = lowest(fitting)
         lines.append(f"fewest cards of {card_gb:g} GiB for {frames} frames {height}x{width}: {n} "
                      f"({len(fitting)} layout{'s' if len(fitting) > 1 else ''} fit; {best.layout.name()} peaks at "
-                     f"{best.peak_gib:.1f} GiB): {DESCRIBE} --cards {n} --card_gb {card_gb:g}")
+                     f"{best.peak_gib:.1f} GiB): {DESCRIBE} --cards {n} --card_gb {card_gb:g}{flag}")
     video = largest_video(model, cards, card_gb, frames, height, width, guidance, hardware, weights)
     on = f"{cards_word(cards)} of {card_gb:g} GiB"
     if video is None:
@@ -442,6 +443,6 @@ def advice(model: ModelShape, cards: int, card_gb: float, frames: int, height: i
     else:
         f, h, w, best = video
         lines.append(f"largest video on {on}: {f} frames {h}x{w} ({best.layout.name()} peaks at "
-                     f"{best.peak_gib:.1f} GiB): {DESCRIBE} --cards {cards} --card_gb {card_gb:g} "
+                     f"{best.peak_gib:.1f} GiB): {DESCRIBE} --cards {cards} --card_gb {card_gb:g}{flag} "
                      f"--frames {f} --height {h} --width {w}")
     return lines

@@ -170,6 +170,24 @@ class _PieceReader:
         return q.reshape(-1)[lo - first * cols:hi - first * cols]
 
 
+def stage_sources(path: str, layers, wanted: Dict[str, tuple], derived=None) -> Dict[str, SafetensorsFile]:
+    """{key: the safetensors file holding it} for the blocks of `layers`, after checking that every key of
+    `wanted` ({key: shape}) is there with its shape (`derived(where)`: keys made while reading, not
+    stored). CheckpointError naming the missing and the misshapen keys otherwise."""
+    files = [SafetensorsFile(f) for f in checkpoint.checkpoint_files(path)]
+    where = {key: f for f in files for key in f.keys() if _block_layer(key) in layers}
+    for f in set(files) - set(where.values()):  # shards of other stages only
+        f.close()
+    missing = sorted(set(wanted) - set(where) - (derived(where) if derived else set()))
+    wrong = [f"{k}: checkpoint {where[k].shape(k)} vs model {wanted[k]}" for k in sorted(set(wanted) & set(where))
+             if tuple(where[k].shape(k)) != wanted[k]]
+    if missing or wrong:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} does not fit the stage's blocks: missing {missing[:10]} wrong shapes {wrong[:10]}; "
+            "check that the config matches the weights")
+    return where
+
+
 def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True,
                        weights: Optional[str] = None) -> Tuple[StepVideoModel, BlockShards]:
     """The DiT of `path` with every non-block parameter loaded and the blocks left unallocated, and
@@ -189,19 +207,14 @@ def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool =
     dtypes = [_group_dtype(g, block0, dtype) for g in layouts]
     mine = list(mesh.stage_layers(model.num_layers))
 
-    files = [SafetensorsFile(f) for f in checkpoint.checkpoint_files(path)]
-    where = {key: f for f in files for key in f.keys() if _block_layer(key) in mine}
     wanted = {f"{BLOCK_PREFIX}{layer}.{name}": shape for layer in mine for g in layouts
               for name, shape in zip(g.names, g.shapes)}
-    derived = {k for k in wanted if k.endswith(SCALE_SUFFIX) and k not in where
-               and k[:-len(SCALE_SUFFIX)] in where and where[k[:-len(SCALE_SUFFIX)]].dtype(k[:-len(SCALE_SUFFIX)]) != "I8"}
-    missing = sorted(set(wanted) - set(where) - derived)
-    wrong = [f"{k}: checkpoint {where[k].shape(k)} vs model {wanted[k]}" for k in sorted(set(wanted) & set(where))
-             if tuple(where[k].shape(k)) != wanted[k]]
-    if missing or wrong:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} does not fit the stage's blocks: missing {missing[:10]} wrong shapes {wrong[:10]}; "
-            "check that the config matches the weights")
+
+    def derived(where):  # scales quantized from released (non-int8) weights while reading
+        return {k for k in wanted if k.endswith(SCALE_SUFFIX) and k not in where and k[:-len(SCALE_SUFFIX)] in where
+                and where[k[:-len(SCALE_SUFFIX)]].dtype(k[:-len(SCALE_SUFFIX)]) != "I8"}
+
+    where = stage_sources(path, mine, wanted, derived)
     reader = _PieceReader(where)
     flats: Dict[int, Tuple[Tensor, ...]] = {}
     for layer in progress_bar(mine, desc="loading block shards", unit="block", disable=not progress, leave=False):
@@ -216,7 +229,7 @@ def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool =
                 at += hi - lo
             mine_flats.append(Tensor(flat, gdtype))
         flats[layer] = tuple(mine_flats)
-    for f in files:
+    for f in set(where.values()):
         f.close()
     return model, BlockShards(layouts, parts, index, flats)
 

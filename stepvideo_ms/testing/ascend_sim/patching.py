@@ -65,7 +65,11 @@ def _documented_signature(fn: Callable) -> inspect.Signature:
 
 def bind(fn: Callable, name: str, args, kwargs) -> Dict[str, object]:
     """Bind a call as the real function would: an unknown or missing argument raises TypeError."""
-    sig = signature_of(fn)
+    return bind_signature(signature_of(fn), name, args, kwargs)
+
+
+def bind_signature(sig: inspect.Signature, name: str, args, kwargs) -> Dict[str, object]:
+    """Bind a call to `sig` (e.g. a primitive's __init__ or __call__): unknown or missing arguments raise."""
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError as exc:

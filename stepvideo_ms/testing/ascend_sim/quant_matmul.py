@@ -22,19 +22,10 @@ import mindspore as ms
 from mindspore import Tensor, mint
 
 from .npu_ops import _as_device_work, require_dtype, require_tensor
-from .patching import original, replace
+from .patching import bind_signature, original, replace
 
 NAME = "WeightQuantBatchMatmul"
 MAX_DIM = 65535
-
-
-def _bind(sig: inspect.Signature, what: str, args, kwargs) -> dict:
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise TypeError(f"{what}{sig}: {exc}") from None
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def _check_quant_param(arg: str, value: Tensor, x: Tensor, n: int) -> None:
@@ -54,7 +45,7 @@ class _Emulated:
         self.transpose_x, self.transpose_weight, self.antiquant_group_size = transpose_x, transpose_weight, group_size
 
     def __call__(self, *args, **kwargs):
-        a = _bind(self._call, NAME, args, kwargs)
+        a = bind_signature(self._call, NAME, args, kwargs)
         x = require_tensor(NAME, "x", a["x"])
         w = require_tensor(NAME, "weight", a["weight"])
         require_dtype(NAME, "x", x, (ms.float16, ms.bfloat16))
@@ -106,7 +97,7 @@ def emulator(real_cls):
     call = call.replace(parameters=list(call.parameters.values())[1:])  # without self
 
     def WeightQuantBatchMatmul(*args, **kwargs):  # noqa: N802 - the real name
-        a = _bind(init, NAME, args, kwargs)
+        a = bind_signature(init, NAME, args, kwargs)
         for flag in ("transpose_x", "transpose_weight"):
             if not isinstance(a[flag], bool):
                 raise TypeError(f"For '{NAME}', '{flag}' must be a bool, got {a[flag]!r}")
