@@ -7,7 +7,7 @@ import json
 import math
 import warnings
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from stepvideo_ms.diffusion.settings import PER_VIDEO_SETTINGS, SETTING_RANGES, check_setting
@@ -112,6 +112,8 @@ def test_fuzz_http_json_body(tmp_path_factory):
 
     @FUZZ
     @given(JOBS)
+    @example({"prompt": "a", "cfg_scale": float("nan")})  # both sides are reached whatever the draw
+    @example({"prompt": "a cat", "seed": 7})
     def case(data):
         text = json.dumps(data, allow_nan=True)
         r = c.post("/jobs", data=text.encode("utf-8"), headers={"Content-Type": "application/json"})
