@@ -62,9 +62,10 @@ def weights_of(args, config: dict, transformer: str) -> str:
     return resolve_weights(getattr(args, "weights", None), config, transformer)
 
 
-def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
+def check_layout_for(args, settings, transformer: str, world_size: int, card_gb: Optional[float] = None,
+                     device: Optional[str] = None) -> None:
     """The layout against one video's settings: CFG parallel needs guidance, and the planner's memory
-    prediction must fit --card_gb (when given)."""
+    prediction must fit `card_gb` (default --card_gb, when given) on `device` (default: --device's)."""
     from ..formats.checkpoint import read_config
 
     mesh = mesh_from(args, world_size, 0)
@@ -72,11 +73,12 @@ def check_layout_for(args, settings, transformer: str, world_size: int) -> None:
         raise ValueError(f"--cfg_degree {mesh.cfg_degree} runs the [cond, uncond] halves on two rank groups, but "
                          f"--cfg_scale {settings.cfg_scale} <= 1 has no unconditional half: use --cfg_degree 1 or a "
                          "cfg_scale above 1")
-    if args.card_gb is not None:
+    card_gb = args.card_gb if card_gb is None else card_gb
+    if card_gb is not None:
         from ..runtime import pick_device
 
         config = read_config(transformer)
-        check_fits(args.card_gb, mesh, config, settings, pick_device(args.device), args,
+        check_fits(card_gb, mesh, config, settings, device or pick_device(args.device), args,
                    weights_of(args, config, transformer))
 
 

@@ -120,17 +120,14 @@ class GenerationWorld:
         from ..diffusion.backends import open_backends
         from ..diffusion.pipeline import StepVideoPipeline
         from ..diffusion.scheduler import FlowMatchScheduler
-        from ..formats.checkpoint import read_config
         from ..parallel import init_world, load_stage, make_communicator
-        from .checks import check_fits, device_memory_gib, mesh_from, weights_of, world_size_from_env
+        from .checks import check_layout_for, device_memory_gib, mesh_from, world_size_from_env
 
         rt = runtime.init(args.device)
         card_gb = device_memory_gib(rt.device) if args.card_gb is None else None  # given: validated already
         if card_gb:
-            config = read_config(transformer)
             for settings in fit:
-                check_fits(card_gb, mesh_from(args, world_size_from_env(), 0), config, settings, rt.device,
-                           args, weights_of(args, config, transformer))
+                check_layout_for(args, settings, transformer, world_size_from_env(), card_gb, rt.device)
         world_size, rank = init_world()
         mesh = mesh_from(args, world_size, rank)
         comm = make_communicator(mesh)
