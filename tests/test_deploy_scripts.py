@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from service_support import processes_mentioning
 from stepvideo_ms.generation import cli
 from stepvideo_ms.formats.safetensors_io import load_file
 
@@ -34,24 +35,6 @@ def script(name, *args, cwd=REPO, env=None, timeout=60):
     full_env.update(env or {})
     return subprocess.run(["bash", os.path.join(SCRIPTS, name), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
-
-
-def processes_mentioning(text):
-    """Pids of live processes whose command line contains `text` (from /proc)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{pid}/stat") as fh:
-                state = fh.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append((int(pid), cmdline))
-    return found
 
 
 @pytest.fixture(scope="module")

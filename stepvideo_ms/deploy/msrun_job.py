@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 from typing import List, Optional
 
 from ..console import PROGRESS_ENV, NoiseFilter, live_bars, quiet_environment
+from .msrun_process import MsrunProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_PARALLEL = os.path.join(REPO, "run_parallel.py")
@@ -311,80 +309,19 @@ def only_second_scheduler_failed(err_text: str) -> bool:
     return SCHEDULER_FAILED in err_text and WORKER_FAILED not in err_text
 
 
-STOP_WAIT_S = 60.0
-POLL_S = 0.5
-
-
-def _interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def pump_stdout(proc, out: NoiseFilter) -> None:
-    """Forward msrun's console until it exits (not until the pipe closes: a helper may hold it)."""
-    import select
-
-    fd = proc.stdout.fileno()
-    while True:
-        ready, _, _ = select.select([fd], [], [], POLL_S)
-        if ready:
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            out.feed(data)
-        elif proc.poll() is not None:
-            break
-    out.close()
-
-
-def stop_msrun(proc) -> int:
-    """SIGINT to msrun (it stops its workers), SIGKILL to its group if it does not end in time."""
-    try:
-        os.kill(proc.pid, signal.SIGINT)
-        return proc.wait(STOP_WAIT_S)
-    except subprocess.TimeoutExpired:
-        end_group(proc.pid)
-        return proc.wait()
-    except ProcessLookupError:
-        return proc.wait()
-
-
-def end_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def run_filtered(cmd: List[str], env: dict, verbose: bool, log_dir: str, tolerate_scheduler: bool = False) -> int:
-    """msrun with its console passed through NoiseFilter; its own traceback becomes one line."""
-    # msrun and its `tail -f` helpers in their own process group: if msrun dies, its helpers end with it
-    # (a surviving tail would hold the console pipe open forever); Ctrl-C / SIGTERM reach msrun as
-    # the SIGINT on which it stops its workers.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    """msrun with its console passed through NoiseFilter; its own traceback becomes one line. msrun and
+    its workers end with this process, on success, failure, Ctrl-C or SIGTERM (msrun_process)."""
     out = NoiseFilter(sys.stdout.buffer, enabled=not verbose)
-    err_lines: List[bytes] = []
 
-    def pump_stderr():
-        for line in proc.stderr:
-            err_lines.append(line)
-            if verbose:
-                sys.stderr.buffer.write(line)
-                sys.stderr.buffer.flush()
+    def echo_stderr(line: bytes) -> None:
+        sys.stderr.buffer.write(line)
+        sys.stderr.buffer.flush()
 
-    t = threading.Thread(target=pump_stderr, daemon=True)
-    t.start()
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        pump_stdout(proc, out)
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        stop_msrun(proc)
-        rc = 130  # msrun itself exits 0 after stopping its workers on SIGINT
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        end_group(proc.pid)
-    t.join(timeout=5)
-    text = b"".join(err_lines).decode("utf-8", errors="replace")
+    with MsrunProcess(cmd, env) as job:
+        rc = job.run(out.feed, echo_stderr if verbose else None)
+    out.close()
+    text = b"".join(job.stderr_lines).decode("utf-8", errors="replace")
     if rc != 0 and tolerate_scheduler and only_second_scheduler_failed(text):
         print("msrun: this node's workers succeeded; its own scheduler could not start because node 0's holds "
               "the port on this machine (a one-machine simulation of several hosts)", file=sys.stderr, flush=True)
@@ -394,7 +331,10 @@ def run_filtered(cmd: List[str], env: dict, verbose: bool, log_dir: str, tolerat
             text = text[:text.index("Traceback (most recent call last)")]
         if text.strip():
             sys.stderr.write(text)
-    if rc != 0:
+    if rc == 130:
+        print(f"msrun: the job was stopped (Ctrl-C or SIGTERM); every worker's log is in {log_dir}",
+              file=sys.stderr, flush=True)
+    elif rc != 0:
         print(f"msrun: the job failed (exit {rc}); every worker's log is in {log_dir}", file=sys.stderr, flush=True)
     return rc
 

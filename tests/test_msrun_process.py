@@ -1,0 +1,127 @@
+"""msrun ends with run_t2v.sh / run_ti2v.sh (stepvideo_ms/deploy/msrun_process.py), shown on a stand-in
+for msrun that behaves as MindSpore's does where it matters: a start-up phase with the signal
+dispositions it inherited, then workers started as session leaders (setsid), then a SIGINT handler that
+kills them. The launcher runs in a child process, as a shell's background command would (SIGINT ignored).
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import REPO
+
+FAKE_MSRUN = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    folder, mode = sys.argv[1], sys.argv[2]
+    open(os.path.join(folder, "msrun.pid"), "w").write(str(os.getpid()))
+    print("msrun starting", flush=True)
+    time.sleep(3)  # msrun imports MindSpore: the inherited SIGINT disposition applies
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    if mode == "deaf":  # an msrun that never stops its workers
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        def stop(*_):
+            os.killpg(worker.pid, signal.SIGKILL)
+            sys.exit(0)
+        signal.signal(signal.SIGINT, stop)
+    open(os.path.join(folder, "worker.pid"), "w").write(str(worker.pid))
+    worker.wait()
+""")
+
+LAUNCHER = textwrap.dedent("""
+    import os, signal, subprocess, sys
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as bash starts a background command
+    from stepvideo_ms.deploy import msrun_process
+    folder, mode, fake = sys.argv[1], sys.argv[2], sys.argv[3]
+    msrun_process.STOP_WAIT_S = 5.0
+    if mode == "signal_while_starting":
+        real_popen = subprocess.Popen
+        def popen(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives between the fork and the stop path
+            return real_popen(*args, **kwargs)
+        msrun_process.subprocess.Popen = popen
+    with msrun_process.MsrunProcess([sys.executable, fake, folder, mode], dict(os.environ)) as job:
+        rc = job.run(lambda data: None)
+    print("rc", rc, flush=True)
+""")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(path, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) or not open(path).read():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    return int(open(path).read())
+
+
+@pytest.fixture(autouse=True)
+def no_stray_worker(tmp_path):
+    yield
+    for name in ("worker.pid", "msrun.pid"):  # a failing test must not leave its stand-ins running
+        path = tmp_path / name
+        if path.exists() and path.read_text() and pid_alive(int(path.read_text())):
+            os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+def start_launcher(tmp_path, mode):
+    fake = tmp_path / "fake_msrun.py"
+    fake.write_text(FAKE_MSRUN)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path), mode, str(fake)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(launcher, tmp_path, within_s):
+    started = time.monotonic()
+    out, _ = launcher.communicate(timeout=60)
+    took = time.monotonic() - started
+    if (tmp_path / "msrun.pid").exists():
+        assert not pid_alive(int((tmp_path / "msrun.pid").read_text())), out
+    if (tmp_path / "worker.pid").exists():
+        worker = int((tmp_path / "worker.pid").read_text())
+        deadline = time.monotonic() + 2
+        while pid_alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(worker), "a worker outlived the launcher"
+    assert took < within_s, f"the stop took {took:.1f} s\n{out}"
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_during_msrun_start_up_stops_it_although_the_launcher_ignores_sigint(tmp_path):
+    launcher = start_launcher(tmp_path, "obedient")
+    wait_for(tmp_path / "msrun.pid")  # msrun is in its start-up phase, with the dispositions it inherited
+    launcher.send_signal(signal.SIGTERM)
+    out = finish(launcher, tmp_path, within_s=2.5)  # not after its 3 s start-up, nor after the 5 s stop wait
+    assert "rc 130" in out
+    assert not (tmp_path / "worker.pid").exists()  # stopped before it started a worker
+
+
+@pytest.mark.timeout(90)
+def test_an_msrun_that_ignores_the_stop_is_killed_with_its_setsid_workers(tmp_path):
+    launcher = start_launcher(tmp_path, "deaf")
+    worker = wait_for(tmp_path / "worker.pid")
+    assert pid_alive(worker)
+    launcher.send_signal(signal.SIGTERM)
+    out = finish(launcher, tmp_path, within_s=15)
+    assert "rc 130" in out
+
+
+@pytest.mark.timeout(90)
+def test_a_signal_that_arrives_while_msrun_is_being_started_is_not_lost(tmp_path):
+    launcher = start_launcher(tmp_path, "signal_while_starting")
+    out = finish(launcher, tmp_path, within_s=15)
+    assert "rc 130" in out
+    assert not (tmp_path / "worker.pid").exists()
