@@ -125,3 +125,18 @@ def test_a_signal_that_arrives_while_msrun_is_being_started_is_not_lost(tmp_path
     out = finish(launcher, tmp_path, within_s=15)
     assert "rc 130" in out
     assert not (tmp_path / "worker.pid").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_real_msrun_job_ended_for_time_leaves_no_worker(tmp_path):
+    from service_support import processes_mentioning
+    from stepvideo_ms.parallel.msrun import run_msrun
+
+    sleeper = tmp_path / "sleeper.py"  # scheduler and workers alike: hang, as in a stuck collective
+    sleeper.write_text("import time\ntime.sleep(600)\n")
+    result = run_msrun(str(sleeper), [], workers=2, log_dir=str(tmp_path / "logs"), timeout=8)
+    assert result.returncode is None and "[ended after 8 s]" in result.output
+    left = processes_mentioning(str(sleeper))
+    for pid, _ in left:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert left == []

@@ -1,14 +1,13 @@
 """Launching a Python script on N local workers with MindSpore's `msrun` (tests and benchmarks).
 
 msrun starts a scheduler and N workers, each running `python SCRIPT ARGS` with its rank in the
-environment, and writes their output to LOG_DIR/worker_<rank>.log. The job runs in its own
-process group so that a hung collective can be ended with everything it started.
+environment, and writes their output to LOG_DIR/worker_<rank>.log. msrun runs in its own session
+and each worker in one of its own, so that a hung collective can be ended with everything it started.
 """
 from __future__ import annotations
 
 import glob
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +70,9 @@ def run_msrun(script: str, args: Sequence[str], workers: int, log_dir: str, time
         output, _ = proc.communicate(timeout=timeout)
         return MsrunResult(proc.returncode, log_dir, output)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the job's own process group: msrun, scheduler, workers
+        from ..deploy.msrun_process import descendants, kill_groups
+
+        # msrun's group (msrun, scheduler) and each worker's: msrun starts every worker in its own session
+        kill_groups([proc.pid, *descendants(proc.pid)])
         output, _ = proc.communicate()
         return MsrunResult(None, log_dir, output + f"\n[ended after {timeout:.0f} s]")
