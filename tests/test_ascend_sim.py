@@ -180,6 +180,38 @@ def test_rope_rounds_the_angles_to_the_compute_dtype_before_cos_sin():
     assert np.abs(late_rounding - expected_cos).max() > 0.05
 
 
+# ---- hal's device queries for the simulated card ------------------------------------------------------
+def test_device_properties_follow_the_documented_contract(monkeypatch):
+    from mindspore import hal
+    from stepvideo_ms.testing.ascend_sim import device_info
+
+    state = {"initialized": False}
+    query = device_info._make_get_device_properties(hal.get_device_properties, lambda target: state["initialized"])
+    monkeypatch.delenv("ASCEND_RT_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv(device_info.SIM_CARD_ENV, "32")
+    with pytest.raises(TypeError, match="device_type"):
+        query(0, device_type="Ascend")  # bound to the real signature (device_id, device_target=None)
+    with pytest.raises(TypeError, match="must be int"):
+        query("0", "Ascend")
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        query(8, "Ascend")
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "6,7")
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        query(2)
+    before = query(0, "Ascend")
+    assert before.total_memory == 0 and before.free_memory == 0  # the device is not initialized yet
+    state["initialized"] = True
+    assert query(1).total_memory == 32 * 2 ** 30  # the default target is the simulated Ascend
+    assert query(0, "CPU") is None  # MindSpore's own answer for CPU
+    monkeypatch.setenv(device_info.SIM_CARD_ENV, "lots")
+    with pytest.raises(ValueError, match="STEPVIDEO_SIM_CARD_GB"):
+        device_info.card_bytes()
+    is_initialized = device_info._make_is_initialized(hal.is_initialized)
+    assert is_initialized("Ascend") == hal.is_initialized("CPU")
+    with pytest.raises(TypeError):
+        is_initialized()
+
+
 # ---- the Ascend branches, run under the simulation in subprocesses ------------------------------------
 def run_sim(args, timeout=600):
     env = {**os.environ, "GLOG_v": "3", "STEPVIDEO_DEVICE": "ascend-sim"}

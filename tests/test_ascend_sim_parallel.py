@@ -182,3 +182,28 @@ def test_accounting_counts_the_products_host_syncs_only():
     assert counts.get("sync.synchronize", 0) == 1 and "not supported" not in done.stderr, (counts, done.stderr)
     sites = [k for k in counts if k.startswith("site.")]
     assert len(sites) == 3 and any(k.startswith("site.stepvideo_ms/models/dit.py:") for k in sites), counts
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
+def test_the_simulated_card_s_own_memory_refuses_settings_that_do_not_fit(sim_served, tmp_path):
+    """Without --card_gb, run_parallel.py checks the settings against the memory the card reports
+    (mindspore.hal, after the world is joined: MindSpore reports 0 before the device is initialized),
+    in one process and on every msrun worker, before any weight is read."""
+    from test_run_parallel import _args
+
+    model, url = sim_served
+    tiny_card = {**os.environ, **SIM_ENV, "STEPVIDEO_SIM_CARD_GB": "0.001"}
+    one = _args("ti2v", model, url, tmp_path / "one", ["--ulysses_degree", "1", "--no_video"])  # a layout: no planner
+    done = subprocess.run([sys.executable, "run_parallel.py", *one], cwd=REPO, env=tiny_card, capture_output=True,
+                          text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the card reports 0.001 GiB (pass --card_gb" in done.stderr, done.stderr[-3000:]
+    assert "loading" not in done.stdout + done.stderr, done.stderr[-3000:]
+    assert "note: " not in done.stdout  # the card did report its memory
+    out = tmp_path / "u2"
+    result = run_msrun("run_parallel.py", _args("ti2v", model, url, out, ["--ulysses_degree", "2", "--no_video"]), 2,
+                       str(out / "logs"), LAUNCH_TIMEOUT, extra_env={**SIM_ENV, "STEPVIDEO_SIM_CARD_GB": "0.001"})
+    assert not result.ok and not (out / "latents.safetensors").exists()
+    for rank in (0, 1):
+        with open(out / "logs" / f"worker_{rank}.log", encoding="utf-8", errors="replace") as fh:
+            assert "the card reports 0.001 GiB" in fh.read(), result.logs()

@@ -174,6 +174,28 @@ def test_one_card_without_layout_flags_lets_the_planner_choose(models):
     assert r.returncode == 2 and "no layout of 1 card(s) of 1e-06 GiB is predicted to fit" in r.stderr, r.stderr
 
 
+def test_cards_without_card_gb_plan_for_the_first_card_s_own_memory(models):
+    """On Ascend (simulated: a 64 GiB card, or $STEPVIDEO_SIM_CARD_GB) the launcher reads the first card's
+    memory in a child process that opens the card and exits, plans for it, and passes that size to
+    every worker as --card_gb (so each makes the same choice without reading a card itself)."""
+    common = ["--model_dir", models / "models" / "t2v", "--cards", "3,5", "--caption_url", "local", "--vae_url",
+              "local", "--dry-run", "--", "--num_frames", "17", "--height", "64", "--width", "96"]
+    sim = {"STEPVIDEO_DEVICE": "ascend-sim"}
+    r = script("run_t2v.sh", *common, env=sim)
+    assert r.returncode == 0, r.stderr
+    assert "[run_parallel] layout for 2 card(s) of 64 GiB (Ascend 910B, 17 frames 64x96" in r.stdout, r.stdout
+    command = r.stdout.splitlines()[-1]
+    assert command.startswith("ASCEND_RT_VISIBLE_DEVICES=3,5 ") and command.endswith(" --card_gb 64"), command
+    r = script("run_t2v.sh", *common, env={**sim, "STEPVIDEO_SIM_CARD_GB": "0.001"})
+    assert r.returncode == 2 and "the card reports 0.001 GiB (pass --card_gb to plan for another size): " in r.stderr
+    r = script("run_t2v.sh", *common, "--card_gb", "32", env=sim)  # a size given: no card is read
+    assert r.returncode == 0 and "of 32 GiB" in r.stdout and r.stdout.count("--card_gb 32") == 1, r.stdout + r.stderr
+    r = script("run_ti2v.sh", "--model_dir", models / "models" / "ti2v", "--cards", "0", "--first_image_path",
+               os.path.join(REPO, "assets", "demo.png"), "--caption_url", "local", "--vae_url", "local", "--dry-run",
+               env=sim)  # TI2V too (its planning once failed for want of the image it does not read)
+    assert r.returncode == 0 and "[run_parallel] layout for 1 card(s) of 64 GiB" in r.stdout, r.stdout + r.stderr
+
+
 def test_bad_save_path_fails_fast_and_writes_nothing(models, tmp_path):
     (tmp_path / "a_file").write_text("x")
     before = sorted(os.listdir(tmp_path))

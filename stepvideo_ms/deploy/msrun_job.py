@@ -222,12 +222,17 @@ def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
     return out + list(extra)
 
 
-def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = True, task: Optional[str] = None) -> None:
-    """run_parallel.py's own checks, here, once (argparse errors exit 2 by themselves)."""
+def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = True, task: Optional[str] = None,
+              cards: Optional[List[str]] = None):
+    """run_parallel.py's own checks, here, once (argparse errors exit 2 by themselves); -> its arguments.
+    A layout left to the planner without --card_gb is chosen for the size of the first card, read by a
+    child process that opens it and exits (this launcher never holds a card)."""
     from ..generation import checks, cli
     from ..serving.client import START_HINT, RemoteClient, RemoteServerError
 
     rp = cli.build_parser().parse_args(rp_argv)
+    if cards:
+        rp.probe_env = dict(os.environ, ASCEND_RT_VISIBLE_DEVICES=cards[0], DEVICE_ID="0")
     checks.check_outputs(rp)  # first: needs no MindSpore import, so a bad --save_path fails in a second
     found, _ = checks.validate_model(rp, world)
     if task and found != task:
@@ -236,7 +241,7 @@ def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = Tr
                           f"{os.path.join(REPO, 'scripts', f'run_{found}.sh')} for them")
     checks.validate(rp, world)
     if node_rank != 0 or not servers:  # only rank 0 (on host 0) talks to the servers
-        return
+        return rp
     from ..diffusion.backends import is_local
 
     needed = []  # `local`: loaded by rank 0 itself, nothing to reach
@@ -252,6 +257,7 @@ def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = Tr
                 hint = START_HINT.replace("MODEL_DIR", shlex.quote(rp.model_dir))
                 raise ServerDown(f"the {name} server does not answer: {exc}".replace(START_HINT, hint)
                                  + ("" if START_HINT in str(exc) else f"; {hint}")) from None
+    return rp
 
 
 class ServerDown(LaunchError):
@@ -365,7 +371,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.environ[AUTH_ENV] = token  # read by the clients here and in every worker
         world, local, cards = layout(args)
         rp_argv = run_parallel_args(task, args, extra)
-        preflight(rp_argv, world, args.node_rank, servers=not args.dry_run, task=task)
+        rp = preflight(rp_argv, world, args.node_rank, servers=not args.dry_run, task=task, cards=cards)
+        if args.auto_layout and rp.card_gb is not None and "--card_gb" not in rp_argv:
+            # the card size the layout was chosen for: every worker chooses the same, and reads no card for it
+            rp_argv += ["--card_gb", f"{rp.card_gb:g}"]
         cmd = msrun_command(args, world, local, rp_argv)
     except ValueError as exc:  # LaunchError (a server down too), run_parallel.py's checks, a checkpoint problem
         print(f"{prog}: error: {caller_flags(str(exc))}", file=sys.stderr, flush=True)

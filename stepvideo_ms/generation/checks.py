@@ -159,9 +159,18 @@ def resolve_layout(args, world_size: int, task: str, config: dict, weights: str 
         from ..runtime import pick_device
 
         device = pick_device(args.device)
-        card_gb = args.card_gb if args.card_gb is not None else device_memory_gib(device)
-        if card_gb is not None:
-            chosen = choose_layout(args, world_size, task, config, card_gb, device, weights)
+        probed = args.card_gb is None
+        if probed:  # the card's own size; kept in args.card_gb for every later check (and msrun_job)
+            from .card_memory import probe_card_gib
+
+            args.card_gb, _ = probe_card_gib(device, getattr(args, "probe_env", None))
+        if args.card_gb is not None:
+            try:
+                chosen = choose_layout(args, world_size, task, config, args.card_gb, device, weights)
+            except ValueError as exc:
+                from .card_memory import CARD_REPORTS
+
+                raise ValueError(f"{CARD_REPORTS.format(gib=args.card_gb)}: {exc}" if probed else str(exc)) from None
     for flag in LAYOUT_FLAGS:
         if getattr(args, flag, None) is None:
             setattr(args, flag, 1)
@@ -225,7 +234,9 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
     if card_gb <= 0:
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
     settings = GenerationSettings("layout", task, num_frames=args.num_frames, height=args.height, width=args.width,
-                                  cfg_scale=args.cfg_scale)
+                                  cfg_scale=args.cfg_scale,  # the image itself is checked elsewhere: only its task here
+                                  first_image_path=(getattr(args, "first_image_path", None) or "(the first image)")
+                                  if task == "ti2v" else None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         settings = settings.resolved()
@@ -324,18 +335,6 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
                      f"{predicted.peak_gib:.1f} GiB per card{local} for {settings.num_frames} frames "
                      f"{settings.height}x{settings.width} "
                      f"(python -m stepvideo_ms describe --plan shows the parts); {hint}")
-
-
-def device_memory_gib(device: str) -> Optional[float]:
-    """Memory of the current Ascend card in GiB, when MindSpore can tell; None elsewhere."""
-    if device != "Ascend":
-        return None
-    try:  # pragma: no cover - needs an NPU
-        import mindspore as ms
-
-        return ms.hal.get_device_properties(int(os.environ.get("DEVICE_ID", "0"))).total_memory / 2 ** 30
-    except Exception:  # an old driver or runtime without the query: no default limit
-        return None
 
 
 def check_outputs(args) -> None:

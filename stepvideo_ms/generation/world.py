@@ -121,14 +121,20 @@ class GenerationWorld:
         from ..diffusion.pipeline import StepVideoPipeline
         from ..diffusion.scheduler import FlowMatchScheduler
         from ..parallel import init_world, load_stage, make_communicator
-        from .checks import check_layout_for, device_memory_gib, mesh_from, world_size_from_env
+        from .card_memory import CARD_REPORTS, device_memory_gib
+        from .checks import check_layout_for, mesh_from
 
         rt = runtime.init(args.device)
-        card_gb = device_memory_gib(rt.device) if args.card_gb is None else None  # given: validated already
-        if card_gb:
-            for settings in fit:
-                check_layout_for(args, settings, transformer, world_size_from_env(), card_gb, rt.device)
         world_size, rank = init_world()
+        if args.card_gb is None and fit:  # given: validated already; else the card's own, known once initialized
+            card_gb, unchecked = device_memory_gib(rt.device)
+            if unchecked and rank == 0:
+                print(f"[run_parallel] note: {unchecked}", flush=True)
+            for settings in fit if card_gb else ():
+                try:
+                    check_layout_for(args, settings, transformer, world_size, card_gb, rt.device)
+                except ValueError as exc:
+                    raise ValueError(f"{CARD_REPORTS.format(gib=card_gb)}: {exc}") from None
         mesh = mesh_from(args, world_size, rank)
         comm = make_communicator(mesh)
         progress = not args.no_progress and rank == 0
