@@ -140,3 +140,38 @@ def test_a_real_msrun_job_ended_for_time_leaves_no_worker(tmp_path):
     for pid, _ in left:  # do not leave them to the next test
         os.kill(pid, signal.SIGKILL)
     assert left == []
+
+
+FAILING_JOB = textwrap.dedent("""
+    import os, sys, time
+    from mindspore.communication import get_rank, init
+    init()  # the scheduler process serves the cluster here; the workers join it
+    if get_rank() == 0:
+        sys.exit(1)  # a worker fails: msrun kills the other one, whose node the scheduler then waits for
+    time.sleep(600)
+""")
+
+
+@pytest.mark.timeout(180)
+def test_a_failed_job_ends_without_waiting_for_the_scheduler_s_timeout(tmp_path):
+    from service_support import processes_mentioning
+    from stepvideo_ms.deploy import msrun_process
+    from stepvideo_ms.parallel.msrun import free_port
+
+    script = tmp_path / "failing_job.py"
+    script.write_text(FAILING_JOB)
+    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
+    cmd = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
+           f"--log_dir={tmp_path / 'logs'}", "--join=True", str(script)]
+    env = dict(os.environ, GLOG_v="3", PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    started = time.monotonic()
+    with msrun_process.MsrunProcess(cmd, env) as job:
+        rc = job.run(lambda data: None)
+    ended = time.monotonic()
+    left = processes_mentioning(str(script))
+    for pid, _ in left:
+        os.kill(pid, signal.SIGKILL)
+    assert rc == 1 and job.cut_short, b"".join(job.stderr_lines).decode(errors="replace")[-3000:]
+    assert left == []
+    after_failure = ended - job._failed_at  # msrun's own wait for its scheduler is about 30 s
+    assert after_failure < 15, f"{after_failure:.0f} s from the failure to the end (the whole job {ended - started:.0f} s)"

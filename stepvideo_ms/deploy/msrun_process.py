@@ -9,7 +9,10 @@ msrun starts a scheduler in its own process group and each worker as the leader 
   msrun exists, never lost between the fork and the stop path;
 - stopping: SIGINT to msrun (it kills its workers' groups), then SIGKILL to what is left of the
   tree: msrun's group and the group of every process found under msrun before the stop (killing
-  msrun's group alone would leave the workers running in their own sessions).
+  msrun's group alone would leave the workers running in their own sessions);
+- a failed job ends promptly: when a worker fails, msrun SIGKILLs the others, then waits for its
+  scheduler, which waits about 30 s for those killed workers to time out. Once msrun has logged a
+  worker's failure, the rest of the tree gets FAILED_GRACE_S, then SIGKILL.
 """
 from __future__ import annotations
 
@@ -18,11 +21,14 @@ import select
 import signal
 import subprocess
 import threading
+import time
 from typing import Callable, Dict, List, Optional, Set
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_WAIT_S = 60.0  # msrun's own stop of its workers, before SIGKILL
 POLL_S = 0.5
+FAILED_GRACE_S = 5.0  # after msrun logs a worker's failure: its own stop of the others, before we end the rest
+WORKER_FAILED = (b"Worker process", b"exit with exception")  # msrun's log line for a failed worker
 
 
 def _interrupt(signum, _frame):
@@ -78,6 +84,8 @@ class MsrunProcess:
         self.stderr_lines: List[bytes] = []
         self._held: List[int] = []
         self._previous = {}
+        self._failed_at: Optional[float] = None  # when msrun logged a worker's failure
+        self.cut_short = False  # the tree was ended FAILED_GRACE_S after a worker failed
 
     def __enter__(self) -> "MsrunProcess":
         # the stop signals this process answers (an ignored one stays ignored here), held until msrun exists
@@ -114,7 +122,7 @@ class MsrunProcess:
             if self._held:
                 raise KeyboardInterrupt(f"signal {self._held[0]} while msrun was starting")
             self._pump_stdout(on_stdout)
-            rc = self.proc.wait()
+            rc = 1 if self.cut_short else self.proc.wait()
         except KeyboardInterrupt:
             self.stop()
             rc = 130  # msrun itself exits 0 after stopping its workers on SIGINT
@@ -137,6 +145,8 @@ class MsrunProcess:
     def _keep_stderr(self, on_stderr) -> None:
         for line in self.proc.stderr:
             self.stderr_lines.append(line)
+            if self._failed_at is None and all(mark in line for mark in WORKER_FAILED):
+                self._failed_at = time.monotonic()
             if on_stderr is not None:
                 on_stderr(line)
 
@@ -151,4 +161,10 @@ class MsrunProcess:
                     break
                 on_stdout(data)
             elif self.proc.poll() is not None:
+                break
+            if (self._failed_at is not None and time.monotonic() - self._failed_at > FAILED_GRACE_S
+                    and self.proc.poll() is None):  # msrun waits for its scheduler: end them both
+                self.cut_short = True
+                kill_groups([self.proc.pid, *descendants(self.proc.pid)])
+                self.proc.wait()
                 break
