@@ -4,27 +4,12 @@ import glob
 import os
 import re
 import signal
-import subprocess
 import time
 
+from stepvideo_ms.deploy.msrun_process import descendants  # noqa: F401 - msrun's workers: their own sessions
 from stepvideo_ms.parallel.msrun import start_msrun
 
 READY_RE = re.compile(r"service ready: (http://\S+/)")
-
-
-def descendants(root: int):
-    """Every live process under `root` (msrun's workers start their own sessions but stay its children)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    children = {}
-    for line in out.splitlines():
-        pid, ppid = map(int, line.split())
-        children.setdefault(ppid, []).append(pid)
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def processes_mentioning(text):

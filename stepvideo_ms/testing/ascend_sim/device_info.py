@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from .env import positive_number
 from .patching import bind, replace
 
 SIM_CARD_ENV = "STEPVIDEO_SIM_CARD_GB"
@@ -33,14 +34,7 @@ class AscendDeviceProperties:
 
 
 def card_bytes() -> int:
-    text = os.environ.get(SIM_CARD_ENV, "")
-    try:
-        gib = float(text) if text else DEFAULT_CARD_GB
-    except ValueError:
-        raise ValueError(f"${SIM_CARD_ENV}={text!r}: give the simulated card's memory in GiB, e.g. 32") from None
-    if not gib > 0:
-        raise ValueError(f"${SIM_CARD_ENV}={text!r}: must be above 0")
-    return int(gib * 2 ** 30)
+    return int(positive_number(SIM_CARD_ENV, DEFAULT_CARD_GB, "GiB (the simulated card's memory, e.g. 32)") * 2 ** 30)
 
 
 def device_count() -> int:

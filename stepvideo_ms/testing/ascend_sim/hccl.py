@@ -26,6 +26,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from . import accounting, patching
+from .env import positive_number
 from .side_channel import Channel
 
 ENV_TIMEOUT = "STEPVIDEO_SIM_HCCL_TIMEOUT"
@@ -66,14 +67,7 @@ _originals: Dict[str, object] = {}
 
 
 def wait_limit() -> float:
-    raw = os.environ.get(ENV_TIMEOUT, "")
-    try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT
-    except ValueError:
-        raise ValueError(f"${ENV_TIMEOUT}={raw!r} must be a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"${ENV_TIMEOUT}={raw!r} must be positive")
-    return value
+    return positive_number(ENV_TIMEOUT, DEFAULT_TIMEOUT, "seconds")
 
 
 def current_world() -> Optional[_World]:
