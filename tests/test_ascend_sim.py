@@ -251,6 +251,32 @@ def sim_server(tmp_path_factory):
     srv.stop()
 
 
+def test_a_vae_server_on_a_card_tiles_its_decode_to_what_the_card_has_left(tmp_path):
+    """No --vae_tile / --vae_budget_gb: the VAE server's decode budget is the card's memory (simulated: 10
+    GiB) less the weights it holds and the runtime reserve; a card the weights and reserve fill refuses."""
+    from serving_support import ServerProcess
+    from stepvideo_ms.parallel.plan import Hardware
+    from stepvideo_ms.serving.client import RemoteClient
+    from stepvideo_ms.tools.tiny import write_tiny_model
+
+    model = write_tiny_model(str(tmp_path / "model"), seed=0, task="t2v")
+    sim = {"STEPVIDEO_DEVICE": "ascend-sim", "STEPVIDEO_SIM_CARD_GB": "10"}
+    srv = ServerProcess(model, str(tmp_path), "vae", "--enable_vae", "True", "--enable_llm", "False", "--port", 0,
+                        env=sim).start()
+    try:
+        with RemoteClient(srv.url, read_timeout=60, retries=0) as client:
+            tiling = client.health()["loaded"]["vae"]["decode_tile"]
+    finally:
+        srv.stop()
+    budget = float(re.match(r"when predicted over ([0-9.]+) GiB", tiling).group(1))
+    left = 10 - Hardware().reserve_gib
+    assert left - 0.01 < budget < left, tiling  # the tiny VAE's weights: under 10 MiB
+    full = ServerProcess(model, str(tmp_path), "full", "--port", 0,
+                         env={**sim, "STEPVIDEO_SIM_CARD_GB": str(Hardware().reserve_gib)})
+    with pytest.raises(RuntimeError, match="leaving nothing for the VAE decode"):
+        full.start()
+
+
 def test_servers_serve_under_ascend_sim(sim_server):
     from stepvideo_ms.models.caption import CaptionEncoder
     from stepvideo_ms.models.vae import AutoencoderKL

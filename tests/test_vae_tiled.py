@@ -170,3 +170,43 @@ def test_server_tiling_arguments(tmp_path):
                            (["--vae_tile", "2", "--vae_budget_gb", "8"], "not both")):
         with pytest.raises(SystemExit, match=message):
             main.resolve(main.build_parser().parse_args(base + extra))
+
+
+def test_a_local_vae_on_a_card_of_known_size_gets_what_the_card_has_left(tmp_path, monkeypatch):
+    """--vae_url local, no --vae_tile/--vae_budget_gb, a known card size: the decode's budget is the card less
+    rank 0's DiT weights, the runtime reserve and the local models (the planner's figures); none left, or too
+    little for any tile, is refused before anything loads."""
+    from stepvideo_ms.generation import checks, cli
+    from stepvideo_ms.parallel import plan as planner
+    from stepvideo_ms.tools.tiny import write_tiny_model
+
+    model = write_tiny_model(str(tmp_path / "model"), seed=0, task="t2v")
+    monkeypatch.delenv("MS_WORKER_NUM", raising=False)
+
+    def prepared(*extra):
+        args = cli.build_parser().parse_args(["--model_dir", model, "--caption_url", "local", "--vae_url", "local",
+                                              "--prompt", "x", "--save_path", str(tmp_path), "--device", "CPU",
+                                              "--num_frames", "17", "--height", "48", "--width", "80",
+                                              "--ulysses_degree", "1", *extra])
+        settings, transformer = checks.validate(args, 1)
+        return args, settings, transformer
+
+    args, settings, transformer = prepared()
+    checks.fit_local_decode(args, settings, transformer, 1, 64.0, "CPU")
+    plan = planner.plan(planner.ModelShape.from_config(json.load(open(os.path.join(transformer, "config.json")))),
+                        planner.Layout(1, 1, 1, False), tuple(settings.latent_shape(1)[i] for i in (1, 3, 4)),
+                        guidance=True, hardware=planner.CPU)
+    held = (plan.memory["weights"] + plan.memory["runtime reserve"]
+            + sum(checks.local_backend_parts(args, 4).values())) / planner.GIB
+    assert args.vae_budget_gb == pytest.approx(64.0 - held)
+    args, settings, transformer = prepared("--local_in_turn")  # the encoders are gone when the VAE decodes
+    checks.fit_local_decode(args, settings, transformer, 1, 64.0, "CPU")
+    assert args.vae_budget_gb > 64.0 - held
+    args, settings, transformer = prepared()
+    with pytest.raises(ValueError, match=r"rank 0's card \(.* GiB\) is filled by its DiT weights"):
+        checks.fit_local_decode(args, settings, transformer, 1, held / 2, "CPU")
+    with pytest.raises(ValueError, match="with the 0.00.* GiB it has left: VAE decode budget"):
+        checks.fit_local_decode(args, settings, transformer, 1, held + 1e-6, "CPU")
+    args, settings, transformer = prepared("--vae_tile", "2")  # the user's own choice stands
+    checks.fit_local_decode(args, settings, transformer, 1, 64.0, "CPU")
+    assert args.vae_budget_gb is None and args.vae_tile == 2

@@ -20,7 +20,7 @@ PROBE_TIMEOUT_S = 300
 
 
 def device_memory_gib(device: str) -> Tuple[Optional[float], str]:
-    """(memory of this process's Ascend card in GiB, or None; why None on an Ascend card, or ""), real or
+    """(memory of this process's Ascend card in GiB, or None; why it is None on an Ascend card, or ""), real or
     simulated, from mindspore.hal. MindSpore reports 0 for a card not yet initialized (by its first
     operator, or by communication.init in an msrun job): call after `init_world`; a lone process runs
     one tiny operator first. On CPU: (None, "")."""
@@ -30,15 +30,14 @@ def device_memory_gib(device: str) -> Tuple[Optional[float], str]:
         return None, ""
     from mindspore import hal, mint
 
-    unchecked = "the settings are not checked against the card's memory; pass --card_gb to check them"
     try:
         if not hal.is_initialized("Ascend"):
             mint.zeros((1,)).asnumpy()
         total = hal.get_device_properties(0, "Ascend").total_memory  # device_id is ignored: the current card
     except (RuntimeError, ValueError, AttributeError) as exc:  # a runtime without the query
-        return None, f"the card did not report its memory ({type(exc).__name__}: {exc}): {unchecked}"
+        return None, f"the card did not report its memory ({type(exc).__name__}: {exc})"
     if not total:
-        return None, f"the card reported 0 bytes of memory: {unchecked}"
+        return None, "the card reported 0 bytes of memory"
     return round(total / 2 ** 30, 3), ""
 
 
@@ -74,3 +73,14 @@ def probe_card_gib(device: str, env: Optional[dict] = None) -> Tuple[Optional[fl
     except (IndexError, ValueError, KeyError):
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return None, f"the card's memory could not be read (exit {done.returncode}: {last})"
+
+
+def left_on_card(device: str, held_bytes: int) -> Tuple[Optional[float], str]:
+    """(GiB of this process's card left for working memory once it holds `held_bytes` of weights and the
+    planner's runtime reserve, or None; why None on an Ascend card). Negative when they do not fit."""
+    card_gb, why = device_memory_gib(device)
+    if card_gb is None:
+        return None, why
+    from ..parallel.plan import Hardware
+
+    return card_gb - held_bytes / 2 ** 30 - Hardware().reserve_gib, ""

@@ -138,6 +138,41 @@ def check_vae_tiling(args, settings) -> None:
             raise ValueError(f"--vae_budget_gb: {err}") from None
 
 
+def fit_local_decode(args, settings, transformer: str, world_size: int, card_gb: float, device: str) -> None:
+    """An in-process VAE (--vae_url local) with neither --vae_tile nor --vae_budget_gb, on a card of known
+    size: its decode gets what rank 0's card has left once it holds its DiT stage's weights, the runtime
+    reserve and the local models (all of them, or with --local_in_turn the VAE alone): sets
+    args.vae_budget_gb (tiles only when an untiled decode is predicted not to fit), or refuses before
+    anything loads when no tile fits in it."""
+    from ..diffusion.backends import is_local
+    from ..formats.checkpoint import read_config
+    from ..parallel import plan as planner
+
+    if not is_local(args.vae_url) or args.vae_tile is not None or args.vae_budget_gb is not None:
+        return
+    mesh = mesh_from(args, world_size, 0)
+    hardware = planner.CPU if device == "CPU" else planner.Hardware()
+    layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
+                            mesh.sequential_cfg, weights=weights_of(args, read_config(transformer), transformer))
+    grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
+    plan = planner.plan(planner.ModelShape.from_config(read_config(transformer)), layout, grid,
+                        guidance=settings.cfg_scale > 1.0, hardware=hardware)
+    parts = local_backend_parts(args, hardware.dtype_bytes)
+    held = parts.get("vae", 0) if getattr(args, "local_in_turn", False) else sum(parts.values())
+    left = card_gb - (plan.memory["weights"] + plan.memory["runtime reserve"] + held) / planner.GIB
+    if left <= 0:
+        raise ValueError(f"rank 0's card ({card_gb:g} GiB) is filled by its DiT weights, the runtime reserve and the "
+                         "in-process models before the VAE decodes: use a VAE server (--vae_url URL), --offload or "
+                         "--shard_weights, or give --vae_tile")
+    args.vae_budget_gb = left
+    try:
+        check_vae_tiling(args, settings)
+    except ValueError as exc:
+        args.vae_budget_gb = None
+        raise ValueError(f"the VAE decode on rank 0's card, with the {left:.2f} GiB it has left: {exc}".replace(
+            "--vae_budget_gb: ", "")) from None
+
+
 LAYOUT_FLAGS = ("cfg_degree", "ulysses_degree", "pp_degree")
 LAYOUT_SWITCHES = ("shard_weights", "offload", "sequential_cfg")
 

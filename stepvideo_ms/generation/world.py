@@ -122,19 +122,23 @@ class GenerationWorld:
         from ..diffusion.scheduler import FlowMatchScheduler
         from ..parallel import init_world, load_stage, make_communicator
         from .card_memory import CARD_REPORTS, device_memory_gib
-        from .checks import check_layout_for, mesh_from
+        from .checks import check_layout_for, fit_local_decode, mesh_from
 
         rt = runtime.init(args.device)
         world_size, rank = init_world()
-        if args.card_gb is None and fit:  # given: validated already; else the card's own, known once initialized
+        card_gb = args.card_gb  # given: validated already; else the card's own, known once initialized
+        if card_gb is None and fit:
             card_gb, unchecked = device_memory_gib(rt.device)
             if unchecked and rank == 0:
-                print(f"[run_parallel] note: {unchecked}", flush=True)
+                print(f"[run_parallel] note: {unchecked}: the settings are not checked against the card's memory; "
+                      "pass --card_gb to check them", flush=True)
             for settings in fit if card_gb else ():
                 try:
                     check_layout_for(args, settings, transformer, world_size, card_gb, rt.device)
                 except ValueError as exc:
                     raise ValueError(f"{CARD_REPORTS.format(gib=card_gb)}: {exc}") from None
+        if card_gb and need_vae and fit:
+            fit_local_decode(args, fit[0], transformer, world_size, card_gb, rt.device)
         mesh = mesh_from(args, world_size, rank)
         comm = make_communicator(mesh)
         progress = not args.no_progress and rank == 0

@@ -144,6 +144,27 @@ def ready_lines(args: argparse.Namespace, url: str, runtime_info: dict) -> List[
             "pass to run_parallel.py: " + " ".join(flags)]
 
 
+def fit_decode_to_card(services: dict, device: str, log) -> None:
+    """Neither --vae_tile nor --vae_budget_gb: on an Ascend card, the decode gets what the card has left
+    once it holds the loaded weights and the runtime reserve (tiles when an untiled decode is predicted
+    not to fit: 51.6 GiB for one 544x992 chunk in bf16), so that a video is not lost to an out-of-memory
+    error at its very end. On CPU: untiled, as before."""
+    from ..generation.card_memory import left_on_card
+
+    held = sum(service.weight_bytes() for service in services.values())
+    budget, why = left_on_card(device, held)
+    if budget is None:
+        if why:
+            log.warning("%s: the VAE decodes untiled; pass --vae_budget_gb or --vae_tile to tile it", why)
+        return
+    if budget <= 0:
+        raise SystemExit(f"call_remote_server: this card's memory is taken by the weights ({held / 2 ** 30:.1f} GiB) "
+                         f"and the runtime reserve, leaving nothing for the VAE decode: serve the VAE alone "
+                         f"(--enable_llm False) or on a larger card")
+    services["vae"].vae.set_decode_tiling(None, budget)
+    log.info("VAE decode: in tiles when predicted over %.2f GiB (what this card has left)", budget)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = resolve(build_parser().parse_args(argv))
     limits = limits_from(args)
@@ -169,6 +190,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.enable_vae:
         services["vae"] = VaeService.load(os.path.join(args.model_dir, args.vae_dir), tile_size=args.vae_tile,
                                           budget_gb=args.vae_budget_gb)
+    if "vae" in services and args.vae_tile is None and args.vae_budget_gb is None:
+        fit_decode_to_card(services, rt.device, log)
     queue = DeviceQueue(limits.queue_size, limits.queue_wait_s, name=f"{rt.device}{rt.device_id}")
     state = ServerState(services, queue, limits, args.auth_token, runtime_info)
     server = make_server(state, args.host, args.port)

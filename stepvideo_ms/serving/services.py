@@ -25,6 +25,11 @@ Endpoints = Dict[str, Tuple[Callable[[Message], object], Callable[[object], Resu
 RESPONSE_DTYPES = ("float32", "bfloat16")
 
 
+def cell_bytes(*cells) -> int:
+    """Bytes of the weights (parameters) of these MindSpore cells."""
+    return sum(int(p.nbytes) for cell in cells for p in cell.get_parameters())
+
+
 def _check_output(name: str, arr: np.ndarray) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
         raise FloatingPointError(f"the model produced non-finite values in {name!r}")
@@ -50,6 +55,9 @@ class CaptionService:
 
     def paths(self) -> List[str]:
         return [protocol.CAPTION_PATH]
+
+    def weight_bytes(self) -> int:
+        return cell_bytes(self.encoder.llm.model, self.encoder.clip.model)
 
     def describe(self) -> dict:
         return {**self.where, "llm_dtype": _dtype_name(self.encoder.llm.model.dtype),
@@ -95,6 +103,9 @@ class VaeService:
 
     def paths(self) -> List[str]:
         return [protocol.VAE_DECODE_PATH, protocol.VAE_ENCODE_PATH]
+
+    def weight_bytes(self) -> int:
+        return cell_bytes(self.vae)
 
     def describe(self) -> dict:
         return {**self.where, "dtype": _dtype_name(self.vae.dtype), "z_channels": self.z_channels,
