@@ -59,6 +59,7 @@ def test_demo_writes_both_videos_and_leaves_nothing_running(tmp_path):
     assert_nothing_left(tmp_path)
 
 
+@pytest.mark.slow  # 26-51 s; the stop on failure is msrun_process's (test_msrun_process.py), the cleanup Ctrl-C's
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_a_failed_job_ends_the_demo_and_everything_it_started(tmp_path):
     cwd = user_folder(tmp_path)
