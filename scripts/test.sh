@@ -8,7 +8,7 @@ usage: bash scripts/test.sh [PYTEST ARGUMENTS]
 Creates .venv if absent (scripts/setup.sh), then runs the default test suite with pytest -q:
 every test under tests/ except those marked `slow`, on MindSpore's CPU backend with the tiny
 random-weight model (real msrun workers, real servers, the Ascend simulation, the web page in
-headless Chromium when `chromium` is installed). About 12.5 minutes on 2 idle cores.
+headless Chromium when `chromium` is installed). About 12-15 minutes on 2 cores.
 
 Extra arguments go to pytest, for example:
   bash scripts/test.sh tests/test_plan.py               one file (seconds to a minute)
