@@ -40,14 +40,13 @@ def child(args) -> None:
     runtime.init("CPU")
     from mindspore import Tensor
     from stepvideo_ms.models.vae import AutoencoderKL
+    from stepvideo_ms.tools.tiny import set_small_random_weights
 
     cfg = {"z_channels": args.z, "decoder": {"ch": args.ch, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2},
            "encoder": {"ch": 32, "ch_mult": [1, 1, 1, 4], "num_res_blocks": 1}}
     model = AutoencoderKL.from_config(cfg)
     rng = np.random.default_rng(0)
-    for name, p in model.parameters_and_names():
-        base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-        p.set_data(Tensor((base + 0.05 * rng.standard_normal(p.shape)).astype(np.float32)))
+    set_small_random_weights(model, rng, 0.05)
     tile = None if args.mode == "untiled" else int(args.mode)
     model.decode_chunks(Tensor(rng.standard_normal((1, 3, args.z, 1, 1)).astype(np.float32)), progress=False,
                         tile_size=tile)  # kernels and weight layouts

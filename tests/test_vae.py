@@ -13,6 +13,7 @@ from stepvideo_ms.models.vae import (
     FRAMES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION, AutoencoderKL, VAEConfig, blend_chunks,
 )
 from stepvideo_ms.formats.safetensors_io import save_file_atomic
+from stepvideo_ms.tools.tiny import set_small_random_weights
 
 TINY = {"z_channels": 2, "encoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1},
         "decoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}, "version": 2}
@@ -20,11 +21,7 @@ TINY = {"z_channels": 2, "encoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res
 
 def _randomise(model, seed=0):
     """Small random weights; group-norm scales around 1."""
-    rng = np.random.default_rng(seed)
-    for name, p in model.parameters_and_names():
-        base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-        p.set_data(Tensor((base + 0.05 * rng.standard_normal(p.shape)).astype(np.float32)))
-    return model
+    return set_small_random_weights(model, np.random.default_rng(seed), 0.05)
 
 
 @pytest.fixture(scope="module")

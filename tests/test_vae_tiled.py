@@ -13,6 +13,7 @@ from safetensors import safe_open
 from stepvideo_ms.formats import checkpoint
 from stepvideo_ms.models.vae import AutoencoderKL, blend_chunks
 from stepvideo_ms.models.vae_tiled import as_tile, tile_grid
+from stepvideo_ms.tools.tiny import set_small_random_weights
 from stepvideo_ms.tools.verification.vae_case import VAE_RTOL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,9 +76,7 @@ def test_tiled_decode_with_width_changes():
            "encoder": {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}}
     model = AutoencoderKL.from_config(cfg)
     rng = np.random.default_rng(0)
-    for name, p in model.parameters_and_names():
-        base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-        p.set_data(Tensor((base + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)))
+    set_small_random_weights(model, rng, 0.1)
     assert model.decoder.up[0].block[0].nin_shortcut is not None
     latents = Tensor(rng.standard_normal((1, 3, 4, 3, 2)).astype(np.float32))
     untiled = model.decode_chunks(latents, progress=False).asnumpy()

@@ -85,6 +85,17 @@ def random_state(cell, seed: int, part: str) -> Dict[str, np.ndarray]:
     return {name: random_weight(name, p.shape, rng) for name, p in sorted(cell.parameters_and_names())}
 
 
+def set_small_random_weights(cell, rng: np.random.Generator, scale: float = 0.05):
+    """In place: every parameter of `cell` = scale x a normal draw from `rng`, norms' weights around 1
+    (for numerical tests that want every path exercised without fan-in scaling); -> the cell."""
+    from mindspore import Tensor
+
+    for name, p in cell.parameters_and_names():
+        base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+        p.set_data(Tensor((base + scale * rng.standard_normal(p.shape)).astype(np.float32)))
+    return cell
+
+
 def _write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
