@@ -19,6 +19,10 @@ FAKE_MSRUN = textwrap.dedent("""
     folder, mode = sys.argv[1], sys.argv[2]
     open(os.path.join(folder, "msrun.pid"), "w").write(str(os.getpid()))
     print("msrun starting", flush=True)
+    if mode == "leaves_a_helper":  # msrun's `tail -f` of a worker log: in msrun's group, outliving it
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        open(os.path.join(folder, "worker.pid"), "w").write(str(helper.pid))
+        sys.exit(0)
     time.sleep(3)  # msrun imports MindSpore: the inherited SIGINT disposition applies
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     if mode == "deaf":  # an msrun that never stops its workers
@@ -117,6 +121,13 @@ def test_an_msrun_that_ignores_the_stop_is_killed_with_its_setsid_workers(tmp_pa
     launcher.send_signal(signal.SIGTERM)
     out = finish(launcher, tmp_path, within_s=15)
     assert "rc 130" in out
+
+
+@pytest.mark.timeout(90)
+def test_what_msrun_leaves_in_its_group_ends_with_it(tmp_path):
+    launcher = start_launcher(tmp_path, "leaves_a_helper")
+    out = finish(launcher, tmp_path, within_s=15)  # finish: the helper (worker.pid) must be gone
+    assert "rc 0" in out
 
 
 @pytest.mark.timeout(90)

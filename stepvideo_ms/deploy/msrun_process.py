@@ -75,6 +75,18 @@ def kill_groups(pids: List[int]) -> None:
             pass
 
 
+def end_tree(leader: int, also: List[int] = ()) -> None:
+    """SIGKILL to the group of `leader`, a process started in a new session (its pid is its group id,
+    so this reaches its group even after it exited and was reaped), and to the group of every process
+    still under it and of `also` (msrun's workers lead their own)."""
+    under = descendants(leader)  # first: once the leader dies, its children are no longer under it
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    kill_groups([*also, *under])
+
+
 class MsrunProcess:
     """`with MsrunProcess(cmd, env) as job: rc = job.run(on_stdout)`: msrun started and ended with us."""
 
@@ -104,7 +116,7 @@ class MsrunProcess:
 
     def __exit__(self, *exc) -> None:
         try:
-            kill_groups([self.proc.pid, *descendants(self.proc.pid)])  # tail helpers, anything msrun left
+            end_tree(self.proc.pid)  # tail helpers, anything msrun left
         finally:
             self._restore()
 
@@ -136,7 +148,7 @@ class MsrunProcess:
             os.kill(self.proc.pid, signal.SIGINT)
             self.proc.wait(STOP_WAIT_S)
         except subprocess.TimeoutExpired:
-            kill_groups([self.proc.pid, *tree, *descendants(self.proc.pid)])
+            end_tree(self.proc.pid, tree)
             self.proc.wait()
         except ProcessLookupError:
             self.proc.wait()
@@ -165,6 +177,6 @@ class MsrunProcess:
             if (self._failed_at is not None and time.monotonic() - self._failed_at > FAILED_GRACE_S
                     and self.proc.poll() is None):  # msrun waits for its scheduler: end them both
                 self.cut_short = True
-                kill_groups([self.proc.pid, *descendants(self.proc.pid)])
+                end_tree(self.proc.pid)
                 self.proc.wait()
                 break

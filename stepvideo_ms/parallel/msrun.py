@@ -70,9 +70,8 @@ def run_msrun(script: str, args: Sequence[str], workers: int, log_dir: str, time
         output, _ = proc.communicate(timeout=timeout)
         return MsrunResult(proc.returncode, log_dir, output)
     except subprocess.TimeoutExpired:
-        from ..deploy.msrun_process import descendants, kill_groups
+        from ..deploy.msrun_process import end_tree
 
-        # msrun's group (msrun, scheduler) and each worker's: msrun starts every worker in its own session
-        kill_groups([proc.pid, *descendants(proc.pid)])
+        end_tree(proc.pid)  # msrun's group (msrun, scheduler) and each worker's: every worker has its own session
         output, _ = proc.communicate()
         return MsrunResult(None, log_dir, output + f"\n[ended after {timeout:.0f} s]")
