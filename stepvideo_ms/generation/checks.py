@@ -150,13 +150,13 @@ def fit_local_decode(args, settings, transformer: str, world_size: int, card_gb:
 
     if not is_local(args.vae_url) or args.vae_tile is not None or args.vae_budget_gb is not None:
         return
-    mesh = mesh_from(args, world_size, 0)
+    mesh, config = mesh_from(args, world_size, 0), read_config(transformer)
     hardware = planner.CPU if device == "CPU" else planner.Hardware()
     layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
-                            mesh.sequential_cfg, weights=weights_of(args, read_config(transformer), transformer))
+                            mesh.sequential_cfg, weights=weights_of(args, config, transformer))
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
-    plan = planner.plan(planner.ModelShape.from_config(read_config(transformer)), layout, grid,
-                        guidance=settings.cfg_scale > 1.0, hardware=hardware)
+    plan = planner.plan(planner.ModelShape.from_config(config), layout, grid, guidance=settings.cfg_scale > 1.0,
+                        hardware=hardware)
     parts = local_backend_parts(args, hardware.dtype_bytes)
     held = parts.get("vae", 0) if getattr(args, "local_in_turn", False) else sum(parts.values())
     left = card_gb - (plan.memory["weights"] + plan.memory["runtime reserve"] + held) / planner.GIB
