@@ -1,7 +1,7 @@
 """The cost of int8 weights (W8A16) in quality on the golden DiT cases, as ratios to the bf16 floor
 (see bench/int8_quality.py for what is compared with what).
 
-    .venv/bin/python bench/bench_int8_quality.py [--golden ../shared/golden] [--json out.json]
+    .venv/bin/python bench/bench_int8_quality.py [--golden DIR (default tests/golden)] [--json out.json]
 """
 import argparse
 import json
@@ -16,7 +16,7 @@ sys.path.insert(0, HERE)
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--golden", default=os.path.join(os.path.dirname(HERE), "..", "shared", "golden"))
+    p.add_argument("--golden", default=os.path.join(os.path.dirname(HERE), "tests", "golden"))
     p.add_argument("--json", default=None)
     a = p.parse_args()
     from stepvideo_ms import runtime

@@ -1,6 +1,6 @@
 """VAE decode and convolution timings on CPU: our matmul conv path against MindSpore's ops.conv3d.
 
-    python bench/bench_vae.py [--golden ../shared/golden] [--skip-native-large]
+    python bench/bench_vae.py [--golden DIR (default tests/golden)] [--skip-native-large]
 
 Prints, from one run (ratios are what to compare; this machine is shared):
 1. conv3d alone at typical VAE shapes: ours vs the native kernel, GFLOP/s and speed-up;
@@ -29,6 +29,7 @@ from mindspore import Tensor  # noqa: E402
 from stepvideo_ms import checkpoint, runtime  # noqa: E402
 from stepvideo_ms import ops as sv_ops  # noqa: E402
 from stepvideo_ms.ops.conv import conv3d, conv3d_native  # noqa: E402
+from stepvideo_ms.tools.verify import CHECKOUT_GOLDEN  # noqa: E402
 
 CAUSAL = ((2, 0), (1, 1), (1, 1))
 # (label, channels in, channels out, kernel, frames, height, width, stride, padding)
@@ -112,7 +113,7 @@ def decode_pair(title: str, run) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--golden", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"))
+    parser.add_argument("--golden", default=CHECKOUT_GOLDEN)
     parser.add_argument("--large-hw", type=int, nargs=2, default=(1, 1), metavar=("H", "W"),
                         help="latent height and width of the released-width decode (default 1 1 -> 16x16 frames)")
     parser.add_argument("--large-frames", type=int, default=1,

@@ -24,7 +24,7 @@ done
 OUT=$(mkdir -p "${OUT:-$ROOT/outputs/demo}" && cd "${OUT:-$ROOT/outputs/demo}" && pwd)
 START=$(date +%s)
 bash "$SCRIPTS/setup.sh"
-PY=$ROOT/.venv/bin/python
+source "$SCRIPTS/python_env.sh"  # PY: the environment setup.sh made
 LOGS=$OUT/logs
 mkdir -p "$LOGS"
 RUN=$(mktemp -d)  # the background jobs' PIDs and exit codes

@@ -5,7 +5,8 @@ case " $* " in
   *" --help "*|*" -h "*) cat <<'HELP'
 usage: bash scripts/test.sh [PYTEST ARGUMENTS]
 
-Creates .venv if absent (scripts/setup.sh), then runs the default test suite with pytest -q:
+Creates .venv if absent (scripts/setup.sh; STEPVIDEO_MINDSPORE=VERSION and STEPVIDEO_VENV=DIR run the
+suite on another MindSpore in its own environment), then runs the default test suite with pytest -q:
 every test under tests/ except those marked `slow`, on MindSpore's CPU backend with the tiny
 random-weight model (real msrun workers, real servers, the Ascend simulation, the web page in
 headless Chromium when `chromium` is installed). About 12-15 minutes on 2 cores.
@@ -23,4 +24,7 @@ esac
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export GLOG_v=${GLOG_v:-3}
-exec .venv/bin/python -m pytest -q "$@"
+VENV=${STEPVIDEO_VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV=$(pwd)/$VENV;; esac
+export STEPVIDEO_VENV=$VENV  # the scripts the tests run use the same environment
+exec "$VENV/bin/python" -m pytest -q "$@"

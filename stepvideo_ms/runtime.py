@@ -103,6 +103,11 @@ def current_device() -> str:
     return "Ascend" if target == "Ascend" else "CPU"
 
 
+def device_name() -> str:
+    """The device of this process as `init` named it: "Ascend", "CPU" or "ascend-sim"."""
+    return SIMULATED_ASCEND if _simulating else current_device()
+
+
 def is_simulated() -> bool:
     """True in a process running the Ascend simulation (device `ascend-sim`)."""
     return _simulating

@@ -5,7 +5,8 @@ import pytest
 os.environ.setdefault("GLOG_v", "3")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN = os.environ.get("STEPVIDEO_GOLDEN", os.path.join(REPO, "..", "shared", "golden"))
+# The golden data travels with the repository (tests/golden); STEPVIDEO_GOLDEN points elsewhere.
+GOLDEN = os.environ.get("STEPVIDEO_GOLDEN", os.path.join(REPO, "tests", "golden"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,5 +19,6 @@ def _cpu_runtime():
 @pytest.fixture(scope="session")
 def golden_dir():
     if not os.path.isdir(GOLDEN):
-        pytest.fail(f"golden data not found at {GOLDEN}: the tests need ../shared/golden beside the repo")
+        pytest.fail(f"golden data not found at {GOLDEN}: STEPVIDEO_GOLDEN names a missing folder "
+                    "(unset it to use the repository's tests/golden)")
     return GOLDEN

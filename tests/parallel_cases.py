@@ -141,7 +141,23 @@ def reference_latents(model_dir: str, case: Case, dtype=None) -> np.ndarray:
 
 
 def tolerance(reference: np.ndarray) -> float:
+    """float32 layouts: the single-process latents up to float32 summation order."""
     return 1e-4 * (1.0 + float(np.abs(reference).max()))
+
+
+# bf16 layouts: the same arithmetic in another order rounds differently, so a layout is not compared with
+# the single-process bf16 run bit for bit but both with the float32 run: its distance to float32 over the
+# single-process run's (the bf16 floor of the case), max and mean, within these bounds.
+BF16_MAX_RATIO, BF16_MEAN_RATIO = 2.0, 1.3
+
+
+def bf16_floor_ratios(got: np.ndarray, single_bf16: np.ndarray, float32: np.ndarray):
+    """(max ratio, mean ratio) of |got - float32| over the floor |single_bf16 - float32|."""
+    from stepvideo_ms.tools.verify import bf16_ratios
+
+    err_max, floor_max, err_mean, floor_mean = bf16_ratios(got, float32, single_bf16)
+    assert floor_max > 0, "the bf16 run equals the float32 run: the case does not exercise bf16 rounding"
+    return err_max / floor_max, err_mean / floor_mean
 
 
 def output_path(out_dir: str, case: Case, rank: int) -> str:

@@ -114,4 +114,5 @@ def test_lazy_and_relative_imports_are_read(tmp_path):
 def test_the_root_holds_only_the_base_and_the_public_face():
     root = sorted(p.stem for p in PACKAGE.glob("*.py"))
     # the public face, the base every room uses, and three two-line shims of the old -m spellings
-    assert root == ["__init__", "__main__", "console", "describe", "runtime", "tiny", "verify", "video"]
+    assert root == ["__init__", "__main__", "capabilities", "console", "describe", "runtime", "tiny", "verify", "versions",
+                    "video"]

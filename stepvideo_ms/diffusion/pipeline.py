@@ -27,6 +27,8 @@ from mindspore import Tensor
 from ..formats.atomic import write_json
 from ..models.dit import StepVideoModel
 from ..ops.quant import resolve_weights
+from .. import capabilities
+from ..runtime import device_name
 from .. import video as video_io
 from .sampling import denoise
 from .scheduler import FlowMatchScheduler
@@ -234,7 +236,7 @@ class StepVideoPipeline:
         stem = output_stem(save_path, s.prompt, output_file_name, name_suffix, overwrite)
         mp4 = video_io.write_mp4(clip, os.path.join(save_path, f"{stem}.mp4"))
         record = {"settings": s.to_dict(), "video": os.path.basename(mp4), "frames": int(clip.shape[0]),
-                  "size": [int(clip.shape[1]), int(clip.shape[2])]}
+                  "size": [int(clip.shape[1]), int(clip.shape[2])], "mindspore": capabilities.in_use(device_name())}
         record.update(extra or {})
         json_path = os.path.join(save_path, f"{stem}.json")
         write_json(json_path, record)

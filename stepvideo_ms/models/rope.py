@@ -22,6 +22,7 @@ from mindspore import Tensor, mint
 
 from ..ops import host
 from ..ops.broadcast import expand
+from ..ops.split import split
 from ..runtime import is_ascend
 
 ROPE_BASE = 1e4
@@ -90,7 +91,7 @@ class Rope3D:
     def apply(self, x: Tensor) -> Tensor:
         """Rotate x (b, n, heads, head_dim); n must equal the table length."""
         if is_ascend():  # pragma: no cover - needs an NPU
-            parts = mint.split(x, list(self.split), dim=-1)
+            parts = split(x, self.split, dim=-1)
             rotated = []
             for part in parts:
                 a, b = mint.chunk(part, 2, dim=-1)

@@ -81,7 +81,7 @@ class MultiQueryAttention(nn.Cell):
     def construct(self, x: Tensor, alibi: Tensor) -> Tensor:
         b, s, dim = x.shape
         g, d = self.num_groups, self.head_dim
-        q, kv = mint.split(self.wqkv(x), [dim, 2 * g * d], dim=-1)
+        q, kv = ops.split(self.wqkv(x), [dim, 2 * g * d], dim=-1)
         q = q.reshape(b, s, self.num_heads, d)
         kv = kv.reshape(b, s, g, 2, d)  # per group: its key, then its value
         k, v = kv[:, :, :, 0], kv[:, :, :, 1]
@@ -101,7 +101,7 @@ class FeedForward(nn.Cell):
         self.w2 = Linear(width, dim, bias=False, dtype=dtype)
 
     def construct(self, x: Tensor) -> Tensor:
-        gate, up = mint.split(self.w1(x), [self.width, self.width], dim=-1)
+        gate, up = ops.split(self.w1(x), [self.width, self.width], dim=-1)
         return self.w2(ops.silu(gate) * up)
 
 

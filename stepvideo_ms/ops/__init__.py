@@ -10,6 +10,7 @@ from .linear import linear, linear_heads
 from .norms import group_norm, layer_norm, modulated_layer_norm, rms_norm
 from .activations import gelu_tanh, silu
 from .patch import patch_embed
+from .split import split
 
 __all__ = [
     "KeyMask",
@@ -24,4 +25,5 @@ __all__ = [
     "patch_embed",
     "rms_norm",
     "silu",
+    "split",
 ]

@@ -17,6 +17,7 @@ from mindspore import Tensor, mint, ops
 
 from ..runtime import is_ascend
 from . import host
+from .split import split
 
 _matmul_bt = ops.MatMul(transpose_b=True)
 
@@ -60,7 +61,7 @@ def linear_heads(x: Tensor, weight: Tensor, heads: int, head_dim: int, parts: in
                          f"heads*parts*head_dim = {heads}*{parts}*{head_dim}")
     if is_ascend():  # pragma: no cover - needs an NPU
         out = product(weight, scale).reshape(b, n, heads, parts * head_dim)
-        return list(mint.split(out, [head_dim] * parts, dim=-1))
+        return split(out, [head_dim] * parts, dim=-1)
     if scale is None and host.blas_ready(x, weight):
         full = (host.view(x).reshape(b * n, -1) @ host.view(weight).T).reshape(b, n, heads, parts, head_dim)
         return [host.wrap(full[:, :, :, part]) for part in range(parts)]

@@ -3,7 +3,9 @@ non-block parameters and a few working blocks, and each block is copied in just 
 
 Host side (`HostBlocks`): every parameter of every block of this rank's stage, read once from the
 safetensors files. On Ascend they are pinned host tensors (`Tensor.pin_memory()`), the source of
-asynchronous copies. On the CPU backend, where host and device are the same memory, they sit in a
+asynchronous copies; a MindSpore without `Tensor.pin_memory` (2.7.x) keeps them in the float32 map
+described next and copies them synchronously (twice the host memory of bf16, no overlap: the run's
+record says so). On the CPU backend, where host and device are the same memory, they sit in a
 file-backed memory map (an unlinked temporary file), so that a process's resident memory tells
 them apart from its working memory: file-backed (or shared) pages are the host blocks, anonymous
 pages the device-resident part (see bench/bench_offload.py).
@@ -36,6 +38,7 @@ import mindspore as ms
 from mindspore import Tensor, mint
 from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
+from ..capabilities import capabilities
 from ..formats import checkpoint
 from ..models.dit import StepVideoModel
 from ..models.layers import StepVideoTransformerBlock
@@ -92,7 +95,9 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32,
     wanted = {f"{BLOCK_PREFIX}{layer}.{name}": shape for layer in mine
               for name, shape in zip(layout.names, layout.shapes)}
     where = stage_sources(path, mine, wanted)
-    pinned = is_ascend()
+    # Ascend with Tensor.pin_memory: pinned host tensors, the source of asynchronous copies. Without it
+    # (MindSpore 2.7.x) and on CPU: the file-backed map, copied synchronously (capabilities.in_use says which).
+    pinned = is_ascend() and capabilities().pinned_host_memory
     backing = None if pinned else _host_map(len(mine) * layout.total)
     blocks: Dict[int, List[object]] = {}
     at = 0
@@ -133,7 +138,8 @@ class BlockStreamer:
         self.order = list(stage_layers)
         if sorted(self.order) != host.layers:
             raise ValueError(f"host blocks of layers {host.layers} but the stage runs {self.order}")
-        self.asynchronous = is_ascend() if asynchronous is None else asynchronous
+        # asynchronous copies need pinned host memory (a copy from pageable memory would block)
+        self.asynchronous = (is_ascend() and host.pinned) if asynchronous is None else asynchronous
         count = min(ASCEND_WORKING_BLOCKS if self.asynchronous else CPU_WORKING_BLOCKS, len(self.order))
         self.slots = []
         for _ in range(count):
@@ -155,7 +161,10 @@ class BlockStreamer:
     # ---- copies ---------------------------------------------------------------------------
     def _copy_sync(self, layer: int, slot: int) -> None:
         for param, src in zip(self._params[slot], self.host.blocks[layer]):
-            param.copy_(src if isinstance(src, Tensor) else Tensor.from_numpy(src))
+            if not isinstance(src, Tensor):  # a float32 view of the host map
+                src = Tensor.from_numpy(src)
+                src = src if src.dtype == param.dtype else src.astype(param.dtype)
+            param.copy_(src)
         self.holds[slot] = layer
         self.copies += 1
 

@@ -108,7 +108,7 @@ class UlyssesAttention:
         d = q.shape[-1]
         qkv = mint.cat([q, k, v], dim=-1)  # one exchange for the three
         full = self.comm.all_to_all(qkv, self.group, scatter_axis=2, gather_axis=1)  # (b, P*n, heads/P, 3d)
-        q, k, v = mint.split(full, [d, d, d], dim=-1)
+        q, k, v = ops.split(full, [d, d, d], dim=-1)
         if self.shard.has_padding:  # the padding is the tail: attend to the N real keys only
             k, v = k[:, :self.shard.total], v[:, :self.shard.total]
         out = ops.attention(q, k, v)

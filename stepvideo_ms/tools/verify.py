@@ -1,6 +1,6 @@
 """Check our modules against golden data made by the upstream PyTorch code.
 
-    python -m stepvideo_ms verify --golden DIR [--case NAME ...] [--device CPU|Ascend|ascend-sim]
+    python -m stepvideo_ms verify [--golden DIR] [--case NAME ...] [--device CPU|Ascend|ascend-sim]
 
 For every case in DIR and its subdirectories (NAME_weights.safetensors + NAME_io.safetensors) of a
 supported kind, builds the module from the case's config, loads the weights through the checkpoint
@@ -27,6 +27,11 @@ import mindspore as ms
 
 from .. import runtime
 from .verification import GoldenCase, REGISTRY, kind_of, load_all_kinds
+
+
+# The golden data kept with the repository (a checkout's tests/golden).
+CHECKOUT_GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "tests", "golden")
 
 
 def find_cases(golden_dir: str) -> List[Tuple[str, str, str]]:
@@ -94,7 +99,9 @@ def _ratio(err: float, floor: float) -> float:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stepvideo_ms verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--golden", required=True, help="directory of NAME_weights/NAME_io.safetensors pairs")
+    parser.add_argument("--golden", default=CHECKOUT_GOLDEN,
+                        help="directory of NAME_weights/NAME_io.safetensors pairs (default: this checkout's "
+                             "tests/golden, the upstream answers kept with the repository)")
     parser.add_argument("--case", action="append", default=None, metavar="NAME",
                         help="run only this case (repeatable); default: every supported case found")
     parser.add_argument("--device", default=None,

@@ -9,7 +9,11 @@ bfloat16. Calls without a bfloat16 input are passed through untouched, so the fl
 (and HunyuanCLIP, float32 as upstream) runs exactly as on CPU.
 
 Elementwise add/sub/mul/div, slicing, reshape, permute, cat, split and casts have bfloat16 CPU
-kernels and are left alone: they round after every op, as the NPU does.
+kernels from MindSpore 2.9 on and are left alone: they round after every op, as the NPU does. Older
+versions (2.7, 2.8) refuse bfloat16 in mul, div, neg, zeros, copy_, an even split...: where
+capabilities.cpu_bf16_elementwise() says so, those calls are widened too (one elementwise op in
+float32 rounded once to bfloat16 is the bfloat16 op's result), creations in bfloat16 are made in
+float32 and cast, and an in-place copy into a bfloat16 tensor assigns its value.
 """
 from __future__ import annotations
 
@@ -93,7 +97,45 @@ def _has_tensor(index) -> bool:
     return isinstance(index, tuple) and any(isinstance(i, Tensor) for i in index)
 
 
+# Without bfloat16 elementwise CPU kernels (MindSpore before 2.9): these too.
+_OLD_MINT = ("mul", "div", "neg", "square", "pow", "stack", "narrow", "split", "chunk", "tile", "erf", "tanh",
+             "lerp", "addcmul", "maximum", "minimum")
+_OLD_OPS = ("mul", "div", "neg", "square", "split", "chunk", "tile")
+_OLD_TENSOR = ("__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__neg__", "__imul__", "__itruediv__", "square",
+               "pow", "tile", "split", "chunk", "narrow", "mul", "div", "neg", "tanh", "erf")
+_CREATIONS = ("zeros", "ones", "full")
+
+
+def _create_in_float32(fn: Callable) -> Callable:
+    """mint.zeros / ones / full with dtype=bfloat16: made in float32, then cast (exact)."""
+
+    @functools.wraps(fn)
+    def create(*args, **kwargs):
+        if kwargs.get("dtype") == ms.bfloat16:
+            return fn(*args, **dict(kwargs, dtype=ms.float32)).astype(ms.bfloat16)
+        return fn(*args, **kwargs)
+
+    return create
+
+
+def _copy_by_assign(real: Callable) -> Callable:
+    """Tensor.copy_ into a bfloat16 tensor: the value assigned (no bfloat16 copy kernel)."""
+
+    @functools.wraps(real)
+    def copy_(self, src, *args, **kwargs):
+        if self.dtype == ms.bfloat16 and isinstance(src, Tensor):
+            self.assign_value(src if src.dtype == self.dtype else src.astype(self.dtype))
+            return self
+        return real(self, src, *args, **kwargs)
+
+    return copy_
+
+
 def install() -> None:
+    from ...capabilities import cpu_bf16_elementwise
+
+    if not cpu_bf16_elementwise():
+        _install_elementwise()
     for owner, names in ((mint, _MINT), (mint.nn.functional, _MINT_F), (ops, _OPS)):
         for name in names:
             if hasattr(owner, name):
@@ -103,3 +145,14 @@ def install() -> None:
             replace(Tensor, name, _tensor_getitem)
         elif hasattr(Tensor, name):
             replace(Tensor, name, in_float32)
+
+
+def _install_elementwise() -> None:
+    for owner, names in ((mint, _OLD_MINT), (ops, _OLD_OPS)):
+        for name in names:
+            replace(owner, name, in_float32, optional=True)
+    for name in _OLD_TENSOR:
+        replace(Tensor, name, in_float32, optional=True)
+    for name in _CREATIONS:
+        replace(mint, name, _create_in_float32, optional=True)
+    replace(Tensor, "copy_", _copy_by_assign)

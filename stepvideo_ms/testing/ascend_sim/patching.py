@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 _MARK = "__ascend_sim__"
 
 
-def replace(owner, name: str, make: Callable[[Callable], Callable]) -> Callable:
-    """Set owner.name to make(original) unless it is already a simulation wrapper; returns the original."""
+def replace(owner, name: str, make: Callable[[Callable], Callable], optional: bool = False) -> Optional[Callable]:
+    """Set owner.name to make(original) unless it is already a simulation wrapper; returns the original.
+
+    The simulation follows the installed MindSpore's API: it never adds a name the version lacks. With
+    `optional`, a missing name is left missing (None is returned), so the product's fallback is what runs."""
+    if optional and not hasattr(owner, name):
+        return None
     current = getattr(owner, name)
     if getattr(current, _MARK, False):
         return current.__wrapped__

@@ -247,7 +247,9 @@ def install() -> None:
     replace(r, "StreamCtx", lambda real: StreamCtx)
     replace(r, "current_stream", lambda real: current_stream)
     replace(r, "default_stream", lambda real: default_stream)
-    replace(Tensor, "pin_memory", _pin_memory_emulator)
-    replace(Tensor, "is_pinned", _is_pinned_emulator)
+    # Tensor.pin_memory / is_pinned exist from MindSpore 2.8 on: on older versions they stay missing, and the
+    # product's synchronous offload copies (capabilities.pinned_host_memory) are what runs
+    replace(Tensor, "pin_memory", _pin_memory_emulator, optional=True)
+    replace(Tensor, "is_pinned", _is_pinned_emulator, optional=True)
     replace(Tensor, "copy_", _copy_emulator)
     replace(nn.Cell, "__call__", _cell_call_emulator)

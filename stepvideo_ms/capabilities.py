@@ -1,0 +1,102 @@
+"""What the installed MindSpore can do, asked once, in one place.
+
+The user's MindSpore is fixed by their cluster's CANN and driver (stepvideo_ms/versions.py: the supported
+range). Versions differ in their API (`Tensor.pin_memory` arrived after 2.7.0) and in their CPU kernels
+(2.7.0 has no CPU kernel for a split into a list of sizes; bfloat16 elementwise kernels on CPU came in
+2.9). Every caller asks `capabilities()` instead of comparing version numbers, and takes a fallback that
+computes the same result where a capability is missing; `in_use()` says which paths a run takes, for its
+record, and `python -m stepvideo_ms doctor` prints the same to the user.
+
+API capabilities are read from the installed package (an attribute exists or not). Kernel capabilities
+are probed once with a tiny operation on the backend that runs it (on Ascend the NPU kernels are used
+and the CPU ones are not asked): PyNative launches blocking here (runtime.init), so an unsupported kernel
+raises at its own call and leaves the process usable.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Dict
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint
+
+from . import versions
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    mindspore: str
+    supported: bool  # inside versions.OLDEST .. versions.NEWEST
+    pinned_host_memory: bool  # Tensor.pin_memory: page-locked host blocks, asynchronous offload copies
+    streams: bool  # mindspore.runtime Stream / Event / StreamCtx (side-stream copies)
+    int8_matmul: bool  # WeightQuantBatchMatmul, the Ascend W8A16 kernel
+    fused_attention: bool  # ops.flash_attention_score
+    device_properties: bool  # mindspore.hal.get_device_properties (the card's memory)
+
+
+@functools.lru_cache(maxsize=None)
+def capabilities() -> Capabilities:
+    from mindspore import ops
+
+    try:
+        from mindspore.ops.auto_generate import WeightQuantBatchMatmul  # noqa: F401
+        int8 = True
+    except ImportError:
+        int8 = False
+    runtime_api = getattr(ms, "runtime", None)
+    return Capabilities(
+        mindspore=ms.__version__,
+        supported=versions.supported(ms.__version__),
+        pinned_host_memory=hasattr(Tensor, "pin_memory"),
+        streams=all(hasattr(runtime_api, n) for n in ("Stream", "Event", "StreamCtx")),
+        int8_matmul=int8,
+        fused_attention=hasattr(ops, "flash_attention_score"),
+        device_properties=hasattr(getattr(ms, "hal", None), "get_device_properties"),
+    )
+
+
+def _probe(fn) -> bool:
+    try:
+        fn()
+        return True
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_sized_split() -> bool:
+    """mint.split into a list of sizes has a CPU kernel (SplitWithSize; missing in 2.7.x)."""
+    x = Tensor(np.arange(6, dtype=np.float32).reshape(1, 6))
+    return _probe(lambda: mint.split(x, [2, 4], dim=-1)[1].asnumpy())
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_elementwise() -> bool:
+    """The CPU elementwise kernels take bfloat16 (missing before 2.9): asked by the Ascend simulation only,
+    the product computes in float32 on CPU."""
+    x = Tensor(np.ones(2, np.float32)).astype(ms.bfloat16)
+    return _probe(lambda: (x * x).astype(ms.float32).asnumpy())
+
+
+def sized_split_kernel(device: str) -> bool:
+    """Whether a process on `device` ("Ascend", "CPU", "ascend-sim") may call mint.split with a list of
+    sizes (the NPU always can; the simulation runs CPU kernels)."""
+    return device == "Ascend" or cpu_sized_split()
+
+
+def in_use(device: str) -> Dict[str, object]:
+    """The capabilities and the paths a process on `device` ("Ascend", "CPU", "ascend-sim") takes where
+    versions differ, for a run's record and `doctor`."""
+    caps = capabilities()
+    out: Dict[str, object] = asdict(caps)
+    if device == "CPU":
+        out["offload_copies"] = "synchronous (CPU backend: one working block)"
+    elif caps.pinned_host_memory and caps.streams:
+        out["offload_copies"] = "asynchronous (pinned host blocks, side stream)"
+    else:
+        out["offload_copies"] = (f"synchronous (MindSpore {caps.mindspore} has no Tensor.pin_memory: float32 host "
+                                 "blocks, copied on the compute stream)")
+    out["sized_split"] = "mint.split" if sized_split_kernel(device) else "slices (no sized-split kernel on this backend)"
+    return out
