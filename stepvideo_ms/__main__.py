@@ -2,7 +2,8 @@
 
     python -m stepvideo_ms tiny OUT [--task t2v|ti2v]    a tiny random-weight model directory
     python -m stepvideo_ms describe [--plan ...]         the DiT's size; the parallel layouts that fit
-    python -m stepvideo_ms verify --golden DIR           our modules against the upstream outputs
+    python -m stepvideo_ms verify [--golden DIR]         our modules against the upstream outputs
+    python -m stepvideo_ms doctor [--device D]           MindSpore, CANN, the card, this version's capabilities
 
 Generation, the servers and the converter have their own scripts at the top of the repository
 (run_parallel.py, api/call_remote_server.py, convert.py). The old spellings
@@ -18,6 +19,7 @@ COMMANDS = {
     "tiny": ("stepvideo_ms.tools.tiny", "a tiny random-weight model directory in the released layout"),
     "describe": ("stepvideo_ms.tools.describe", "the DiT's parameters and shapes; --plan: the layouts that fit"),
     "verify": ("stepvideo_ms.tools.verify", "our modules against the upstream outputs in a golden folder"),
+    "doctor": ("stepvideo_ms.tools.doctor", "MindSpore, CANN, the card and what this version can do: check first"),
 }
 
 

@@ -1,7 +1,7 @@
 """What the installed MindSpore can do, asked once, in one place.
 
 The user's MindSpore is fixed by their cluster's CANN and driver (stepvideo_ms/versions.py: the supported
-range). Versions differ in their API (`Tensor.pin_memory` arrived after 2.7.0) and in their CPU kernels
+range). Versions differ in their API (`Tensor.pin_memory` is missing in 2.7.0) and in their CPU kernels
 (2.7.0 has no CPU kernel for a split into a list of sizes; bfloat16 elementwise kernels on CPU came in
 2.9). Every caller asks `capabilities()` instead of comparing version numbers, and takes a fallback that
 computes the same result where a capability is missing; `in_use()` says which paths a run takes, for its
@@ -80,6 +80,17 @@ def cpu_bf16_elementwise() -> bool:
     return _probe(lambda: (x * x).astype(ms.float32).asnumpy())
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_zero_copy_asnumpy() -> bool:
+    """Tensor.asnumpy of an operator's output is a view of its storage (2.8 on); on 2.7.x it copies, so the
+    CPU float32 path in numpy (ops/host.py) reads copies there: the same results, more memory traffic."""
+    t = Tensor(np.ones((2, 2), np.float32)) * 2
+    try:
+        return t.asnumpy().ctypes.data == t.data_ptr()
+    except (RuntimeError, AttributeError):
+        return False
+
+
 def sized_split_kernel(device: str) -> bool:
     """Whether a process on `device` ("Ascend", "CPU", "ascend-sim") may call mint.split with a list of
     sizes (the NPU always can; the simulation runs CPU kernels)."""
@@ -99,4 +110,6 @@ def in_use(device: str) -> Dict[str, object]:
         out["offload_copies"] = (f"synchronous (MindSpore {caps.mindspore} has no Tensor.pin_memory: float32 host "
                                  "blocks, copied on the compute stream)")
     out["sized_split"] = "mint.split" if sized_split_kernel(device) else "slices (no sized-split kernel on this backend)"
+    if device == "CPU":
+        out["cpu_numpy_views"] = "zero-copy" if cpu_zero_copy_asnumpy() else "copies (Tensor.asnumpy copies in this version)"
     return out

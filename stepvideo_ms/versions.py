@@ -4,6 +4,7 @@ Plain data and a version parser, importing nothing of the package or of MindSpor
 scripts/setup.sh can check a requested version before MindSpore is installed:
 
     python stepvideo_ms/versions.py check 2.7.1     # exit 0, or 2 with the supported range
+    python stepvideo_ms/versions.py oldest          # 2.7.0 (CI runs the suite on it too)
 
 What a version can do is not decided here from its number: stepvideo_ms/capabilities.py asks the
 installed MindSpore itself.
@@ -44,8 +45,11 @@ def cann_for(version: str) -> Optional[str]:
 
 
 def main(argv) -> int:
+    if argv == ["oldest"]:
+        print(OLDEST)
+        return 0
     if len(argv) != 2 or argv[0] != "check":
-        print("usage: python stepvideo_ms/versions.py check VERSION", file=sys.stderr)
+        print("usage: python stepvideo_ms/versions.py check VERSION | oldest", file=sys.stderr)
         return 2
     try:
         ok = supported(argv[1])

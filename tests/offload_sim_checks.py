@@ -27,7 +27,10 @@ def main(models_dir: str) -> int:
     from stepvideo_ms.parallel.dit_forward import ParallelDiT
     from stepvideo_ms.parallel.offload import BlockStreamer
 
-    report = {"device": rt.device, "dtype": str(rt.compute_dtype)}
+    from stepvideo_ms.capabilities import capabilities
+
+    report = {"device": rt.device, "dtype": str(rt.compute_dtype),
+              "pinned_host_memory": capabilities().pinned_host_memory}
     for kind in ("t2v", "ti2v"):
         case = Case(kind, (3, 3, 3), 1, 1)
         path = os.path.join(models_dir, kind)
@@ -47,7 +50,7 @@ def main(models_dir: str) -> int:
         streamer = dit.blocks
         model_resident = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names() if not p.has_init)
         working = sum(int(np.prod(p.shape)) for cell in streamer.slots for _, p in cell.parameters_and_names())
-        pinned = all(t.is_pinned() for block in host.blocks.values() for t in block)
+        pinned = host.pinned and all(t.is_pinned() for block in host.blocks.values() for t in block)
         # one forward through the streamer: every block copied, each but the first issued ahead
         x = dit.forward(Tensor(np.concatenate([inputs["latents"]] * 2)), Tensor(np.array([500.0, 500.0], np.float32)),
                         conditioning(inputs, kind))

@@ -91,8 +91,14 @@ def test_offload_under_ascend_sim(models):
         r = report[kind]
         assert r["moved"] > 1e-2 and r["finite"]
         assert r["err"] <= 1e-4 * (1 + r["scale"]), r  # same bf16 arithmetic, same weights
-        assert r["working_blocks"] == 2 and r["working"] == 2 * r["block"]
         assert r["model_resident"] + r["layers"] * r["block"] == r["model_resident"] + r["host"]
+        if not report["pinned_host_memory"]:
+            # a MindSpore without Tensor.pin_memory (2.7.x): one working block, filled synchronously, no copy
+            # in flight (the simulation does not add the missing API, so this fallback is what ran)
+            assert not r["pinned"] and r["working_blocks"] == 1 and r["working"] == r["block"], r
+            assert r["copies_one_forward"] == r["layers"] and r["in_flight_after"] == [], r
+            continue
+        assert r["working_blocks"] == 2 and r["working"] == 2 * r["block"]
         assert r["pinned"]
         # one forward: 4 blocks copied, plus the first block of the next forward already in flight
         assert r["copies_one_forward"] == r["layers"] + 1 and r["in_flight_after"] == [0]

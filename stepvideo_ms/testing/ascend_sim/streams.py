@@ -247,7 +247,7 @@ def install() -> None:
     replace(r, "StreamCtx", lambda real: StreamCtx)
     replace(r, "current_stream", lambda real: current_stream)
     replace(r, "default_stream", lambda real: default_stream)
-    # Tensor.pin_memory / is_pinned exist from MindSpore 2.8 on: on older versions they stay missing, and the
+    # Tensor.pin_memory / is_pinned are missing in MindSpore 2.7.0: there they stay missing, and the
     # product's synchronous offload copies (capabilities.pinned_host_memory) are what runs
     replace(Tensor, "pin_memory", _pin_memory_emulator, optional=True)
     replace(Tensor, "is_pinned", _is_pinned_emulator, optional=True)
