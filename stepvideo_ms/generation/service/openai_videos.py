@@ -203,7 +203,7 @@ def register_openai_videos(app, state) -> None:
             rec = accept_job(state, data, blob, IMAGE_FIELD, notes)
         except Refused as exc:
             if exc.field in sent_as and sent_as[exc.field] != exc.field:
-                exc = Refused(exc.status, f"{exc.message} (from {sent_as[exc.field]})", sent_as[exc.field],
+                exc = Refused(exc.status, f"from {sent_as[exc.field]}: {exc.message}", sent_as[exc.field],
                               exc.headers)
             return fail(exc)
         return jsonify(one(rec.id))
