@@ -48,7 +48,7 @@ ERROR_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
 def _from_form(name: str, text: str):
     """A multipart field's text as the type the field takes (the checks then refuse what is still wrong)."""
     kind = FIELD_TYPES.get(name, str)
-    if kind is int and re.fullmatch(r"[+-]?\d{1,30}", text.strip()):
+    if kind is int and re.fullmatch(r"[+-]?\d{1,4000}", text.strip()):
         return int(text)
     if kind is float:
         try:
