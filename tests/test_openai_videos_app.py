@@ -124,3 +124,15 @@ def test_a_deleted_job_stays_deleted_after_a_restart(tmp_path):
     assert [v["id"] for v in c.get("/v1/videos?order=asc").get_json()["data"]] == [ids[1]]
     assert c.post("/v1/videos", json={"prompt": "next"}).get_json()["id"] == "job00003"  # no id reused
     board.journal.close()
+
+
+def test_a_journal_entry_that_cannot_be_read_back_is_listed_as_failed_without_a_size(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    (folder / "service-journal.jsonl").write_text(
+        '{"event":"accepted","id":"job00001","job":{"settings":{"prompt":"old","bogus":1}},"upload":null,"time":1}\n')
+    c, board = client(tmp_path, journal=Journal(str(folder)))
+    video = c.get("/v1/videos/job00001").get_json()
+    assert (video["status"], video["size"], video["seconds"], video["prompt"]) == ("failed", "", "0", "old")
+    assert video["error"]["message"].startswith("not resumed")
+    board.journal.close()

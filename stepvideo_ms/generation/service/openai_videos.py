@@ -136,7 +136,8 @@ def to_job(fields: dict, model_name: str):
 
 
 def video_object(pub: dict, model_name: str) -> dict:
-    """A job (JobBoard.get) as an OpenAI video object (with num_frames, our extension)."""
+    """A job (JobBoard.get) as an OpenAI video object (with num_frames, our extension). A job the journal
+    could not read back (listed as failed, board._placeholder_settings) has no size: "" and "0"."""
     s = pub["settings"]
     state, steps = pub["state"], pub["steps"] or 1
     progress = {QUEUED: 0, DECODING: DENOISE_PERCENT, DONE: 100}.get(state,
@@ -149,7 +150,8 @@ def video_object(pub: dict, model_name: str) -> dict:
     finished = pub["finished"] if state in (DONE, FAILED, CANCELLED) else None
     return {"id": pub["id"], "object": "video", "model": model_name, "status": STATUS[state], "progress": progress,
             "created_at": int(pub["submitted"]), "completed_at": int(finished) if finished else None,
-            "expires_at": None, "size": f"{s['width']}x{s['height']}", "seconds": f"{s['num_frames'] / FPS:g}",
+            "expires_at": None, "size": f"{s['width']}x{s['height']}" if s["width"] and s["height"] else "",
+            "seconds": f"{s['num_frames'] / FPS:g}" if s["num_frames"] else "0",
             "num_frames": s["num_frames"], "prompt": pub["prompt"], "remixed_from_video_id": None, "error": error}
 
 
