@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (loopback unless a token)")
     g.add_argument("--port", type=int, default=8000, help="--serve: port (0 picks a free one)")
     g.add_argument("--queue_size", type=int, default=16, help="--serve: jobs that may wait")
+    g.add_argument("--metrics_public", action="store_true",
+                   help="--serve: GET /metrics answers without the token (for a Prometheus on a trusted network)")
     g.add_argument("--first_image_path", default=None, help="TI2V: the first frame (PNG/JPEG)")
     g.add_argument("--motion_score", type=finite_float, default=None, help="TI2V: 2 steady, 5 default, 10/20 lively")
     g.add_argument("--num_frames", type=int, default=None, help="frames, rounded down to a multiple of 17 (task)")

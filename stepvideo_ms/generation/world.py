@@ -193,10 +193,12 @@ class GenerationWorld:
         return self.pipe.task
 
     def run_job(self, job: Job, save_path: str, on_step: Optional[Callable[[int, int], None]] = None,
-                extra: Optional[dict] = None) -> Optional[Tuple[Optional[str], Optional[str]]]:
+                extra: Optional[dict] = None, on_stage: Optional[Callable[[str, float], None]] = None
+                ) -> Optional[Tuple[Optional[str], Optional[str]]]:
         """Make one video on every rank; rank 0 writes it and returns (mp4, json) ((None, None) for a
         `no_video` job), the others None. Raises JobFailed on rank 0 (and returns None elsewhere) when
-        the job cannot be made."""
+        the job cannot be made. `on_stage(stage, seconds)` is told on rank 0 as each stage ends (encode,
+        denoise, decode, write: the service's metrics)."""
         from mindspore import Tensor
         from ..console import Waiting
         from ..formats.safetensors_io import save_file_atomic
@@ -218,6 +220,7 @@ class GenerationWorld:
             return None
         cond = broadcast_conditions(self.comm, cond, self.rank)
         timings["encode_s"] = time.perf_counter() - t0
+        _tell(on_stage, "encode", timings["encode_s"], self.rank)
         t0 = time.perf_counter()
         latents, error = None, None
         try:  # whatever the loop raises fails this job alone, when every rank agrees afterwards
@@ -240,6 +243,7 @@ class GenerationWorld:
                 raise JobFailed(f"denoising failed: {why}") from error
             return None
         timings["denoise_s"] = time.perf_counter() - t0
+        _tell(on_stage, "denoise", timings["denoise_s"], self.rank)
         from ..parallel.memory import memory_record, release_working_set
 
         memory = memory_record(self.rt.device)  # rank 0's, after the loop
@@ -256,10 +260,14 @@ class GenerationWorld:
             with Waiting("VAE server decoding", live=self.progress):
                 frames = self.pipe.decode(latents)
             timings["decode_s"] = time.perf_counter() - t0
+            _tell(on_stage, "decode", timings["decode_s"], self.rank)
             timings["job_s"] = time.perf_counter() - t_start
             record = dict(self.info, timings=dict(timings, load_s=self.load_s), memory=memory, **(extra or {}))
-            return self.pipe.write_outputs(frames, s, save_path, job.output_file_name, job.name_suffix, record,
-                                           overwrite=getattr(self.args, "overwrite", False))
+            t0 = time.perf_counter()
+            out = self.pipe.write_outputs(frames, s, save_path, job.output_file_name, job.name_suffix, record,
+                                          overwrite=getattr(self.args, "overwrite", False))
+            _tell(on_stage, "write", time.perf_counter() - t0, self.rank)
+            return out
         except Exception as exc:
             raise JobFailed(f"decoding or writing failed: {type(exc).__name__}: {exc}") from exc
 
@@ -278,6 +286,15 @@ class GenerationWorld:
                     print(f"run_parallel.py: warning: progress report failed: {exc}", file=sys.stderr, flush=True)
 
         return step
+
+
+def _tell(on_stage: Optional[Callable[[str, float], None]], stage: str, seconds: float, rank: int) -> None:
+    """A stage's time to rank 0's listener; a report is never worth a job."""
+    if on_stage is not None and rank == 0:
+        try:
+            on_stage(stage, seconds)
+        except Exception as exc:  # pragma: no cover
+            print(f"run_parallel.py: warning: stage report failed: {exc}", file=sys.stderr, flush=True)
 
 
 def injected_fault_step(seed: int, rank: int) -> Optional[int]:

@@ -102,6 +102,8 @@ class JobBoard:
         self._last_id = int(last_id)
         self._cv = threading.Condition()
         self.closed = False
+        # told of every accepted job and every end ("accepted", "done", "failed", "cancelled"): the metrics
+        self.on_event: Optional[Callable[[str, JobRecord], None]] = None
 
     def restore(self, task: str) -> dict:
         """Bring back the journal's jobs (before serving): finished ones listed, waiting and interrupted ones
@@ -172,6 +174,7 @@ class JobBoard:
             self._waiting.append(new_id)
             self._forget_old()
             self._cv.notify_all()
+            self._tell("accepted", rec)
             return rec
 
     def take(self, timeout: float) -> Optional[JobRecord]:
@@ -198,11 +201,13 @@ class JobBoard:
         with self._cv:
             rec.state, rec.finished, rec.video_path, rec.json_path = DONE, time.time(), video_path, json_path
             self._log({"event": DONE, "id": rec.id, "time": rec.finished, "video": video_path, "record": json_path})
+            self._tell(DONE, rec)
 
     def fail(self, rec: JobRecord, message: str):
         with self._cv:
             rec.state, rec.finished, rec.error = FAILED, time.time(), message
             self._log({"event": FAILED, "id": rec.id, "time": rec.finished, "error": message})
+            self._tell(FAILED, rec)
 
     def cancel(self, job_id: str) -> JobRecord:
         with self._cv:
@@ -213,7 +218,24 @@ class JobBoard:
                 raise NotCancellable(f"job {job_id} is {rec.state}: only a queued job can be cancelled")
             self._waiting.remove(job_id)
             rec.state, rec.finished = CANCELLED, time.time()
-            self._log({"event": CANCELLED, "id": rec.id, "time": rec.finished, "error": "cancelled by a client"})
+            rec.error = "cancelled by a client before it ran"
+            self._log({"event": CANCELLED, "id": rec.id, "time": rec.finished, "error": rec.error})
+            self._tell(CANCELLED, rec)
+            return rec
+
+    def delete(self, job_id: str) -> JobRecord:
+        """Forget a job (a waiting one is cancelled first; a running one cannot be): gone from every listing
+        and, through the journal, from the next start. -> its record, whose files the caller removes."""
+        with self._cv:
+            rec = self._records.get(job_id)
+            if rec is None:
+                raise KeyError(job_id)
+            if rec.state in (RUNNING, DECODING):
+                raise NotCancellable(f"job {job_id} is {rec.state}: it can be deleted once it has finished")
+            if rec.state == QUEUED:
+                self.cancel(job_id)
+            self._log({"event": "deleted", "id": rec.id, "time": time.time()})
+            del self._records[job_id]
             return rec
 
     def close(self) -> int:
@@ -222,6 +244,13 @@ class JobBoard:
             self.closed = True
             self._cv.notify_all()
             return len(self._waiting)
+
+    def _tell(self, kind: str, rec: JobRecord) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(kind, rec)
+            except Exception as exc:  # pragma: no cover - a metric is never worth a job
+                LOG.warning("job event %s of %s not counted: %s", kind, rec.id, exc)
 
     def _log(self, event: dict) -> None:
         if self.journal is None:

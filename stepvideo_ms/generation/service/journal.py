@@ -9,6 +9,7 @@ call returns (a crash leaves at most a torn last line, which the next start drop
     {"event": "running", "id": "job00003", "time": T}
     {"event": "done", "id": "job00003", "video": PATH, "record": PATH, "time": T}
     {"event": "failed" | "cancelled", "id": "job00003", "error": "...", "time": T}
+    {"event": "deleted", "id": "job00003", "time": T}          forgotten (DELETE /v1/videos/ID)
 
 At start the journal is replayed: finished jobs are listed again, waiting ones wait again in their order,
 a job that was running when the service stopped runs again first, unless it was already running at
@@ -106,6 +107,8 @@ class Journal:
             entry = entries[job_id]
             if kind == "running":
                 entry.update(state="running", started=event.get("time"), attempts=entry["attempts"] + 1)
+            elif kind == "deleted":
+                del entries[job_id]
             elif kind in FINAL:
                 entry.update(state=kind, finished=event.get("time"), error=event.get("error"),
                              video=event.get("video"), record=event.get("record"))

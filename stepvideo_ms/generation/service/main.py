@@ -74,7 +74,9 @@ def run_service(args, world_size: int) -> int:
     uploads = os.path.join(save_path, "uploads")
     # rank 0 gives it the journal before serving; ids go on after the journal's and any job file's
     board = JobBoard(args.queue_size, last_id=last_id_in(save_path, uploads))
-    state = ServiceState(board, task, limits, token, uploads, {}, defaults)
+    state = ServiceState(board, task, limits, token, uploads, {}, defaults,
+                         model_name=os.path.basename(os.path.normpath(args.model_dir)),
+                         metrics_public=bool(getattr(args, "metrics_public", False)))
     holder = {}
 
     def bind():  # rank 0, before any weight: a locked save folder or a taken port fails in seconds
@@ -98,6 +100,10 @@ def run_service(args, world_size: int) -> int:
         import time
         state.started = time.time()
         state.info.update(world.info, load_s=round(world.load_s, 2))
+        import mindspore
+        from ... import __version__
+        state.metrics.describe(__version__, mindspore.__version__, world.info["device"], task,
+                               world.info["parallel"])
         threading.Thread(target=server.serve_forever, name="generation-service-http", daemon=True).start()
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"[run_parallel] service ready: http://{host}:{server.port}/ ({task}, world {world.mesh.world_size}, "
@@ -111,9 +117,12 @@ def run_service(args, world_size: int) -> int:
             if command["id"] is None:
                 continue
             job = rec.job if rank == 0 else Job.from_dict(command["job"])
-            on_step = (lambda i, n, r=rec: board.progress(r, i, n)) if rank == 0 else None
+            on_step = (lambda i, n, r=rec: (board.progress(r, i, n), state.metrics.step_done(i, n))) \
+                if rank == 0 else None
+            on_stage = state.metrics.stage_done if rank == 0 else None
             try:
-                out = world.run_job(job, save_path, on_step=on_step, extra={"job_id": command["id"]})
+                out = world.run_job(job, save_path, on_step=on_step, extra={"job_id": command["id"]},
+                                    on_stage=on_stage)
                 if rank == 0:
                     board.finish(rec, *out)
                     print(f"[run_parallel] {rec.id} done: {out[0]}", flush=True)
