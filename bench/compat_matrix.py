@@ -7,6 +7,7 @@ For each version (default: every version in stepvideo_ms/versions.py TESTED) it 
 Ascend plugin), then runs in that venv:
 - `verify` on the golden data (tests/golden), CPU float32: cases passed / found;
 - `verify --device ascend-sim` (the bf16 cases under the Ascend simulation);
+- what capabilities.py finds (Tensor.pin_memory; the CPU kernels it probes);
 - `doctor --device ascend-sim`: exit code and the offload path this version takes;
 - run_parallel.py on the tiny T2V model under ascend-sim, in-process encoders and VAE, 2 steps at
   17x48x80, with `--offload` and with `--weights int8`: exit code and a finite video.
@@ -28,6 +29,14 @@ sys.path.insert(0, REPO)
 from stepvideo_ms import versions  # noqa: E402  (plain data: imports no MindSpore)
 
 CHECK_TIMEOUT = 1200
+# what capabilities.py finds in this version (API present, CPU kernels probed)
+PROBE = """
+from stepvideo_ms import runtime, capabilities as c
+runtime.init("CPU")
+yes = lambda b: "yes" if b else "no"
+print(f"pin_memory {yes(c.capabilities().pinned_host_memory)}, CPU sized split {yes(c.cpu_sized_split())}, "
+      f"CPU bf16 elementwise {yes(c.cpu_bf16_elementwise())}, CPU asnumpy views {yes(c.cpu_zero_copy_asnumpy())}")
+"""
 RUN = ["--caption_url", "local", "--vae_url", "local", "--prompt", "a red kite over a stormy sea", "--infer_steps", "2",
        "--num_frames", "17", "--height", "48", "--width", "80", "--seed", "3", "--no_progress"]
 
@@ -67,6 +76,8 @@ def one_version(version, root):
     row["cpu_verify"], row["logs"]["cpu_verify"] = verify_cell(py, env, "CPU")
     sim = {**env, "STEPVIDEO_DEVICE": "ascend-sim"}
     row["sim_verify"], row["logs"]["sim_verify"] = verify_cell(py, env, "ascend-sim")
+    rc, out, _ = sh([py, "-c", PROBE], env)
+    row["capabilities"] = out.strip().splitlines()[-1] if rc == 0 and out.strip() else f"exit {rc}"
     rc, out, _ = sh([py, "-m", "stepvideo_ms", "doctor", "--device", "ascend-sim"], env)
     offload = re.search(r"offload\s+(\S+)", out)
     row["doctor"] = f"exit {rc}" + (f", offload {offload.group(1)}" if offload else "")
@@ -85,7 +96,8 @@ def one_version(version, root):
 
 
 COLUMNS = [("version", "MindSpore"), ("setup", "setup.sh"), ("cpu_verify", "verify, CPU float32"),
-           ("sim_verify", "verify, ascend-sim bf16"), ("doctor", "doctor (ascend-sim)"),
+           ("sim_verify", "verify, ascend-sim bf16"), ("capabilities", "capabilities found"),
+           ("doctor", "doctor (ascend-sim)"),
            ("sim_offload", "run --offload (ascend-sim)"), ("sim_int8", "run --weights int8 (ascend-sim)")]
 
 

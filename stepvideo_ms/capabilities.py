@@ -3,7 +3,7 @@
 The user's MindSpore is fixed by their cluster's CANN and driver (stepvideo_ms/versions.py: the supported
 range). Versions differ in their API (`Tensor.pin_memory` is missing in 2.7.0) and in their CPU kernels
 (2.7.0 has no CPU kernel for a split into a list of sizes; bfloat16 elementwise kernels on CPU came in
-2.9). Every caller asks `capabilities()` instead of comparing version numbers, and takes a fallback that
+2.9; bench/compat_matrix.py prints what each version has). Every caller asks `capabilities()` instead of comparing version numbers, and takes a fallback that
 computes the same result where a capability is missing; `in_use()` says which paths a run takes, for its
 record, and `python -m stepvideo_ms doctor` prints the same to the user.
 
@@ -67,7 +67,7 @@ def _probe(fn) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def cpu_sized_split() -> bool:
-    """mint.split into a list of sizes has a CPU kernel (SplitWithSize; missing in 2.7.x)."""
+    """mint.split into a list of sizes has a CPU kernel (SplitWithSize; missing in 2.7.0)."""
     x = Tensor(np.arange(6, dtype=np.float32).reshape(1, 6))
     return _probe(lambda: mint.split(x, [2, 4], dim=-1)[1].asnumpy())
 
@@ -82,7 +82,7 @@ def cpu_bf16_elementwise() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def cpu_zero_copy_asnumpy() -> bool:
-    """Tensor.asnumpy of an operator's output is a view of its storage (2.8 on); on 2.7.x it copies, so the
+    """Tensor.asnumpy of an operator's output is a view of its storage (2.7.1 on); on 2.7.0 it copies, so the
     CPU float32 path in numpy (ops/host.py) reads copies there: the same results, more memory traffic."""
     t = Tensor(np.ones((2, 2), np.float32)) * 2
     try:

@@ -93,7 +93,7 @@ def test_offload_under_ascend_sim(models):
         assert r["err"] <= 1e-4 * (1 + r["scale"]), r  # same bf16 arithmetic, same weights
         assert r["model_resident"] + r["layers"] * r["block"] == r["model_resident"] + r["host"]
         if not report["pinned_host_memory"]:
-            # a MindSpore without Tensor.pin_memory (2.7.x): one working block, filled synchronously, no copy
+            # a MindSpore without Tensor.pin_memory (2.7.0): one working block, filled synchronously, no copy
             # in flight (the simulation does not add the missing API, so this fallback is what ran)
             assert not r["pinned"] and r["working_blocks"] == 1 and r["working"] == r["block"], r
             assert r["copies_one_forward"] == r["layers"] and r["in_flight_after"] == [], r

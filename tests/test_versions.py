@@ -4,7 +4,7 @@
   before it creates or downloads anything;
 - capabilities: what the installed MindSpore has (probed, not read off the version number), the fallbacks
   computing what the fast paths compute (the sized split by slices), the simulation adding no API the
-  version lacks (Tensor.pin_memory on 2.7.x);
+  version lacks (Tensor.pin_memory on 2.7.0);
 - `python -m stepvideo_ms doctor` on CPU and under ascend-sim, its exit code, the CANN and driver files.
 This suite runs on the default MindSpore and, in CI, again on the oldest supported one.
 """
@@ -75,7 +75,7 @@ def test_the_sized_split_fallback_gives_the_kernel_s_parts(monkeypatch):
     want = np.split(x.asnumpy(), [4, 7], axis=-1)
     got = [p.asnumpy() for p in ops.split(x, [4, 3, 3], dim=-1)]
     assert all(np.array_equal(a, b) for a, b in zip(got, want))
-    monkeypatch.setattr(capabilities, "cpu_sized_split", lambda: False)  # the 2.7.x path, on any version
+    monkeypatch.setattr(capabilities, "cpu_sized_split", lambda: False)  # the 2.7.0 path, on any version
     sliced = ops.split(x, [1, 2], dim=1)
     assert [tuple(p.shape) for p in sliced] == [(2, 1, 10), (2, 2, 10)]
     assert np.array_equal(sliced[1].asnumpy(), x.asnumpy()[:, 1:])

@@ -1,6 +1,6 @@
 """A tensor cut into parts of given sizes along one axis (mint.split with a list of sizes).
 
-MindSpore 2.7.x has no CPU kernel for the sized split (SplitWithSize); there the parts are taken as
+MindSpore 2.7.0 has no CPU kernel for the sized split (SplitWithSize); there the parts are taken as
 slices, which give the same tensors. capabilities.sized_split_kernel() decides, once per process.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@ non-block parameters and a few working blocks, and each block is copied in just 
 
 Host side (`HostBlocks`): every parameter of every block of this rank's stage, read once from the
 safetensors files. On Ascend they are pinned host tensors (`Tensor.pin_memory()`), the source of
-asynchronous copies; a MindSpore without `Tensor.pin_memory` (2.7.x) keeps them in the float32 map
+asynchronous copies; a MindSpore without `Tensor.pin_memory` (2.7.0) keeps them in the float32 map
 described next and copies them synchronously (twice the host memory of bf16, no overlap: the run's
 record says so). On the CPU backend, where host and device are the same memory, they sit in a
 file-backed memory map (an unlinked temporary file), so that a process's resident memory tells
@@ -96,7 +96,7 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32,
               for name, shape in zip(layout.names, layout.shapes)}
     where = stage_sources(path, mine, wanted)
     # Ascend with Tensor.pin_memory: pinned host tensors, the source of asynchronous copies. Without it
-    # (MindSpore 2.7.x) and on CPU: the file-backed map, copied synchronously (capabilities.in_use says which).
+    # (MindSpore 2.7.0) and on CPU: the file-backed map, copied synchronously (capabilities.in_use says which).
     pinned = is_ascend() and capabilities().pinned_host_memory
     backing = None if pinned else _host_map(len(mine) * layout.total)
     blocks: Dict[int, List[object]] = {}

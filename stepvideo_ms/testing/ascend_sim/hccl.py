@@ -63,6 +63,7 @@ class _World:
 
 
 _world: Optional[_World] = None
+_initialising = False  # inside the real communication.init
 _originals: Dict[str, object] = {}
 
 
@@ -139,7 +140,12 @@ def init(*args, **kwargs):
         raise RuntimeError("init: the simulated HCCL world needs a job started by msrun (no MS_WORKER_NUM here)")
     from mindspore.communication import _comm_helper
 
-    _originals["init"]("mccl")
+    global _initialising
+    _initialising = True  # MindSpore 2.7's init asks get_rank() / get_group_size() of its CPU world itself
+    try:
+        _originals["init"]("mccl")
+    finally:
+        _initialising = False
     cpu_world = _comm_helper.GlobalComm.WORLD_COMM_GROUP
     rank, size = _originals["get_rank"](cpu_world), _originals["get_group_size"](cpu_world)
     # agree on a fresh run directory: rank 0 draws a token, one broadcast on the CPU world
@@ -153,12 +159,16 @@ def init(*args, **kwargs):
 
 
 def get_rank(*args, **kwargs) -> int:
+    if _initialising:  # inside the real init (2.7.x): its own question about the CPU world
+        return _originals["get_rank"](*args, **kwargs)
     a = bind_call("get_rank", args, kwargs)
     world = need_world("get_rank")
     return world.members(a["group"], "get_rank").index(world.rank)
 
 
 def get_group_size(*args, **kwargs) -> int:
+    if _initialising:
+        return _originals["get_group_size"](*args, **kwargs)
     a = bind_call("get_group_size", args, kwargs)
     return len(need_world("get_group_size").members(a["group"], "get_group_size"))
 
