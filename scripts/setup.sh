@@ -65,7 +65,11 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" = "$want" ]; then
   ready=$(check) || ready=""
 fi
 if [ -z "$ready" ]; then
-  say "installing requirements with MindSpore $WANT_MS (a large wheel: this takes a few minutes the first time)"
+  if [ -n "$SYSTEM_SITE" ]; then
+    say "installing requirements beside the system's MindSpore $WANT_MS ($SYSTEM_SITE)"
+  else
+    say "installing requirements with MindSpore $WANT_MS (a large wheel: this takes a few minutes the first time)"
+  fi
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -r "$REQS"
   # the editable install's build backend prints beta-configuration notices: keep them in a log

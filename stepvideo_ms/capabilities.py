@@ -91,6 +91,17 @@ def cpu_zero_copy_asnumpy() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_empty() -> bool:
+    """mint.empty runs on CPU (2.7.0's asks for the Ascend plugin)."""
+    return _probe(lambda: mint.empty((2,), dtype=ms.float32).shape)
+
+
+def empty_kernel(device: str) -> bool:
+    """Whether a process on `device` may call mint.empty (the NPU always can)."""
+    return device == "Ascend" or cpu_empty()
+
+
 def sized_split_kernel(device: str) -> bool:
     """Whether a process on `device` ("Ascend", "CPU", "ascend-sim") may call mint.split with a list of
     sizes (the NPU always can; the simulation runs CPU kernels)."""

@@ -58,6 +58,27 @@ def test_setup_system_needs_an_interpreter_with_mindspore(tmp_path):
     assert not (tmp_path / "venv").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_setup_system_uses_the_installed_mindspore_and_never_replaces_it(tmp_path):
+    """This suite's interpreter stands for a machine's system Python with MindSpore installed for its CANN."""
+    venv = tmp_path / "venv"
+    env = {**os.environ, "STEPVIDEO_MINDSPORE": "system", "PYTHON": sys.executable, "STEPVIDEO_VENV": str(venv)}
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup.sh")], capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    site = os.path.dirname(os.path.dirname(ms.__file__))
+    assert f"beside the system's MindSpore {ms.__version__} ({site})" in done.stdout
+    assert f"ready: mindspore {ms.__version__}" in done.stdout
+    probe = subprocess.run([str(venv / "bin" / "python"), "-P", "-c", "import mindspore, stepvideo_ms; print(mindspore.__file__)"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "GLOG_v": "3"})
+    assert probe.stdout.strip() == ms.__file__, probe.stdout + probe.stderr
+    assert not list((venv / "lib").glob("python*/site-packages/mindspore"))  # nothing installed over it
+    again = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup.sh")], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert again.returncode == 0 and "installing" not in again.stdout, again.stdout  # the second run only checks
+
+
 def test_capabilities_are_read_from_the_installed_mindspore():
     caps = capabilities.capabilities()
     assert caps.mindspore == ms.__version__ and caps.supported

@@ -26,6 +26,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, ops
 
+from ..ops.alloc import empty
 from ..runtime import is_ascend
 from .mesh import Mesh
 
@@ -328,7 +329,7 @@ class NativeCommunicator(Communicator):
         # receive before sending: along a pipeline column this resolves as a chain from stage 0
         received = None
         if src is not None:
-            received = mint.empty(shape, dtype=dtype)  # recv overwrites it all: no fill kernel
+            received = empty(shape, dtype)  # recv overwrites it all: no fill kernel
             dist.recv(received, src=src)
         if dst is not None:
             dist.send(x.contiguous(), dst=dst)

@@ -33,6 +33,7 @@ from ..formats import checkpoint
 from ..diffusion.sampling import Predictor, denoise, uses_guidance
 from ..diffusion.scheduler import FlowMatchScheduler
 from ..models.dit import DiTInputs, StepVideoModel
+from ..ops.alloc import empty
 from ..ops.attention import KeyMask
 from ..models.rope import Rope3D
 from .comm import Communicator
@@ -216,7 +217,7 @@ class ParallelDiT:
             projected = [model.project_out(outputs[m], micro[m], mesh.chunk_tokens or None) for m in range(n_micro)]
             mine = projected[0] if n_micro == 1 else mint.cat(projected, dim=0)
         else:
-            mine = mint.empty((batch, shard.local, channels), dtype=model.dtype)  # sliced away below: no fill
+            mine = empty((batch, shard.local, channels), model.dtype)  # sliced away below: no fill
         # every rank's slice side by side: in each replica the last stage's ranks hold its last
         # padded_total tokens; the replicas' outputs are the halves of the batch, in order
         everything = self.comm.all_gather(mine, mesh.world_ranks, axis=1)
