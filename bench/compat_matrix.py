@@ -35,7 +35,8 @@ from stepvideo_ms import runtime, capabilities as c
 runtime.init("CPU")
 yes = lambda b: "yes" if b else "no"
 print(f"pin_memory {yes(c.capabilities().pinned_host_memory)}, CPU sized split {yes(c.cpu_sized_split())}, "
-      f"CPU bf16 elementwise {yes(c.cpu_bf16_elementwise())}, CPU asnumpy views {yes(c.cpu_zero_copy_asnumpy())}")
+      f"CPU bf16 elementwise {yes(c.cpu_bf16_elementwise())}, CPU asnumpy views {yes(c.cpu_zero_copy_asnumpy())}, "
+      f"CPU empty {yes(c.cpu_empty())}")
 """
 RUN = ["--caption_url", "local", "--vae_url", "local", "--prompt", "a red kite over a stormy sea", "--infer_steps", "2",
        "--num_frames", "17", "--height", "48", "--width", "80", "--seed", "3", "--no_progress"]
