@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -238,8 +239,11 @@ def decode(body, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Message:
         raise RequestError(f"{data_len - cursor} stray bytes after the last tensor (corrupt message)", "body")
     msg = Message(fields=fields)
     for begin, _end, name, dtype, shape, count in spans:
-        arr = np.frombuffer(body, dtype=np.dtype(WIRE_TO_NUMPY[dtype]).newbyteorder("<"), count=count,
-                            offset=data_start + begin)
+        native = np.dtype(WIRE_TO_NUMPY[dtype])
+        arr = np.frombuffer(body, dtype=native.newbyteorder("<"), count=count, offset=data_start + begin)
+        # in the machine's own byte order (a view on a little-endian host): MindSpore 2.7.0's Tensor refuses an
+        # array whose dtype names its byte order ('<i8'), even where it is the native one
+        arr = arr.view(native) if sys.byteorder == "little" else arr.astype(native)
         msg.tensors[name] = arr.reshape(shape)
         msg.wire_dtypes[name] = dtype
     return msg
