@@ -222,7 +222,7 @@ def test_run_parallel_picks_the_layout_when_none_is_given(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "[run_parallel] layout for 2 card(s) of 8 GiB (CPU backend, 17 frames 64x96, rank 0 also holding the " \
            "local encoders/VAE (" in out, out  # --caption_url local --vae_url local: their weights share card 0
-    assert "predicted peak" in out and "step" in out
+    assert "predicted peak" in out and ", 50 steps " in out  # the run's time beside the step's
     chosen = (args.cfg_degree, args.ulysses_degree, args.pp_degree)
     assert chosen[0] * chosen[1] * chosen[2] == 2
     # a card too small for any layout: refused, naming the smallest and what to change

@@ -258,7 +258,8 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
     if card_gb <= 0:
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
     settings = GenerationSettings("layout", task, num_frames=args.num_frames, height=args.height, width=args.width,
-                                  cfg_scale=args.cfg_scale,  # the image itself is checked elsewhere: only its task here
+                                  cfg_scale=args.cfg_scale, infer_steps=getattr(args, "infer_steps", None),
+                                  # the image itself is checked elsewhere: only its task here
                                   first_image_path=(getattr(args, "first_image_path", None) or "(the first image)")
                                   if task == "ti2v" else None)
     with warnings.catch_warnings():
@@ -299,7 +300,9 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
         host = f", host memory {best.host_gib:.1f} GiB" if best.layout.offload else ""
         print(f"[run_parallel] layout for {world_size} card(s) of {card_gb:g} GiB ({hardware.name}, {what}): "
               f"{best.layout.arguments()}; predicted peak {best.peak_gib:.3g} GiB per card{host}, step "
-              f"{best.step_s:.3g} s{offload} (predictions; explicit layout flags override)", flush=True)
+              f"{best.step_s:.3g} s, {settings.infer_steps} steps "
+              f"{planner.duration(best.step_s * settings.infer_steps)}"
+              f"{offload} (predictions; explicit layout flags override)", flush=True)
     return best
 
 

@@ -235,6 +235,11 @@ class Plan:
         return (card_gb is None or self.peak_gib <= card_gb) and (host_gb is None or self.host_gib <= host_gb)
 
 
+def duration(seconds: float) -> str:
+    """A run's predicted time as printed: minutes from 10 minutes on, else seconds."""
+    return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds:.0f} s"
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -81,10 +81,6 @@ def plan_text(config: dict, frames: int, height: int, width: int, cards: int, ca
     return plan_report(config, frames, height, width, cards, card_gb, show_all, hardware, host_gb, weights, steps)[0]
 
 
-def run_time(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds:.0f} s"
-
-
 def plan_report(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
                 show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full",
                 steps: Optional[int] = None):
@@ -119,7 +115,7 @@ def plan_report(config: dict, frames: int, height: int, width: int, cards: int, 
     if best is not None:
         lines.append(f"chosen (fastest predicted to fit): {best.layout.arguments()}: peak {best.peak_gib:.1f} GiB per "
                      f"card, host {best.host_gib:.1f} GiB, step {best.step_s:.1f} s, {steps} steps "
-                     f"{run_time(best.step_s * steps)}"
+                     f"{planner.duration(best.step_s * steps)}"
                      + (f", offload x{best.offload_ratio:.3f}" if best.layout.offload else ""))
         if cards == 1 and card_gb:
             lines.append(one_card_backends(best, card_gb))
