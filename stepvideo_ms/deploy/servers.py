@@ -150,6 +150,14 @@ def start(args) -> int:
         if live:
             return _fail(f"servers of {run_file} are still running (pids {', '.join(str(e['pid']) for e in live)}): "
                          f"stop them first with bash {STOP_SCRIPT} --run_file {run_file}, or give another --run_file", 2)
+    from ..serving.main import port_problem
+
+    for name in commands:  # a taken port, in this script's own flags, before any server starts
+        flag, port = f"--{name}_port", getattr(args, f"{name}_port")
+        problem = port_problem(args.host, port)
+        if problem:
+            return _fail(f"{flag} {port}: cannot listen on {args.host}:{port} ({problem}): another server may hold "
+                         f"it; pick another {flag} (0 picks a free one)", 2)
     os.makedirs(log_dir, exist_ok=True)
     entries = []
     try:
