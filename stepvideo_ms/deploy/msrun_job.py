@@ -23,7 +23,7 @@ import shlex
 import sys
 from typing import List, Optional
 
-from ..console import PROGRESS_ENV, NoiseFilter, live_bars, quiet_environment
+from ..console import PROGRESS_ENV, NoiseFilter, SuggestingParser, live_bars, quiet_environment
 from .msrun_process import MsrunProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,11 +40,11 @@ class LaunchError(ValueError):
     """A bad launch argument: exit status 2 with this message."""
 
 
-class ShortParser(argparse.ArgumentParser):
+class ShortParser(SuggestingParser):
     """An argument error in one line and a pointer to --help, not the whole usage of 40 options."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
+        self.exit(2, f"{self.prog}: error: {self.suggest(message)} ({self.prog} --help lists every option)\n")
 
 
 def build_parser(task: str) -> argparse.ArgumentParser:

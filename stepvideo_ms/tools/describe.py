@@ -13,7 +13,6 @@ exits with status 1.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import OrderedDict
@@ -22,6 +21,7 @@ from typing import List, Optional
 import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 
+from ..console import SuggestingParser
 from ..models.common import count_parameters
 from ..models.dit import StepVideoModel
 
@@ -151,7 +151,7 @@ def latent_frames_to_video(grid) -> tuple:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stepvideo_ms describe", description=__doc__.split("\n\n")[0])
+    parser = SuggestingParser(prog="python -m stepvideo_ms describe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a transformer config.json (default: the released Step-Video-T2V config)")
     parser.add_argument("--ti2v", action="store_true", help="with use_additional_conditions (Step-Video-TI2V)")
     parser.add_argument("--layers", action="store_true", help="list every parameter of every layer")
