@@ -251,13 +251,13 @@ class Waiting:
 
 # ---- command lines: "did you mean" for a mistyped flag --------------------------------------------
 def flag_suggestions(parser: argparse.ArgumentParser, unknown: Iterable[str]) -> list:
-    """'--nme (did you mean --name?)' for each unknown flag close to one of `parser`'s (difflib), the
-    others as they are. Python 3.11's argparse has no suggest_on_error."""
+    """'--nme (did you mean --name?)' for each unknown flag close to one of `parser`'s (difflib, similarity
+    0.75: a typo or a dash for an underscore, not any flag sharing a few letters), the others as they are. Python 3.11's argparse has no suggest_on_error."""
     known = [s for s in parser._option_string_actions if s.startswith("--")]
     out = []
     for token in unknown:
         flag = token.split("=", 1)[0]
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) if flag.startswith("--") else []
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
         out.append(f"{token} (did you mean {close[0]}?)" if close else token)
     return out
 

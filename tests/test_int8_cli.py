@@ -89,7 +89,7 @@ def test_the_deploy_script_passes_weights_on(model):
     env = {k: v for k, v in os.environ.items() if k != "STEPVIDEO_AUTH_TOKEN"}
     r = subprocess.run(["bash", os.path.join(REPO, "scripts", "run_t2v.sh"), "--model_dir", model, "--ulysses", "2",
                         "--pp", "1", "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.1.2.3", "--cards", "0",
-                        "--weights", "int8", "--dry-run", "--", "--shard_weights"],
+                        "--prompt", "a red house", "--weights", "int8", "--dry-run", "--", "--shard_weights"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert "--weights int8" in r.stdout and "--shard_weights" in r.stdout

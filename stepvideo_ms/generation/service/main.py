@@ -71,9 +71,9 @@ def run_service(args, world_size: int) -> int:
     save_path = check_save_folder(args.save_path)
     defaults = defaults_from(args)
     task, transformer = validate_model(args, world_size)
-    from ...parallel.comm import launched_distributed
+    from ...parallel.comm import launched_by_msrun
 
-    stop = StopRequest(watch_parent=launched_distributed())
+    stop = StopRequest(watch_parent=launched_by_msrun())
     limits = Limits()
     uploads = os.path.join(save_path, "uploads")
     # rank 0 gives it the journal before serving; ids go on after the journal's and any job file's
