@@ -151,6 +151,8 @@ def latent_frames_to_video(grid) -> tuple:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..parallel.host_memory import HOST_SHARE
+
     parser = SuggestingParser(prog="python -m stepvideo_ms describe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a transformer config.json (default: the released Step-Video-T2V config)")
     parser.add_argument("--ti2v", action="store_true", help="with use_additional_conditions (Step-Video-TI2V)")
@@ -167,9 +169,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="int8: the blocks' linear weights in int8 with per-channel scales (run_parallel.py --weights)")
     g.add_argument("--infer_steps", type=int, default=None, help="denoising steps, for the run's time (50)")
     g.add_argument("--host_gb", type=float, default=None,
-                   help="the host's memory in GiB: the offloaded blocks of all its ranks may take 80%% of it, as "
-                        "run_parallel.py allows of its host (default: not checked, the host GiB column shows the "
-                        "need)")
+                   help=f"the host's memory in GiB: the offloaded blocks of all its ranks may take "
+                        f"{HOST_SHARE * 100:.0f}%% of it, as run_parallel.py allows of its host (default: not "
+                        "checked, the host GiB column shows the need)")
     args = parser.parse_args(argv)
     config = {}
     if args.config:
