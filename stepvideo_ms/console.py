@@ -18,6 +18,8 @@ layer prints whatever GLOG_v says.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import os
 import re
 import sys
@@ -245,3 +247,30 @@ class Waiting:
             print(f"[run_parallel] {self.label}: done in {time.perf_counter() - self._t0:.1f} s",
                   file=self.stream, flush=True)
         return False
+
+
+# ---- command lines: "did you mean" for a mistyped flag --------------------------------------------
+def flag_suggestions(parser: argparse.ArgumentParser, unknown: Iterable[str]) -> list:
+    """'--nme (did you mean --name?)' for each unknown flag close to one of `parser`'s (difflib, similarity
+    0.75: a typo or a dash for an underscore, not any flag sharing a few letters), the others as they are. Python 3.11's argparse has no suggest_on_error."""
+    known = [s for s in parser._option_string_actions if s.startswith("--")]
+    out = []
+    for token in unknown:
+        flag = token.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+        out.append(f"{token} (did you mean {close[0]}?)" if close else token)
+    return out
+
+
+class SuggestingParser(argparse.ArgumentParser):
+    """An ArgumentParser whose 'unrecognized arguments' error names the closest known flag."""
+
+    UNRECOGNIZED = "unrecognized arguments: "
+
+    def suggest(self, message: str) -> str:
+        if not message.startswith(self.UNRECOGNIZED):
+            return message
+        return self.UNRECOGNIZED + " ".join(flag_suggestions(self, message[len(self.UNRECOGNIZED):].split()))
+
+    def error(self, message):
+        super().error(self.suggest(message))

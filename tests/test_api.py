@@ -118,6 +118,16 @@ def test_api_errors_name_the_argument(api, tmp_path):
     with pytest.raises(ValueError, match=r"\.mp4"):
         pipe.save(np.zeros((2, 8, 8, 3), np.uint8), str(tmp_path / "b.avi"))
     assert not any(tmp_path.iterdir())
+    # a folder that cannot be written: said as the command line says it, before anything is written
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"pipe.save: the folder .*a_file is a file: give a folder"):
+        pipe.save(np.zeros((2, 8, 8, 3), np.uint8), str(tmp_path / "a_file" / "b.mp4"))
+    from stepvideo_ms.diffusion.settings import GenerationSettings
+
+    settings = GenerationSettings("x", task, first_image_path=image, **SMALL)
+    with pytest.raises(ValueError, match=r"save_path .*a_file/videos cannot be created: .*a_file is a file"):
+        pipe.generate(settings, save_path=str(tmp_path / "a_file" / "videos"))  # before the generation
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
 def test_from_pretrained_checks_paths_first(tmp_path):

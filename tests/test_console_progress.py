@@ -89,4 +89,5 @@ def test_a_redirected_run_logs_plain_progress_lines(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = r.stdout + r.stderr
     assert "\r" not in text, text
-    assert "denoising: 2/2 steps, in " in r.stderr and "VAE server decoding: done in" in r.stderr, r.stderr
+    assert "denoising: 2/2 steps, in " in r.stderr and "VAE decoding: done in" in r.stderr, r.stderr
+    assert "VAE server" not in text  # --vae_url local: the decode runs in this process

@@ -30,9 +30,16 @@ SMALL = ["--num_frames", "17", "--height", "48", "--width", "80", "--infer_steps
 RUN_TIMEOUT = 400
 
 
-def script(name, *args, cwd=REPO, env=None, timeout=60):
+def script(name, *args, cwd=REPO, env=None, timeout=60, prompt=True):
+    """Run scripts/NAME; the run scripts get upstream's example prompt first unless `prompt` is False or
+    the arguments give one (--prompt is required)."""
     full_env = {k: v for k, v in os.environ.items() if k != "STEPVIDEO_AUTH_TOKEN"}
     full_env.update(env or {})
+    task = {"run_t2v.sh": "t2v", "run_ti2v.sh": "ti2v"}.get(name)
+    if task and prompt and not {"--prompt", "--help", "-h"} & set(map(str, args)):
+        from stepvideo_ms.deploy.msrun_job import DEFAULT_PROMPTS
+
+        args = ("--prompt", DEFAULT_PROMPTS[task], *args)
     return subprocess.run(["bash", os.path.join(SCRIPTS, name), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
 
@@ -74,6 +81,13 @@ def test_launch_arguments_are_checked_before_msrun(models, args, message):
     r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", *args)
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and "msrun" not in r.stdout
+
+
+def test_a_run_without_prompt_is_refused_as_run_parallel_refuses_it(models):
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses", "2", "--pp", "1", "--dry-run",
+               prompt=False)
+    assert r.returncode == 2 and "run_t2v.sh: error: --prompt is required: give the text of the video" in r.stderr
+    assert "msrun" not in r.stdout  # no silent demo prompt
 
 
 def test_wrong_layout_is_answered_in_the_caller_s_flags_with_layouts_the_model_takes(models):

@@ -37,12 +37,27 @@ def int8_latents(model, tmp_path_factory):
     return run(model, str(tmp_path_factory.mktemp("a")), "--weights", "int8")
 
 
-def test_a_converted_folder_gives_the_same_latents_as_quantizing_while_loading(model, int8_latents, tmp_path):
+def test_a_converted_folder_gives_the_same_latents_as_quantizing_while_loading(model, int8_latents, tmp_path,
+                                                                               capsys):
+    capsys.readouterr()
     converted = run(model, str(tmp_path), "--transformer_dir", "transformer_int8")  # int8 read from config.json
+    world = [line for line in capsys.readouterr().out.splitlines() if "; world 1 = " in line]
+    assert len(world) == 1 and ", int8 weights" in world[0], world  # said without --weights int8
     np.testing.assert_array_equal(converted, int8_latents)
     full = run(model, str(tmp_path / "full"))
     diff = np.abs(full - int8_latents)
     assert 0 < diff.mean() < 0.05 * np.abs(full).mean(), "int8 changes the result a little, not a lot"
+
+
+def test_the_int8_folder_has_the_usual_permissions(model):
+    """Made in a private temporary folder, renamed into place: the folder gets 0777 less the umask, as
+    its files get 0666 less it (the test runs under the umask of the conversion)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder = os.path.join(model, "transformer_int8")
+    assert os.stat(folder).st_mode & 0o777 == 0o777 & ~umask
+    for name in os.listdir(folder):
+        assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_the_api_takes_weights(model, int8_latents):
@@ -74,7 +89,7 @@ def test_the_deploy_script_passes_weights_on(model):
     env = {k: v for k, v in os.environ.items() if k != "STEPVIDEO_AUTH_TOKEN"}
     r = subprocess.run(["bash", os.path.join(REPO, "scripts", "run_t2v.sh"), "--model_dir", model, "--ulysses", "2",
                         "--pp", "1", "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.1.2.3", "--cards", "0",
-                        "--weights", "int8", "--dry-run", "--", "--shard_weights"],
+                        "--prompt", "a red house", "--weights", "int8", "--dry-run", "--", "--shard_weights"],
                        cwd=REPO, capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert "--weights int8" in r.stdout and "--shard_weights" in r.stdout

@@ -23,7 +23,7 @@ import shlex
 import sys
 from typing import List, Optional
 
-from ..console import PROGRESS_ENV, NoiseFilter, live_bars, quiet_environment
+from ..console import PROGRESS_ENV, NoiseFilter, SuggestingParser, live_bars, quiet_environment
 from .msrun_process import MsrunProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,11 +40,11 @@ class LaunchError(ValueError):
     """A bad launch argument: exit status 2 with this message."""
 
 
-class ShortParser(argparse.ArgumentParser):
+class ShortParser(SuggestingParser):
     """An argument error in one line and a pointer to --help, not the whole usage of 40 options."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
+        self.exit(2, f"{self.prog}: error: {self.suggest(message)} ({self.prog} --help lists every option)\n")
 
 
 def build_parser(task: str) -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         epilog="Two hosts, 16 cards: on each host run the same command with --nnodes 2 --master_addr HOST0 "
                "--ulysses 8 --pp 2 and --node_rank 0 (on HOST0) or 1.")
     p.add_argument("--model_dir", required=True, help="the downloaded model directory")
-    p.add_argument("--prompt", default=None, help="the text prompt (default: upstream's example)")
+    p.add_argument("--prompt", default=None, help="the text prompt (required, as run_parallel.py requires it)")
     if task == "ti2v":
         p.add_argument("--first_image_path", required=True, help="the first frame (PNG/JPEG)")
         p.add_argument("--motion_score", type=float, default=None, help="2 steady, 5 default, 10/20 lively")
@@ -200,6 +200,9 @@ def layout(args):
 def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
     from ..diffusion.settings import PRESETS
 
+    if args.prompt is None:  # as run_parallel.py refuses a run without one: no silent demo prompt
+        raise LaunchError(f'--prompt is required: give the text of the video, e.g. --prompt '
+                          f'"{DEFAULT_PROMPTS[task]}" (upstream\'s example)')
     extra = given_settings(args) + list(extra)
     given = {item.split("=", 1)[0] for item in extra if item.startswith("--")}
     preset = {k: v for k, v in PRESETS[args.preset].items() if f"--{k}" not in given}  # `-- --infer_steps 30` wins
@@ -208,7 +211,7 @@ def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
     degrees = [] if getattr(args, "auto_layout", False) else [
         "--cfg_degree", str(args.cfg), "--ulysses_degree", str(args.ulysses), "--pp_degree", str(args.pp)]
     out = ["--model_dir", os.path.abspath(args.model_dir), "--caption_url", args.caption_url,
-           "--vae_url", args.vae_url, *degrees, "--prompt", args.prompt or DEFAULT_PROMPTS[task]]
+           "--vae_url", args.vae_url, *degrees, "--prompt", args.prompt]
     if task == "ti2v":
         out += ["--first_image_path", os.path.abspath(args.first_image_path)]
     for key, value in preset.items():

@@ -24,7 +24,7 @@ import time
 from typing import Dict, List, Optional
 
 from ..formats.atomic import write_json
-from ..console import quiet_environment
+from ..console import SuggestingParser, quiet_environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_SCRIPT = os.path.join(REPO, "api", "call_remote_server.py")
@@ -39,7 +39,7 @@ POLL_S = 0.2
 
 
 def build_parser(prog: str = "start_servers.sh") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = SuggestingParser(
         prog=prog, description="Start the caption server (Step-1 + HunyuanCLIP) and the VAE server, each on its "
         "own card, wait until both answer /health, and print the --caption_url/--vae_url for run_t2v.sh / "
         "run_ti2v.sh. Stop them with stop_servers.sh (or --stop) and the same --log_dir/--run_file.",
@@ -150,6 +150,14 @@ def start(args) -> int:
         if live:
             return _fail(f"servers of {run_file} are still running (pids {', '.join(str(e['pid']) for e in live)}): "
                          f"stop them first with bash {STOP_SCRIPT} --run_file {run_file}, or give another --run_file", 2)
+    from ..serving.main import port_problem
+
+    for name in commands:  # a taken port, in this script's own flags, before any server starts
+        flag, port = f"--{name}_port", getattr(args, f"{name}_port")
+        problem = port_problem(args.host, port)
+        if problem:
+            return _fail(f"{flag} {port}: cannot listen on {args.host}:{port} ({problem}): another server may hold "
+                         f"it; pick another {flag} (0 picks a free one)", 2)
     os.makedirs(log_dir, exist_ok=True)
     entries = []
     try:

@@ -171,7 +171,7 @@ class StepVideoPipeline:
         """Write frames (t, h, w, 3) uint8 as an H.264 MP4 at 25 fps (atomically) -> the path written. An
         existing file is never replaced unless overwrite=True: the video goes to NAME-1.mp4, NAME-2.mp4, ...
         as on the command line, so running the same script twice keeps both."""
-        from ..generation.outputs import free_stem
+        from ..generation.outputs import check_save_folder, free_stem
 
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -182,6 +182,7 @@ class StepVideoPipeline:
         if os.path.isdir(path):
             raise ValueError(f"path={path!r} is a folder: give a file name ending in .mp4")
         folder, name = os.path.split(os.path.abspath(path))
+        check_save_folder(folder, "pipe.save: the folder")  # a clear refusal, not a temporary file's traceback
         stem = free_stem(folder, name[:-4], overwrite, extensions=(name[-4:],))
         return video_io.write_mp4(frames, os.path.join(os.path.dirname(path), stem + name[-4:]))
 
@@ -245,6 +246,10 @@ class StepVideoPipeline:
     def generate(self, settings: GenerationSettings, save_path: Optional[str] = None, output_file_name: str = "",
                  name_suffix: str = "", extra: Optional[dict] = None) -> GenerationResult:
         s = settings.resolved()
+        if save_path is not None:  # a folder that cannot be written fails now, not after the generation
+            from ..generation.outputs import check_save_folder
+
+            check_save_folder(save_path, "save_path")
         if s.task != self.task:
             raise ValueError(f"task={s.task!r} does not fit this transformer ({self.task}): "
                              f"use_additional_conditions={self.transformer.use_additional_conditions}")

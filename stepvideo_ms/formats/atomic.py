@@ -12,6 +12,20 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status); else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temp_path_beside(dest: str) -> str:
     """Create an empty hidden temporary file next to `dest` (same file system, so the rename is atomic)."""
     folder = os.path.dirname(os.path.abspath(dest))

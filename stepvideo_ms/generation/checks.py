@@ -215,17 +215,6 @@ def resolve_layout(args, world_size: int, task: str, config: dict, weights: str 
     args._layout_resolved = True
 
 
-HOST_SHARE = 0.8  # of this host's physical memory, at most, for the offloaded blocks of its ranks
-
-
-def host_memory_gib() -> Optional[float]:
-    """HOST_SHARE of this machine's physical memory, in GiB (what --offload may pin), when known."""
-    try:
-        return HOST_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def local_backend_parts(args, dtype_bytes: int) -> dict:
     """Weights of the in-process text encoders (--caption_url local) and VAE (--vae_url local) that rank 0's
     card holds beside its DiT stage: {"encoders": bytes, "vae": bytes}, from their parameter counts
@@ -269,7 +258,8 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
     if card_gb <= 0:
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
     settings = GenerationSettings("layout", task, num_frames=args.num_frames, height=args.height, width=args.width,
-                                  cfg_scale=args.cfg_scale,  # the image itself is checked elsewhere: only its task here
+                                  cfg_scale=args.cfg_scale, infer_steps=getattr(args, "infer_steps", None),
+                                  # the image itself is checked elsewhere: only its task here
                                   first_image_path=(getattr(args, "first_image_path", None) or "(the first image)")
                                   if task == "ti2v" else None)
     with warnings.catch_warnings():
@@ -283,7 +273,9 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
              for layout in planner.layouts(world_size, shape.heads, shape.num_layers, guidance, weights=weights)]
     parts = local_backend_parts(args, hardware.dtype_bytes)
     shared = sum(parts.values())
-    host_gb = host_memory_gib()  # one host: every rank's offloaded stage adds up
+    from ..parallel.host_memory import host_limit, limit_gib
+
+    host_gb = limit_gib(host_limit(this_host=True))  # one host: every rank's offloaded stage adds up
     in_turn = bool(getattr(args, "local_in_turn", False))
     best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, in_turn)], None, host_gb)
     if best is None and parts and not in_turn:  # one card holds everything in turn
@@ -308,7 +300,9 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
         host = f", host memory {best.host_gib:.1f} GiB" if best.layout.offload else ""
         print(f"[run_parallel] layout for {world_size} card(s) of {card_gb:g} GiB ({hardware.name}, {what}): "
               f"{best.layout.arguments()}; predicted peak {best.peak_gib:.3g} GiB per card{host}, step "
-              f"{best.step_s:.3g} s{offload} (predictions; explicit layout flags override)", flush=True)
+              f"{best.step_s:.3g} s, {settings.infer_steps} steps "
+              f"{planner.duration(best.step_s * settings.infer_steps)}"
+              f"{offload} (predictions; explicit layout flags override)", flush=True)
     return best
 
 
@@ -348,12 +342,14 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
                          f"({max(parts.values()) / planner.GIB:.1f} GiB) over --card_gb {card_gb:g}: use --offload "
                          "or --shard_weights, or caption/VAE servers on other cards")
     card_gb = card_gb - shared / planner.GIB  # rank 0's card also holds the local encoders / VAE
-    host_gb = host_memory_gib()
-    if predicted.fits(card_gb) and not predicted.fits(None, host_gb):
+    from ..parallel.host_memory import host_limit, limit_gib
+    from ..parallel.plan_advice import advice, cards_word
+
+    host = host_limit(this_host=True)
+    if predicted.fits(card_gb) and not predicted.fits(None, limit_gib(host)):
         raise ValueError(f"--offload: {layout.name()} pins {predicted.host_gib:.1f} GiB of host memory for its "
-                         f"{mesh.world_size} rank(s) (each its own stage), over {host_gb:.1f} GiB "
-                         f"({HOST_SHARE:.0%} of this host's memory): use more pipeline stages (--pp_degree) so "
-                         "that each rank holds fewer blocks, or --shard_weights")
+                         f"{mesh.world_size} rank(s) on this host (each its own stage), over {host.describe()}: "
+                         "spread the ranks over more hosts, or use --shard_weights instead of --offload")
     if predicted.fits(card_gb):
         return
     others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)
@@ -362,9 +358,9 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
     fitting = sorted((q for q in others if q.fits(card_gb)), key=lambda q: q.step_s)
     hint = (f"layouts of {mesh.world_size} cards predicted to fit: "
             + "; ".join(f"{q.layout.arguments()} ({q.peak_gib:.1f} GiB)" for q in fitting[:3])) if fitting else \
-        f"no layout of {planner.cards_word(mesh.world_size)} fits; " + "; ".join(planner.advice(
+        f"no layout of {cards_word(mesh.world_size)} fits; " + "; ".join(advice(
             shape, mesh.world_size, card_gb, settings.num_frames, settings.height, settings.width, guidance,
-            hardware)[1:])
+            hardware, host=host)[1:])
     local = f" beside {shared / planner.GIB:.3g} GiB of local encoders/VAE" if shared else ""
     raise ValueError(f"--card_gb {card_gb + shared / planner.GIB:g}: {layout.name()} is predicted to need "
                      f"{predicted.peak_gib:.1f} GiB per card{local} for {settings.num_frames} frames "

@@ -18,6 +18,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..console import SuggestingParser
+
 TRANSFORMER_DIR = "transformer"
 
 
@@ -35,7 +37,7 @@ def finite_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = SuggestingParser(
         prog="run_parallel.py",
         description="Step-Video T2V / TI2V generation on MindSpore; run under msrun for cfg x ulysses x pp parallelism.",
         epilog="Defaults marked 'task' come from the task of the transformer (T2V: 204 frames, TI2V: 102 frames, "

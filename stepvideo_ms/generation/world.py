@@ -122,7 +122,8 @@ class GenerationWorld:
         from ..diffusion.scheduler import FlowMatchScheduler
         from ..parallel import init_world, load_stage, make_communicator
         from .card_memory import CARD_REPORTS, device_memory_gib
-        from .checks import check_layout_for, fit_local_decode, mesh_from
+        from ..formats.checkpoint import read_config
+        from .checks import check_layout_for, fit_local_decode, mesh_from, weights_of
 
         rt = runtime.init(args.device)
         world_size, rank = init_world()
@@ -140,6 +141,7 @@ class GenerationWorld:
         if card_gb and need_vae and fit:
             fit_local_decode(args, fit[0], transformer, world_size, card_gb, rt.device)
         mesh = mesh_from(args, world_size, rank)
+        weights = weights_of(args, read_config(transformer), transformer)  # an int8 folder says so unasked
         comm = make_communicator(mesh)
         progress = not args.no_progress and rank == 0
         if rank == 0:
@@ -149,7 +151,7 @@ class GenerationWorld:
                   + (f"cfg {mesh.cfg_degree} x " if mesh.cfg_degree > 1 else "")
                   + f"ulysses {mesh.ulysses_degree} x pp {mesh.pp_degree}"
                   + (", sharded weights" if mesh.shard_weights else "")
-                  + (f", {args.weights} weights" if getattr(args, "weights", None) else "")
+                  + (f", {weights} weights" if getattr(args, "weights", None) or weights != "full" else "")
                   + (", blocks offloaded to host memory" if mesh.offload else "")
                   + (", sequential CFG" if mesh.sequential_cfg else "")
                   + (f", token-wise parts in chunks of {mesh.chunk_tokens}" if mesh.chunk_tokens else "")
@@ -257,7 +259,10 @@ class GenerationWorld:
                 print(f"[run_parallel] latents: {job.save_latents}", flush=True)
             if job.no_video:
                 return None, None
-            with Waiting("VAE server decoding", live=self.progress):
+            from ..diffusion.backends import is_local
+
+            where = "VAE decoding" if is_local(self.args.vae_url) else "VAE server decoding"
+            with Waiting(where, live=self.progress):
                 frames = self.pipe.decode(latents)
             timings["decode_s"] = time.perf_counter() - t0
             _tell(on_stage, "decode", timings["decode_s"], self.rank)

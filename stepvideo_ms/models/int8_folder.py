@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..formats.atomic import current_umask
 from ..ops.quant import CONFIG_KEY, SCALE_SUFFIX, config_record, quantize_rows, stored_weights
 
 ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
@@ -168,6 +169,7 @@ def quantize_folder(src_dir: str, out_dir: str, overwrite: bool = False, progres
     report = QuantizeReport(bytes_in=need)
     tmp = tempfile.mkdtemp(prefix=".int8-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would stay the folder's: respect the umask
         bar = progress_bar(total=sum(len(s.keys()) + len(quantize & set(s.keys())) for s in sources),
                    desc="quantizing to int8", unit="tensor", disable=not progress, leave=False)
         weight_map = {}

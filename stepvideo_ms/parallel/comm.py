@@ -36,9 +36,14 @@ _WIRE_DTYPES = (ms.float32, ms.float16, ms.bfloat16, ms.int32, ms.int64, ms.bool
 _MAX_NDIM = 8
 
 
+def launched_by_msrun() -> bool:
+    """True in an msrun worker (dynamic cluster): msrun, its parent, sets MS_WORKER_NUM."""
+    return "MS_WORKER_NUM" in os.environ
+
+
 def launched_distributed() -> bool:
     """True when started by msrun (dynamic cluster) or with an Ascend rank table."""
-    return "MS_WORKER_NUM" in os.environ or "RANK_TABLE_FILE" in os.environ
+    return launched_by_msrun() or "RANK_TABLE_FILE" in os.environ
 
 
 def init_world() -> Tuple[int, int]:

@@ -235,6 +235,11 @@ class Plan:
         return (card_gb is None or self.peak_gib <= card_gb) and (host_gb is None or self.host_gib <= host_gb)
 
 
+def duration(seconds: float) -> str:
+    """A run's predicted time as printed: minutes from 10 minutes on, else seconds."""
+    return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds:.0f} s"
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -342,107 +347,22 @@ def choose(plans: List[Plan], card_gb: Optional[float], host_gb: Optional[float]
                                        q.layout.shard, q.peak_bytes)) if fitting else None
 
 
-def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_gb: Optional[float] = None) -> str:
+def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_gb: Optional[float] = None,
+          steps: Optional[int] = None) -> str:
     """A text table, the fitting layouts first by step time. host GiB: the offloaded blocks of all
-    ranks; offload x: step time over the same layout's without exposed copies."""
+    ranks; offload x: step time over the same layout's without exposed copies; with `steps`, the time of
+    that many steps (minutes)."""
+    run = f"{f'{steps} steps':>9} " if steps else ""
     head = (f"{'layout':<47} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'host GiB':>8} {'sent GB/step':>12} "
-            f"{'idle':>5} {'step s':>7} {'offload x':>9}  fits")
+            f"{'idle':>5} {'step s':>7} {run}{'offload x':>9}  fits")
     lines = [head, "-" * len(head)]
     for pl in sorted(plans, key=lambda q: (not q.fits(card_gb, host_gb), q.step_s)):
         mem = pl.memory
         act = mem["block activations"] + mem["embedded tokens"] + mem["pipeline in flight"]
         ratio = f"{pl.offload_ratio:9.3f}" if pl.layout.offload else f"{'-':>9}"
+        total = f"{pl.step_s * steps / 60:7.1f} m " if steps else ""
         lines.append(f"{pl.layout.name():<47} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
                      f"{pl.host_gib:8.1f} {sum(pl.sent_bytes.values()) / 1e9:12.1f} {pl.idle_share:5.0%} "
-                     f"{pl.step_s:7.1f} {ratio}  {'yes' if pl.fits(card_gb, host_gb) else 'no'}")
+                     f"{pl.step_s:7.1f} {total}{ratio}  {'yes' if pl.fits(card_gb, host_gb) else 'no'}")
     lines.append(hardware.describe())
     return "\n".join(lines)
-
-
-# ---- advice when nothing fits: what would ------------------------------------------------------
-MAX_CARDS = 128  # the search for "how many cards would fit" stops here (16 hosts of 8 cards)
-DESCRIBE = "python -m stepvideo_ms describe --plan"
-FRAME_STEP, PIXEL_STEP, LATENT_FRAMES_PER_STEP = 17, 16, 3  # the VAE's chunk and the latent's pixel
-
-
-def video_grid(frames: int, height: int, width: int):
-    """(latent frames, latent height, latent width) of a video, frames and sides already valid."""
-    return (frames // FRAME_STEP * LATENT_FRAMES_PER_STEP, height // PIXEL_STEP, width // PIXEL_STEP)
-
-
-def cards_word(n: int) -> str:
-    return f"{n} card" if n == 1 else f"{n} cards"
-
-
-def plans_for(model: ModelShape, cards: int, grid, guidance: bool = True, hardware: Hardware = Hardware(),
-              weights: str = "full") -> List[Plan]:
-    return [plan(model, layout, grid, guidance=guidance, hardware=hardware)
-            for layout in layouts(cards, model.heads, model.num_layers, guidance, weights=weights)]
-
-
-def lowest(plans: List[Plan]) -> Optional[Plan]:
-    """The plan with the smallest predicted peak per card (the closest to fitting)."""
-    return min(plans, key=lambda q: (q.peak_bytes, q.step_s), default=None)
-
-
-def fewest_cards(model: ModelShape, grid, card_gb: float, start: int, guidance: bool = True,
-                 hardware: Hardware = Hardware(), limit: int = MAX_CARDS, weights: str = "full"):
-    """(cards, fitting plans) for the smallest card count from `start` up to `limit` where a layout fits,
-    or (None, [])."""
-    for n in range(max(1, start), limit + 1):
-        fitting = [q for q in plans_for(model, n, grid, guidance, hardware, weights) if q.fits(card_gb)]
-        if fitting:
-            return n, fitting
-    return None, []
-
-
-def largest_video(model: ModelShape, cards: int, card_gb: float, frames: int, height: int, width: int,
-                  guidance: bool = True, hardware: Hardware = Hardware(), weights: str = "full"):
-    """The largest video these cards are predicted to hold: at the asked size the most frames (multiples
-    of 17, up to `frames`); if not even 17 frames fit, the largest size of the same shape (sides in
-    multiples of 16) with the most frames. -> (frames, height, width, the lowest plan) or None."""
-    aspect = width / height
-    for h in range(height, 0, -PIXEL_STEP):
-        w = width if h == height else max(PIXEL_STEP, int(round(h * aspect / PIXEL_STEP)) * PIXEL_STEP)
-        for f in range(frames, 0, -FRAME_STEP):
-            fitting = [q for q in plans_for(model, cards, video_grid(f, h, w), guidance, hardware, weights)
-                       if q.fits(card_gb)]
-            if fitting:
-                return f, h, w, lowest(fitting)
-    return None
-
-
-def advice(model: ModelShape, cards: int, card_gb: float, frames: int, height: int, width: int,
-           guidance: bool = True, hardware: Hardware = Hardware(), weights: str = "full") -> List[str]:
-    """Lines that say what would fit when no layout of `cards` cards fits `card_gb` GiB: the closest
-    layout and by how much it misses, the fewest cards of this size that fit, the largest video that
-    fits these cards."""
-    grid = video_grid(frames, height, width)
-    flag = " --weights int8" if weights == "int8" else ""  # the suggested commands ask about the same weights
-    lines = []
-    closest = lowest(plans_for(model, cards, grid, guidance, hardware, weights))
-    if closest is not None:
-        lines.append(f"closest: {closest.layout.name()} ({closest.layout.arguments()}) needs "
-                     f"{closest.peak_gib:.1f} GiB per card, {closest.peak_gib - card_gb:.1f} GiB over {card_gb:g}")
-    n, fitting = fewest_cards(model, grid, card_gb, cards + 1, guidance, hardware, weights=weights)
-    if n is None:
-        lines.append(f"no number of cards up to {MAX_CARDS} fits {frames} frames {height}x{width} in {card_gb:g} "
-                     "GiB per card")
-    else:
-        best = lowest(fitting)
-        lines.append(f"fewest cards of {card_gb:g} GiB for {frames} frames {height}x{width}: {n} "
-                     f"({len(fitting)} layout{'s' if len(fitting) > 1 else ''} fit; {best.layout.name()} peaks at "
-                     f"{best.peak_gib:.1f} GiB): {DESCRIBE} --cards {n} --card_gb {card_gb:g}{flag}")
-    video = largest_video(model, cards, card_gb, frames, height, width, guidance, hardware, weights)
-    on = f"{cards_word(cards)} of {card_gb:g} GiB"
-    if video is None:
-        weights = min(q.memory["weights"] + q.memory["runtime reserve"] for q in plans_for(
-            model, cards, video_grid(FRAME_STEP, PIXEL_STEP, PIXEL_STEP), guidance, hardware, weights)) / GIB
-        lines.append(f"no video fits {on}: the weights and the runtime reserve alone need {weights:.1f} GiB per card "
-                     "in the best layout")
-    else:
-        f, h, w, best = video
-        lines.append(f"largest video on {on}: {f} frames {h}x{w} ({best.layout.name()} peaks at "
-                     f"{best.peak_gib:.1f} GiB): {DESCRIBE} --cards {cards} --card_gb {card_gb:g}{flag} "
-                     f"--frames {f} --height {h} --width {w}")
-    return lines

@@ -112,21 +112,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_port_free(host: str, port: int) -> None:
+def port_problem(host: str, port: int) -> Optional[str]:
+    """Why `host:port` cannot be listened on now (the OS's words), or None (port 0 always can)."""
     if port == 0:
-        return
+        return None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise SystemExit(f"call_remote_server: --host {host} does not resolve: {exc}") from None
+        return f"{host} does not resolve: {exc}"
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(addr)
         except OSError as exc:
-            raise SystemExit(f"call_remote_server: cannot listen on {host}:{port} ({exc.strerror}): "
-                             "another server may hold it; pick another --port") from None
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_port_free(host: str, port: int, flag: str = "--port", prog: str = "call_remote_server") -> None:
+    problem = port_problem(host, port)
+    if problem:
+        raise SystemExit(f"{prog}: cannot listen on {host}:{port} ({problem}): another server may hold it; "
+                         f"pick another {flag}")
 
 
 def public_url(host: str, port: int) -> str:

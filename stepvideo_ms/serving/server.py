@@ -174,10 +174,19 @@ class _Handler(WSGIRequestHandler):
         LOG.warning("%s %s", self.address_string(), format % args)
 
 
+class CannotListen(Exception):
+    """The address cannot be bound or listened on (`errno`, `strerror` as the OSError's). Not an OSError,
+    so that werkzeug does not print its own advice and exit: the caller says what to do in its terms."""
+
+    def __init__(self, errno: Optional[int], strerror: Optional[str]):
+        super().__init__(strerror)
+        self.errno, self.strerror = errno, strerror
+
+
 class BoundedWSGIServer(socketserver.ThreadingMixIn, BaseWSGIServer):
     """A threaded WSGI server with at most `max_connections` handler threads; a connection beyond
     that gets an immediate 503 and is closed. werkzeug closes every connection after its response,
-    so a thread is held for one request at most."""
+    so a thread is held for one request at most. An address that cannot be bound raises CannotListen."""
 
     multithread = True
     daemon_threads = True
@@ -187,6 +196,18 @@ class BoundedWSGIServer(socketserver.ThreadingMixIn, BaseWSGIServer):
         handler = type("StepVideoHandler", (_Handler,), {"timeout": socket_timeout_s})
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(host, port, app, handler=handler)
+
+    def server_bind(self):
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise CannotListen(exc.errno, exc.strerror) from None
+
+    def server_activate(self):
+        try:
+            super().server_activate()
+        except OSError as exc:
+            raise CannotListen(exc.errno, exc.strerror) from None
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):

@@ -13,7 +13,6 @@ exits with status 1.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import OrderedDict
@@ -22,6 +21,7 @@ from typing import List, Optional
 import mindspore as ms
 from mindspore.nn.utils import no_init_parameters
 
+from ..console import SuggestingParser
 from ..models.common import count_parameters
 from ..models.dit import StepVideoModel
 
@@ -61,68 +61,99 @@ def _numel(shape) -> int:
     return n
 
 
-def latent_grid(frames: int, height: int, width: int) -> tuple:
-    """(latent frames, latent height, latent width) of a request, with run_parallel's rounding rules."""
+def resolved_request(frames: int, height: int, width: int, steps: Optional[int] = None):
+    """The request with run_parallel's rounding rules and defaults: -> (latent grid, denoising steps)."""
     from ..diffusion.settings import GenerationSettings
 
-    s = GenerationSettings("plan", "t2v", num_frames=frames, height=height, width=width).resolved()
-    return tuple(s.latent_shape(1)[i] for i in (1, 3, 4))
+    s = GenerationSettings("plan", "t2v", num_frames=frames, height=height, width=width,
+                           infer_steps=steps).resolved()
+    return tuple(s.latent_shape(1)[i] for i in (1, 3, 4)), s.infer_steps
+
+
+def latent_grid(frames: int, height: int, width: int) -> tuple:
+    """(latent frames, latent height, latent width) of a request, with run_parallel's rounding rules."""
+    return resolved_request(frames, height, width)[0]
 
 
 def plan_text(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
-              show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full") -> str:
-    return plan_report(config, frames, height, width, cards, card_gb, show_all, hardware, host_gb, weights)[0]
+              show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full",
+              steps: Optional[int] = None) -> str:
+    return plan_report(config, frames, height, width, cards, card_gb, show_all, hardware, host_gb, weights, steps)[0]
 
 
 def plan_report(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
-                show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full"):
-    """-> (the text, how many layouts fit). The fastest fitting layout is named as the one run_parallel.py
-    would choose; when none fits, the text says what would: the closest layout and by how much it misses,
-    the fewest cards of this size, the largest video on these cards."""
+                show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full",
+                steps: Optional[int] = None):
+    """-> (the text, how many layouts fit). The fastest layout that fits the cards and the host (`host_gb`:
+    the host's memory, under the rule of parallel/host_memory.py) is named as the one run_parallel.py would
+    choose, with the time of the `steps` asked (default: the T2V preset's); when none fits, the text says
+    what would, and whether the cards or the host memory decide."""
     from ..parallel import plan as planner
+    from ..parallel.host_memory import HOST_SHARE, host_limit, limit_gib
+    from ..parallel.plan_advice import advice, cards_word
 
     hardware = hardware or planner.Hardware()
+    host = host_limit(host_gb)
+    bound = limit_gib(host)
     shape = planner.ModelShape.from_config(config)
-    grid = latent_grid(frames, height, width)
+    grid, steps = resolved_request(frames, height, width, steps)
     plans = [planner.plan(shape, layout, grid, hardware=hardware)
              for layout in planner.layouts(cards, shape.heads, shape.num_layers, weights=weights)]
-    fitting = [p for p in plans if p.fits(card_gb, host_gb)]
+    fitting = [p for p in plans if p.fits(card_gb, bound)]
     shown = plans if show_all else fitting
     f, h, w = grid
-    title = (f"{frames} frames {height}x{width} -> latents {f}x{h}x{w} = {f * h * w:,} tokens; "
+    title = (f"{frames} frames {height}x{width} -> latents {f}x{h}x{w} = {f * h * w:,} tokens, {steps} steps; "
              f"{shape.total_params:,} parameters ("
              + ("int8 block linear weights + per-channel scales, the rest bf16" if weights == "int8" else "bf16")
-             + f"); {planner.cards_word(cards)}"
+             + f"); {cards_word(cards)}"
              + (f" of {card_gb:g} GiB" if card_gb else "") + f": {len(fitting)} of {len(plans)} layouts fit")
-    lines = [title]
+    lines = [title, ("host memory: offloaded blocks (all ranks of the host) may take " + host.describe()) if host
+             else f"host memory: not checked (--host_gb GiB: offloaded blocks may take {HOST_SHARE:.0%} of it)"]
     if shown:
-        lines.append(planner.table(shown, card_gb, hardware, host_gb))
-    best = planner.choose(plans, card_gb, host_gb)
+        lines.append(planner.table(shown, card_gb, hardware, bound, steps))
+    best = planner.choose(plans, card_gb, bound)
     if best is not None:
         lines.append(f"chosen (fastest predicted to fit): {best.layout.arguments()}: peak {best.peak_gib:.1f} GiB per "
-                     f"card, host {best.host_gib:.1f} GiB, step {best.step_s:.1f} s"
+                     f"card, host {best.host_gib:.1f} GiB, step {best.step_s:.1f} s, {steps} steps "
+                     f"{planner.duration(best.step_s * steps)}"
                      + (f", offload x{best.offload_ratio:.3f}" if best.layout.offload else ""))
+        if cards == 1 and card_gb:
+            lines.append(one_card_backends(best, card_gb))
     if fitting and not show_all and len(fitting) < len(plans):
         lines.append(f"--all also lists the {len(plans) - len(fitting)} that do not fit")
     if not fitting:
         used = latent_frames_to_video(grid)
-        lines.append(f"none of the {len(plans)} layouts of {planner.cards_word(cards)} fits"
+        lines.append(f"none of the {len(plans)} layouts of {cards_word(cards)} fits"
                      + ("" if show_all else " (--all lists them with their peaks)") + ". What would:")
-        lines += ["  " + line for line in planner.advice(shape, cards, card_gb, *used, hardware=hardware,
-                                                         weights=weights)]
+        lines += ["  " + line for line in advice(shape, cards, card_gb, *used, hardware=hardware, weights=weights,
+                                                 host=host)]
     return "\n".join(lines), len(fitting)
+
+
+def one_card_backends(best, card_gb: float) -> str:
+    """Where the text encoders and the VAE run beside a one-card layout (run_parallel.py's rules)."""
+    from ..parallel.plan import GIB
+
+    resident = (best.memory["weights"] + best.memory["runtime reserve"]) / GIB
+    return (f"on 1 card the text encoders and the VAE run either on servers on other cards (bash "
+            f"scripts/start_servers.sh, then --caption_url URL --vae_url URL), or in this process on this card "
+            f"(--caption_url local --vae_url local): beside the DiT's peak {card_gb - best.peak_gib:.1f} GiB is left; "
+            f"when they do not fit there, run_parallel.py loads them in turn (--local_in_turn), each beside the DiT's "
+            f"resident {resident:.1f} GiB (weights and reserve), {card_gb - resident:.1f} GiB left")
 
 
 def latent_frames_to_video(grid) -> tuple:
     """(frames, height, width) of a latent grid: the request after run_parallel's rounding."""
-    from ..parallel import plan as planner
+    from ..parallel import plan_advice as advice
 
     f, h, w = grid
-    return (f // planner.LATENT_FRAMES_PER_STEP * planner.FRAME_STEP, h * planner.PIXEL_STEP, w * planner.PIXEL_STEP)
+    return (f // advice.LATENT_FRAMES_PER_STEP * advice.FRAME_STEP, h * advice.PIXEL_STEP, w * advice.PIXEL_STEP)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stepvideo_ms describe", description=__doc__.split("\n\n")[0])
+    from ..parallel.host_memory import HOST_SHARE
+
+    parser = SuggestingParser(prog="python -m stepvideo_ms describe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a transformer config.json (default: the released Step-Video-T2V config)")
     parser.add_argument("--ti2v", action="store_true", help="with use_additional_conditions (Step-Video-TI2V)")
     parser.add_argument("--layers", action="store_true", help="list every parameter of every layer")
@@ -136,9 +167,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--all", action="store_true", help="also list the layouts that do not fit --card_gb")
     g.add_argument("--weights", choices=("full", "int8"), default="full",
                    help="int8: the blocks' linear weights in int8 with per-channel scales (run_parallel.py --weights)")
+    g.add_argument("--infer_steps", type=int, default=None, help="denoising steps, for the run's time (50)")
     g.add_argument("--host_gb", type=float, default=None,
-                   help="host memory for offloaded blocks in GiB (all ranks of one host): offload layouts over it do "
-                        "not fit (default: not checked, the host GiB column shows the need)")
+                   help=f"the host's memory in GiB: the offloaded blocks of all its ranks may take "
+                        f"{HOST_SHARE * 100:.0f}%% of it, as run_parallel.py allows of its host (default: not "
+                        "checked, the host GiB column shows the need)")
     args = parser.parse_args(argv)
     config = {}
     if args.config:
@@ -153,7 +186,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--card_gb {args.card_gb:g} must be positive (GiB per card, e.g. 64)")
         try:
             text, fitting = plan_report(config, args.frames, args.height, args.width, args.cards, args.card_gb,
-                                        args.all, host_gb=args.host_gb, weights=args.weights)
+                                        args.all, host_gb=args.host_gb, weights=args.weights,
+                                        steps=args.infer_steps)
         except ValueError as exc:
             parser.error(str(exc))
         print(text)

@@ -1,7 +1,7 @@
 """The rank loop of `run_parallel.py --serve`.
 
 Every HEARTBEAT_S seconds (or as soon as a job is waiting) the ranks meet: first they agree whether
-any of them was asked to stop (SIGTERM or SIGINT, or msrun, their parent, gone), then rank 0
+any of them was asked to stop (SIGTERM or SIGINT; under msrun also msrun, their parent, gone), then rank 0
 broadcasts the next job or an idle beat. Each job runs on every rank (world.run_job); rank 0 records
 its progress step by step. A job that fails is recorded as failed and the next one runs. Rank 0 keeps
 the journal of the jobs in the save folder (journal.py): a restart with the same --save_path lists the
@@ -24,10 +24,12 @@ LOG = logging.getLogger("stepvideo_ms.generation.service")
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT, or when the parent (msrun) is gone; checked between jobs."""
+    """Set by SIGTERM/SIGINT, or (`watch_parent`: an msrun rank) when the parent, msrun, is gone; checked
+    between jobs. A service started without msrun (nohup, a terminal multiplexer, an init system) outlives
+    the shell that started it and runs until it is told to stop."""
 
-    def __init__(self):
-        self.parent = os.getppid()
+    def __init__(self, watch_parent: bool):
+        self.parent = os.getppid() if watch_parent else None
         self.event = threading.Event()
         self.reason: Optional[str] = None
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -38,7 +40,7 @@ class StopRequest:
         self.event.set()
 
     def requested(self) -> bool:
-        if not self.event.is_set() and os.getppid() != self.parent:
+        if not self.event.is_set() and self.parent is not None and os.getppid() != self.parent:
             self.reason = f"parent process {self.parent} ended"
             self.event.set()
         return self.event.is_set()
@@ -49,7 +51,7 @@ def run_service(args, world_size: int) -> int:
     from ...serving.limits import Limits
     from ...serving.main import is_loopback
     from ...serving.protocol import AUTH_ENV
-    from ...serving.server import BoundedWSGIServer
+    from ...serving.server import BoundedWSGIServer, CannotListen
     from ..jobs import Job, defaults_from
     from ..world import GenerationWorld, JobFailed, any_rank, broadcast_json
     from .app import ServiceState, create_app
@@ -69,7 +71,9 @@ def run_service(args, world_size: int) -> int:
     save_path = check_save_folder(args.save_path)
     defaults = defaults_from(args)
     task, transformer = validate_model(args, world_size)
-    stop = StopRequest()
+    from ...parallel.comm import launched_by_msrun
+
+    stop = StopRequest(watch_parent=launched_by_msrun())
     limits = Limits()
     uploads = os.path.join(save_path, "uploads")
     # rank 0 gives it the journal before serving; ids go on after the journal's and any job file's
@@ -89,9 +93,9 @@ def run_service(args, world_size: int) -> int:
         try:
             holder["server"] = BoundedWSGIServer(args.host, args.port, create_app(state), limits.max_connections,
                                                  limits.socket_timeout_s)
-        except OSError as exc:
-            raise ValueError(f"--serve cannot listen on {args.host}:{args.port} ({exc.strerror}): pick another "
-                             "--port") from None
+        except (OSError, CannotListen) as exc:  # werkzeug's own text and exit replaced by ours
+            raise ValueError(f"--serve cannot listen on {args.host}:{args.port} ({exc.strerror}): another program "
+                             "may hold it; pick another --port (0 picks a free one)") from None
 
     world = GenerationWorld.start(args, task, transformer, before_load=bind)
     rank = world.rank
