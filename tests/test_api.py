@@ -40,10 +40,13 @@ def tiny(tmp_path_factory):
 
 
 def readme_example() -> str:
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+    """The Python API's example (docs/python-api.md), which the README shows word for word."""
+    with open(os.path.join(REPO, "docs", "python-api.md"), encoding="utf-8") as fh:
         text = fh.read()
-    match = re.search(r"## Python API.*?```python\n(.*?)```", text, re.S)
-    assert match, "README.md has no ```python block under '## Python API'"
+    match = re.search(r"## The Python API.*?```python\n(.*?)```", text, re.S)
+    assert match, "docs/python-api.md has no ```python block under '## The Python API'"
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as fh:
+        assert "```python\n" + match.group(1) + "```" in fh.read(), "the README's example is not docs/python-api.md's"
     return match.group(1)
 
 
