@@ -3,6 +3,7 @@
     python -m stepvideo_ms tiny OUT [--task t2v|ti2v]    a tiny random-weight model directory
     python -m stepvideo_ms describe [--plan ...]         the DiT's size; the parallel layouts that fit
     python -m stepvideo_ms verify --golden DIR           our modules against the upstream outputs
+    python -m stepvideo_ms compare A.mp4 B.mp4           per-frame PSNR and SSIM of two videos
 
 Generation, the servers and the converter have their own scripts at the top of the repository
 (run_parallel.py, api/call_remote_server.py, convert.py). The old spellings
@@ -18,6 +19,7 @@ COMMANDS = {
     "tiny": ("stepvideo_ms.tools.tiny", "a tiny random-weight model directory in the released layout"),
     "describe": ("stepvideo_ms.tools.describe", "the DiT's parameters and shapes; --plan: the layouts that fit"),
     "verify": ("stepvideo_ms.tools.verify", "our modules against the upstream outputs in a golden folder"),
+    "compare": ("stepvideo_ms.tools.compare", "per-frame PSNR and SSIM of two videos (pick a step cache threshold)"),
 }
 
 
