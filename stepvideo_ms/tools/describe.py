@@ -75,7 +75,9 @@ def plan_text(config: dict, frames: int, height: int, width: int, cards: int, ca
 
 
 def plan_report(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
-                show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full"):
+                show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full",
+                cache_share: Optional[float] = None, cache_first: Optional[int] = None,
+                cache_last: Optional[int] = None):
     """-> (the text, how many layouts fit). The fastest fitting layout is named as the one run_parallel.py
     would choose; when none fits, the text says what would: the closest layout and by how much it misses,
     the fewest cards of this size, the largest video on these cards."""
@@ -97,6 +99,11 @@ def plan_report(config: dict, frames: int, height: int, width: int, cards: int, 
     lines = [title]
     if shown:
         lines.append(planner.table(shown, card_gb, hardware, host_gb))
+    if cache_share is not None and shown:
+        from ..parallel.plan_cache import cache_table
+
+        ordered = sorted(shown, key=lambda q: (not q.fits(card_gb, host_gb), q.step_s))
+        lines.append(cache_table(ordered, shape.num_layers, hardware, cache_share, cache_first, cache_last))
     best = planner.choose(plans, card_gb, host_gb)
     if best is not None:
         lines.append(f"chosen (fastest predicted to fit): {best.layout.arguments()}: peak {best.peak_gib:.1f} GiB per "
@@ -139,6 +146,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--host_gb", type=float, default=None,
                    help="host memory for offloaded blocks in GiB (all ranks of one host): offload layouts over it do "
                         "not fit (default: not checked, the host GiB column shows the need)")
+    g.add_argument("--cache_share", type=float, default=None,
+                   help="the share of steps you expect the step cache to cache (0-1, e.g. 0.4): also print each "
+                        "layout's predicted step time with it (docs/step-cache.md)")
+    g.add_argument("--cache_first", type=int, default=None, help="with --cache_share: blocks always run at the front (8)")
+    g.add_argument("--cache_last", type=int, default=None, help="with --cache_share: blocks always run at the end (0)")
     args = parser.parse_args(argv)
     config = {}
     if args.config:
@@ -153,7 +165,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--card_gb {args.card_gb:g} must be positive (GiB per card, e.g. 64)")
         try:
             text, fitting = plan_report(config, args.frames, args.height, args.width, args.cards, args.card_gb,
-                                        args.all, host_gb=args.host_gb, weights=args.weights)
+                                        args.all, host_gb=args.host_gb, weights=args.weights,
+                                        cache_share=args.cache_share, cache_first=args.cache_first,
+                                        cache_last=args.cache_last)
         except ValueError as exc:
             parser.error(str(exc))
         print(text)
