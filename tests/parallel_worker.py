@@ -23,7 +23,7 @@ from typing import List
 
 import numpy as np
 
-from parallel_cases import (GUIDANCE, TIME_SHIFT, case_inputs, conditioning, load_cases, output_path,
+from parallel_cases import (GUIDANCE, TIME_SHIFT, cached_reference, case_inputs, conditioning, load_cases, output_path,
                             reference_latents, reference_path, step_cache, steps)
 
 
@@ -116,10 +116,15 @@ def write_references(cases, models_dir: str, out_dir: str, dtype) -> None:
     """One process, no msrun: the plain model's loop for each (kind, grid), saved beside the ranks' output."""
     done = {}
     for case in cases:
-        key = (case.kind, case.grid, case.weights)
+        key = (case.kind, case.grid, case.weights, bool(case.cache))
         if key not in done:
-            done[key] = reference_latents(os.path.join(models_dir, case.kind), case, dtype)
-        np.save(reference_path(out_dir, case), done[key])
+            model_dir = os.path.join(models_dir, case.kind)
+            done[key] = (cached_reference(model_dir, case, dtype) if case.cache else
+                         (reference_latents(model_dir, case, dtype), None))
+            if case.cache:  # the one-process cached run's decisions, for the test to compare
+                with open(os.path.join(out_dir, f"{case.name}.reference_cache.json"), "w", encoding="utf-8") as fh:
+                    json.dump(done[key][1], fh)
+        np.save(reference_path(out_dir, case), done[key][0])
 
 
 def main(argv: List[str]) -> int:

@@ -68,3 +68,21 @@ def test_settings_the_model_cannot_take_stop_before_loading(tiny, tmp_path, caps
     assert cli.main(base(tiny, tmp_path) + ["--prompt", "a", "--cache_threshold", "-1"]) == 2
     assert "cache_threshold" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_service_job_sets_its_own_threshold(tmp_path):
+    """The service takes the cache settings like any per-video setting (generation/jobs.py), checked."""
+    from stepvideo_ms.generation.service.app import ServiceState, create_app
+    from stepvideo_ms.generation.service.board import JobBoard
+    from stepvideo_ms.serving.limits import Limits
+
+    state = ServiceState(JobBoard(4), "t2v", Limits(max_body_bytes=64 * 1024), None, str(tmp_path / "uploads"),
+                         {"load_s": 1.0}, {"num_frames": 17, "height": 48, "width": 80, "cache_threshold": 0.1})
+    c = create_app(state).test_client()
+    own = c.post("/jobs", json={"prompt": "x", "cache_threshold": 0.25, "cache_max_skip": 3})
+    assert own.status_code == 201, own.get_json()
+    assert own.get_json()["settings"]["cache_threshold"] == 0.25 and own.get_json()["settings"]["cache_max_skip"] == 3
+    default = c.post("/jobs", json={"prompt": "y"}).get_json()
+    assert default["settings"]["cache_threshold"] == 0.1 and default["settings"]["cache_first"] == 8
+    bad = c.post("/jobs", json={"prompt": "z", "cache_threshold": 11})
+    assert bad.status_code in (400, 422) and "cache_threshold" in json.dumps(bad.get_json())
