@@ -46,7 +46,7 @@ CASES = (
 # the step cache (issue 27). Threshold 0 on the loop: the twin of an uncached case of the same launch, bit for
 # bit (ulysses 2, pp 2, cfg 2, offload, sharded; T2V and TI2V). At 0.3 some of 6 steps are cached: every rank
 # takes the single-process cached run's steps and latents, on world 2 (ulysses 2, pp 2, cfg 2, ulysses 2
-# offloaded / sharded) and world 4 (ulysses 2 x pp 2, cfg 2 x ulysses 2, cfg 2 x pp 2 sharded)
+# offloaded / sharded / sharded int8) and world 4 (ulysses 2 x pp 2, cfg 2 x ulysses 2, cfg 2 x pp 2 sharded)
 CACHE_TWINS = {Case("t2v", ODD, 2, 1, cache=0.0): Case("t2v", ODD, 2, 1),
                Case("ti2v", ODD, 1, 2, cache=0.0): Case("ti2v", ODD, 1, 2),
                Case("t2v", ODD, 1, 1, cfg=2, cache=0.0): Case("t2v", ODD, 1, 1, cfg=2),
@@ -55,7 +55,8 @@ CACHE_TWINS = {Case("t2v", ODD, 2, 1, cache=0.0): Case("t2v", ODD, 2, 1),
 CACHED = [Case("t2v", ODD, 2, 1, cache=0.3), Case("ti2v", ODD, 1, 2, cache=0.3), Case("t2v", ODD, 1, 1, cfg=2, cache=0.3),
           Case("t2v", ODD, 2, 1, offload=True, cache=0.3), Case("ti2v", ODD, 2, 1, shard=True, cache=0.3),
           Case("t2v", EVEN, 2, 2, cache=0.3), Case("ti2v", ODD, 2, 1, cfg=2, cache=0.3),
-          Case("t2v", ODD, 1, 2, cfg=2, shard=True, cache=0.3)]
+          Case("t2v", ODD, 1, 2, cfg=2, shard=True, cache=0.3),
+          Case("t2v", ODD, 2, 1, shard=True, weights="int8", cache=0.3)]
 CASES = CASES + list(CACHE_TWINS) + CACHED
 
 
