@@ -4,6 +4,7 @@
     python -m stepvideo_ms describe [--plan ...]         the DiT's size; the parallel layouts that fit
     python -m stepvideo_ms verify [--golden DIR]         our modules against the upstream outputs
     python -m stepvideo_ms doctor [--device D]           MindSpore, CANN, the card, this version's capabilities
+    python -m stepvideo_ms compare A.mp4 B.mp4           per-frame PSNR and SSIM of two videos
 
 Generation, the servers and the converter have their own scripts at the top of the repository
 (run_parallel.py, api/call_remote_server.py, convert.py). The old spellings
@@ -20,6 +21,7 @@ COMMANDS = {
     "describe": ("stepvideo_ms.tools.describe", "the DiT's parameters and shapes; --plan: the layouts that fit"),
     "verify": ("stepvideo_ms.tools.verify", "our modules against the upstream outputs in a golden folder"),
     "doctor": ("stepvideo_ms.tools.doctor", "MindSpore, CANN, the card and what this version can do: check first"),
+    "compare": ("stepvideo_ms.tools.compare", "per-frame PSNR and SSIM of two videos (pick a step cache threshold)"),
 }
 
 

@@ -18,6 +18,10 @@ CAPTION_CHANNELS = (64, 32)
 TEXT_LEN, CLIP_LEN = 6, 3
 STEPS, TIME_SHIFT, GUIDANCE, MOTION = 2, 13.0, 5.0, 2.0
 KINDS = ("t2v", "ti2v")
+# the step cache's cases (issue 27): probe = block 0, middle = blocks 1-2, last = block 3, one warmup step;
+# at the threshold of a case, the tiny models (seed 3) cache some steps of 6 but not all
+CACHE_STEPS = 6
+CACHE_SETTINGS = dict(warmup=1, first=1, last=1, max_skip=2)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Case:
     weights: str = "full"  # "int8": the blocks' linear layers quantized while loading
     offload: bool = False
     seq: bool = False  # sequential CFG
+    cache: Optional[float] = None  # the step cache's threshold (None: no step cache; 0: on the loop, off)
 
     @property
     def name(self) -> str:
@@ -40,6 +45,7 @@ class Case:
         extra = (f"_cfg{self.cfg}" if self.cfg > 1 else "") + ("_shard" if self.shard else "")
         extra += "_int8" if self.weights == "int8" else ""
         extra += ("_offload" if self.offload else "") + ("_seqcfg" if self.seq else "")
+        extra += "" if self.cache is None else f"_cache{self.cache:g}"
         return f"{self.kind}_{f}x{h}x{w}_u{self.ulysses}_pp{self.pp}{split}{extra}"
 
     @property
@@ -55,7 +61,8 @@ def save_cases(cases: List[Case], path: str) -> None:
 def load_cases(path: str) -> List[Case]:
     with open(path, "r", encoding="utf-8") as fh:
         return [Case(c["kind"], tuple(c["grid"]), c["ulysses"], c["pp"], c["pp_split"], c["cfg"], c["shard"],
-                     c.get("weights", "full"), c.get("offload", False), c.get("seq", False)) for c in json.load(fh)]
+                     c.get("weights", "full"), c.get("offload", False), c.get("seq", False), c.get("cache"))
+                for c in json.load(fh)]
 
 
 def model_config(kind: str) -> dict:
@@ -138,6 +145,34 @@ def reference_latents(model_dir: str, case: Case, dtype=None) -> np.ndarray:
     out = denoise(predict, Tensor(inputs["latents"]), FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE,
                   model_dtype=model.dtype, progress=False)
     return out.asnumpy()
+
+
+def steps(case: Case) -> int:
+    return CACHE_STEPS if case.cache else STEPS
+
+
+def step_cache(case: Case):
+    """A fresh StepCache of the case's threshold, or None."""
+    from stepvideo_ms.diffusion.step_cache import CacheSettings, StepCache
+
+    return None if case.cache is None else StepCache(CacheSettings(threshold=case.cache, **CACHE_SETTINGS))
+
+
+def cached_reference(model_dir: str, case: Case, dtype=None):
+    """(latents, cache record) of the step-cached loop in one process (a one-rank mesh), float32 by default."""
+    import mindspore as ms
+    from mindspore import Tensor
+    from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
+    from stepvideo_ms.parallel import Mesh, load_stage, make_communicator, parallel_denoise
+
+    mesh = Mesh.create(1, 0)
+    model, _ = load_stage(model_dir, mesh, dtype or ms.float32, progress=False, weights=case.weights)
+    inputs = case_inputs(case)
+    cache = step_cache(case)
+    out = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),
+                           conditioning(inputs, case.kind), FlowMatchScheduler(), steps(case), TIME_SHIFT, GUIDANCE,
+                           progress=False, cache=cache)
+    return out.asnumpy(), cache.record()
 
 
 def tolerance(reference: np.ndarray) -> float:

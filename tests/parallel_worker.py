@@ -23,8 +23,8 @@ from typing import List
 
 import numpy as np
 
-from parallel_cases import (GUIDANCE, STEPS, TIME_SHIFT, case_inputs, conditioning, load_cases, output_path,
-                            reference_latents, reference_path)
+from parallel_cases import (GUIDANCE, TIME_SHIFT, cached_reference, case_inputs, conditioning, load_cases, output_path,
+                            reference_latents, reference_path, step_cache, steps)
 
 
 def _pattern(rank: int, shape) -> np.ndarray:
@@ -116,10 +116,15 @@ def write_references(cases, models_dir: str, out_dir: str, dtype) -> None:
     """One process, no msrun: the plain model's loop for each (kind, grid), saved beside the ranks' output."""
     done = {}
     for case in cases:
-        key = (case.kind, case.grid, case.weights)
+        key = (case.kind, case.grid, case.weights, bool(case.cache))
         if key not in done:
-            done[key] = reference_latents(os.path.join(models_dir, case.kind), case, dtype)
-        np.save(reference_path(out_dir, case), done[key])
+            model_dir = os.path.join(models_dir, case.kind)
+            done[key] = (cached_reference(model_dir, case, dtype) if case.cache else
+                         (reference_latents(model_dir, case, dtype), None))
+            if case.cache:  # the one-process cached run's decisions, for the test to compare
+                with open(os.path.join(out_dir, f"{case.name}.reference_cache.json"), "w", encoding="utf-8") as fh:
+                    json.dump(done[key][1], fh)
+        np.save(reference_path(out_dir, case), done[key][0])
 
 
 def main(argv: List[str]) -> int:
@@ -133,11 +138,12 @@ def main(argv: List[str]) -> int:
         print(f"device {rt.device}, compute dtype {rt.compute_dtype}", flush=True)
         return 0
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
-    from stepvideo_ms.parallel import Mesh, init_world, load_stage, make_communicator, parallel_denoise
+    from stepvideo_ms.diffusion.sampling import denoise
+    from stepvideo_ms.parallel import Mesh, ParallelDiT, init_world, load_stage, make_communicator, parallel_denoise
 
     world, rank = init_world()
     start = time.perf_counter()
-    report = {"comm": comm_checks(world, rank), "loading": {}}
+    report = {"comm": comm_checks(world, rank), "loading": {}, "cache": {}}
     print(f"rank {rank}: communicator checks took {time.perf_counter() - start:.1f} s", flush=True)
     for case in [c for c in load_cases(cases_json) if c.world == world]:
         mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split, cfg_degree=case.cfg,
@@ -146,9 +152,19 @@ def main(argv: List[str]) -> int:
                                    weights=case.weights)
         report["loading"][case.name] = stage_loading_failures(model, mesh, shards)
         inputs = case_inputs(case)
-        latents = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),
-                                   conditioning(inputs, case.kind), FlowMatchScheduler(), STEPS, TIME_SHIFT,
-                                   GUIDANCE, progress=False, shards=shards)
+        cache = step_cache(case)
+        if cache is None:
+            latents = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),
+                                       conditioning(inputs, case.kind), FlowMatchScheduler(), steps(case), TIME_SHIFT,
+                                       GUIDANCE, progress=False, shards=shards)
+        else:  # parallel_denoise's loop, keeping the DiT to count the blocks its source fetched
+            dit = ParallelDiT(mesh, make_communicator(mesh), model, shards)
+            cache.settings.check_model(model.num_layers, dit.partition)
+            cache.num_layers = model.num_layers
+            latents = denoise(dit.predictor(conditioning(inputs, case.kind), cache), Tensor(inputs["latents"]),
+                              FlowMatchScheduler(), steps(case), TIME_SHIFT, GUIDANCE, progress=False)
+            fetched = getattr(dit.blocks, "copies", getattr(dit.blocks, "gathers", None))
+            report["cache"][case.name] = {"record": cache.record(), "fetched": fetched}
         np.save(output_path(out_dir, case, rank), latents.asnumpy())
         print(f"rank {rank}: {case.name} done at {time.perf_counter() - start:.1f} s", flush=True)
     if runtime.is_simulated():  # last: its dead-lock checks leave the ranks' call numbers out of step

@@ -38,6 +38,13 @@ CASES = ([Case(kind, ODD, u, pp) for u, pp in [(2, 1), (1, 2), (2, 2), (4, 1), (
          # block offload with the emulated side stream, events and pinned host memory (issue 16): 4 layers
          # streamed through 2 working blocks (cfg 2 x ulysses 2), and a pipeline whose 2-layer stages stay resident
          + [Case("t2v", ODD, 2, 1, cfg=2, offload=True), Case("ti2v", ODD, 2, 2, offload=True)])
+# the step cache (issue 27): threshold 0 is the uncached ulysses 2 run bit for bit; at 0.3 the copies issued
+# ahead on the side stream (offload, 2 working blocks) and the gathers issued ahead over HCCL (sharded, with a
+# pipeline) follow the step's blocks that run, and every rank takes the one-process cached run's steps (the
+# pipeline's latents within 1.5 x the bf16 floor of the float32 cached run: its stages add their residuals apart)
+CACHE_TWINS = {Case("t2v", ODD, 2, 1, cache=0.0): Case("t2v", ODD, 2, 1)}
+CACHED = [Case("t2v", ODD, 2, 1, cfg=2, offload=True, cache=0.3), Case("ti2v", ODD, 2, 2, shard=True, cache=0.3)]
+CASES = CASES + list(CACHE_TWINS) + CACHED
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +114,26 @@ def test_simulated_parallel_latents_equal_single_process(run_dir, launches, case
         f"{case.name}: distance to float32 x{ratio_max:.2f} (max), x{ratio_mean:.2f} (mean) of the single-process "
         f"bf16 run's (bounds x{BF16_MAX_RATIO}, x{BF16_MEAN_RATIO})")
     assert float(np.abs(want - case_inputs(case)["latents"]).max()) > 1e-2  # the loop did move the latents
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("case", list(CACHE_TWINS), ids=lambda c: c.name)
+def test_simulated_cache_threshold_zero_is_the_uncached_layout_exactly(launches, case):
+    out, _ = launches(case.world)
+    for r in range(case.world):
+        assert np.array_equal(np.load(output_path(out, case, r)), np.load(output_path(out, CACHE_TWINS[case], r)))
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT + 60)
+@pytest.mark.parametrize("case", CACHED, ids=lambda c: c.name)
+def test_simulated_cached_layout_takes_the_single_process_decisions(run_dir, launches, case):
+    out, _ = launches(case.world)
+    with open(os.path.join(run_dir, f"{case.name}.reference_cache.json"), encoding="utf-8") as fh:
+        want = json.load(fh)
+    assert want["cached_steps"] and len(want["cached_steps"]) < want["steps"] - 1
+    for r, rep in enumerate(read_reports(out, case.world)):
+        got = rep["cache"][case.name]["record"]
+        assert got["cached_steps"] == want["cached_steps"] and got["blocks_run"] == want["blocks_run"], f"rank {r}"
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)

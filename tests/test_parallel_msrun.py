@@ -11,8 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from parallel_cases import (KINDS, Case, case_inputs, output_path, read_reports, reference_latents, save_cases,
-                            tolerance, write_model)
+from parallel_cases import (KINDS, Case, cached_reference, case_inputs, output_path, read_reports, reference_latents,
+                            save_cases, tolerance, write_model)
 from stepvideo_ms.parallel.msrun import run_msrun
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel_worker.py")
@@ -43,6 +43,21 @@ CASES = (
     # sequential CFG with sharded weights (a planner choice for 32 GB cards): one gather per block and half
     + [Case("t2v", ODD, 2, 1, shard=True, seq=True)]
 )
+# the step cache (issue 27). Threshold 0 on the loop: the twin of an uncached case of the same launch, bit for
+# bit (ulysses 2, pp 2, cfg 2, offload, sharded; T2V and TI2V). At 0.3 some of 6 steps are cached: every rank
+# takes the single-process cached run's steps and latents, on world 2 (ulysses 2, pp 2, cfg 2, ulysses 2
+# offloaded / sharded / sharded int8) and world 4 (ulysses 2 x pp 2, cfg 2 x ulysses 2, cfg 2 x pp 2 sharded)
+CACHE_TWINS = {Case("t2v", ODD, 2, 1, cache=0.0): Case("t2v", ODD, 2, 1),
+               Case("ti2v", ODD, 1, 2, cache=0.0): Case("ti2v", ODD, 1, 2),
+               Case("t2v", ODD, 1, 1, cfg=2, cache=0.0): Case("t2v", ODD, 1, 1, cfg=2),
+               Case("t2v", ODD, 2, 1, offload=True, cache=0.0): Case("t2v", ODD, 2, 1, offload=True),
+               Case("ti2v", ODD, 2, 1, shard=True, cache=0.0): Case("ti2v", ODD, 2, 1, shard=True)}
+CACHED = [Case("t2v", ODD, 2, 1, cache=0.3), Case("ti2v", ODD, 1, 2, cache=0.3), Case("t2v", ODD, 1, 1, cfg=2, cache=0.3),
+          Case("t2v", ODD, 2, 1, offload=True, cache=0.3), Case("ti2v", ODD, 2, 1, shard=True, cache=0.3),
+          Case("t2v", EVEN, 2, 2, cache=0.3), Case("ti2v", ODD, 2, 1, cfg=2, cache=0.3),
+          Case("t2v", ODD, 1, 2, cfg=2, shard=True, cache=0.3),
+          Case("t2v", ODD, 2, 1, shard=True, weights="int8", cache=0.3)]
+CASES = CASES + list(CACHE_TWINS) + CACHED
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +74,10 @@ def references(models_dir):
     done = {}
 
     def reference(case: Case) -> np.ndarray:
-        key = (case.kind, case.grid, case.weights)
+        key = (case.kind, case.grid, case.weights, bool(case.cache))
         if key not in done:
-            done[key] = reference_latents(os.path.join(models_dir, case.kind), case)
+            model_dir = os.path.join(models_dir, case.kind)
+            done[key] = cached_reference(model_dir, case) if case.cache else (reference_latents(model_dir, case), None)
         return done[key]
 
     return reference
@@ -106,8 +122,36 @@ def test_parallel_latents_equal_single_process(launches, references, case):
     ranks = [np.load(output_path(out, case, r)) for r in range(case.world)]
     for r, got in enumerate(ranks[1:], start=1):
         assert np.array_equal(got, ranks[0]), f"rank {r} took a different scheduler step than rank 0"
-    want = references(case)
+    want, _ = references(case)
     assert ranks[0].shape == want.shape
     err = float(np.abs(ranks[0] - want).max())
     assert err <= tolerance(want), f"{case.name}: max |parallel - single| = {err:.3g} > {tolerance(want):.3g}"
     assert float(np.abs(want - case_inputs(case)["latents"]).max()) > 1e-2  # the loop did move the latents
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 120)
+@pytest.mark.parametrize("case", list(CACHE_TWINS), ids=lambda c: c.name)
+def test_cache_threshold_zero_is_the_uncached_layout_exactly(launches, case):
+    out, _ = launches(case.world)
+    for r in range(case.world):
+        assert np.array_equal(np.load(output_path(out, case, r)), np.load(output_path(out, CACHE_TWINS[case], r)))
+    records = [rep["cache"][case.name]["record"] for rep in read_reports(out, case.world)]
+    assert all(rec["cached_steps"] == [] and rec["blocks_skipped"] == 0 for rec in records)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 120)
+@pytest.mark.parametrize("case", CACHED, ids=lambda c: c.name)
+def test_cached_layout_takes_the_single_process_decisions(launches, references, case):
+    """Every rank caches the steps of the one-process cached run (the latents: the test above); with one
+    stage, a rank's offload copies / sharded gathers are exactly the blocks run."""
+    out, _ = launches(case.world)
+    _, want = references(case)
+    assert want["cached_steps"] and len(want["cached_steps"]) < want["steps"] - 1
+    for r, rep in enumerate(read_reports(out, case.world)):
+        got = rep["cache"][case.name]
+        assert got["record"]["cached_steps"] == want["cached_steps"], f"rank {r}"
+        assert got["record"]["blocks_run"] == want["blocks_run"], f"rank {r}"
+        assert np.allclose([c or 0 for c in got["record"]["relative_l1"]], [c or 0 for c in want["relative_l1"]],
+                           rtol=1e-4, atol=1e-6), f"rank {r}"
+        if (case.offload or case.shard) and case.pp == 1:
+            assert got["fetched"] == want["blocks_run"] < want["steps"] * 4, f"rank {r}"

@@ -33,6 +33,7 @@ from .. import video as video_io
 from .sampling import denoise
 from .scheduler import FlowMatchScheduler
 from .settings import PER_VIDEO_SETTINGS, GenerationSettings
+from .step_cache import CacheSettings, StepCache
 
 CALL_SETTINGS = tuple(PER_VIDEO_SETTINGS)  # what `pipe(prompt, **settings)` accepts
 OUTPUT_TYPES = ("np", "latent")
@@ -76,8 +77,20 @@ class Conditions:
 
 
 def single_process_denoise(model: StepVideoModel, cond: Conditions, noise: np.ndarray,
-                           settings: GenerationSettings, scheduler: FlowMatchScheduler, progress: bool = True) -> np.ndarray:
+                           settings: GenerationSettings, scheduler: FlowMatchScheduler, progress: bool = True,
+                           cache: Optional[StepCache] = None) -> np.ndarray:
+    """The loop in this process; with an enabled step `cache` the DiT runs on a one-rank mesh (the same
+    cached forward as every parallel layout), else the plain model."""
     y, mask, clip, condition = cond.tensors(model.dtype)
+    if cache is not None and cache.settings.enabled:
+        from ..parallel import Conditioning, Mesh, make_communicator, parallel_denoise
+
+        mesh = Mesh.create(1, 0)
+        out = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(noise),
+                               Conditioning(y, mask, clip, condition, cond.motion_score), scheduler,
+                               settings.infer_steps, settings.time_shift, settings.cfg_scale, progress=progress,
+                               cache=cache)
+        return out.asnumpy()
 
     def predict(latents: Tensor, timestep: Tensor) -> Tensor:
         return model(latents, timestep, y, mask, clip, condition, cond.motion_score)
@@ -104,6 +117,7 @@ class StepVideoPipeline:
         self.text_encoder = text_encoder
         self.vae = vae
         self.progress = progress
+        self.last_cache: Optional[dict] = None  # the step cache's record of the last denoising loop
 
     @classmethod
     def from_pretrained(cls, model_dir: str, device: Optional[str] = None, caption_url: Optional[str] = None,
@@ -218,7 +232,12 @@ class StepVideoPipeline:
 
     def denoise(self, s: GenerationSettings, cond: Conditions, noise: np.ndarray) -> np.ndarray:
         cond.check_finite()
-        latents = single_process_denoise(self.transformer, cond, noise, s, self.scheduler, self.progress)
+        cache = StepCache(CacheSettings.of(s))
+        latents = single_process_denoise(self.transformer, cond, noise, s, self.scheduler, self.progress, cache)
+        if not cache.settings.enabled:
+            cache.step = s.infer_steps  # the plain loop ran every block of every step
+            cache.num_layers = self.transformer.num_layers
+        self.last_cache = cache.record()  # the `cache` entry of the run's record
         if not np.isfinite(latents).all():
             raise FloatingPointError("the denoising gave non-finite latents (NaN or inf)")
         return latents
@@ -265,7 +284,7 @@ class StepVideoPipeline:
             t0 = time.perf_counter()
             frames = self.decode(latents)
             timings["decode_s"] = time.perf_counter() - t0
-            info = dict(extra or {}, timings=timings)
+            info = dict(extra or {}, timings=timings, cache=self.last_cache)
             result.video_path, result.json_path = self.write_outputs(frames, s, save_path, output_file_name, name_suffix, info)
         return result
 

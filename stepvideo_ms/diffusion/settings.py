@@ -16,6 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from .step_cache import CACHE_DEFAULTS, CACHE_HINTS, CACHE_RANGES, CACHE_SETTINGS
 from ..models.vae_config import FRAMES_PER_CHUNK, LATENT_FRAMES_PER_CHUNK, SPATIAL_COMPRESSION
 
 FPS = 25
@@ -53,7 +54,8 @@ def labelled_presets() -> dict:
 
 # the settings one video may set (beyond its prompt and first image), and the type each takes
 PER_VIDEO_SETTINGS = {"num_frames": int, "height": int, "width": int, "infer_steps": int, "cfg_scale": float,
-                      "time_shift": float, "motion_score": float, "pos_magic": str, "neg_magic": str, "seed": int}
+                      "time_shift": float, "motion_score": float, "pos_magic": str, "neg_magic": str, "seed": int,
+                      **CACHE_SETTINGS}
 
 
 # The range of every number a user gives (command line, prompts file, HTTP job, Python API): checked in
@@ -64,10 +66,10 @@ PER_VIDEO_SETTINGS = {"num_frames": int, "height": int, "width": int, "infer_ste
 MAX_SEED = 2 ** 63 - 1
 SETTING_RANGES = {"num_frames": (1, 1024), "height": (1, 4096), "width": (1, 4096), "infer_steps": (1, 1000),
                   "cfg_scale": (0.0, 100.0), "time_shift": (0.0, 1000.0), "motion_score": (0.0, 100.0),
-                  "seed": (0, MAX_SEED)}
+                  "seed": (0, MAX_SEED), **CACHE_RANGES}
 OPEN_BELOW = {"time_shift"}  # the lower bound itself is refused
 SETTING_HINTS = {"cfg_scale": "9.0 for Step-Video, 5.0 for Turbo", "time_shift": "13.0 for Step-Video, 17.0 for Turbo",
-                 "motion_score": "2 steady, 5 default, 10/20 lively"}
+                 "motion_score": "2 steady, 5 default, 10/20 lively", **CACHE_HINTS}
 
 
 class SettingError(ValueError):
@@ -152,6 +154,11 @@ class GenerationSettings:
     pos_magic: Optional[str] = None
     neg_magic: Optional[str] = None
     seed: int = 1234
+    cache_threshold: Optional[float] = None  # the step cache (diffusion/step_cache.py); None: its default
+    cache_warmup: Optional[int] = None
+    cache_first: Optional[int] = None
+    cache_last: Optional[int] = None
+    cache_max_skip: Optional[int] = None
     notes: List[str] = field(default_factory=list)
 
     def resolved(self) -> "GenerationSettings":
@@ -159,7 +166,7 @@ class GenerationSettings:
         if self.task not in TASK_DEFAULTS:
             raise SettingError("task", f"task={self.task!r} is not supported: use 't2v' or 'ti2v'")
         values = dataclasses.asdict(self)
-        for key, default in TASK_DEFAULTS[self.task].items():
+        for key, default in dict(TASK_DEFAULTS[self.task], **CACHE_DEFAULTS).items():
             if values[key] is None:
                 values[key] = default
         s = GenerationSettings(**values)

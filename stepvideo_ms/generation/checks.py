@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ..diffusion.settings import GenerationSettings
+from ..diffusion.step_cache import CACHE_SETTINGS, CacheSettings
 
 
 def settings_from(args, task: str) -> GenerationSettings:
@@ -26,7 +27,8 @@ def _settings_from(args, task: str) -> GenerationSettings:
         prompt=args.prompt, task=task, first_image_path=args.first_image_path, num_frames=args.num_frames,
         height=args.height, width=args.width, infer_steps=args.infer_steps, cfg_scale=args.cfg_scale,
         time_shift=args.time_shift, motion_score=args.motion_score, pos_magic=args.pos_magic,
-        neg_magic=args.neg_magic, seed=args.seed).resolved()
+        neg_magic=args.neg_magic, seed=args.seed,
+        **{name: getattr(args, name, None) for name in CACHE_SETTINGS}).resolved()
 
 
 def validate_model(args, world_size: int):
@@ -73,6 +75,10 @@ def check_layout_for(args, settings, transformer: str, world_size: int, card_gb:
         raise ValueError(f"--cfg_degree {mesh.cfg_degree} runs the [cond, uncond] halves on two rank groups, but "
                          f"--cfg_scale {settings.cfg_scale} <= 1 has no unconditional half: use --cfg_degree 1 or a "
                          "cfg_scale above 1")
+    cache = CacheSettings.of(settings)
+    if cache.enabled:
+        layers = int(read_config(transformer).get("num_layers", 48))
+        cache.check_model(layers, mesh.partition(layers))
     card_gb = args.card_gb if card_gb is None else card_gb
     if card_gb is not None:
         from ..runtime import pick_device

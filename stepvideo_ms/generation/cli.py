@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pos_magic", default=None, help="appended to the prompt (task default)")
     g.add_argument("--neg_magic", default=None, help="the negative prompt (task default)")
     g.add_argument("--seed", type=int, default=1234, help="seed of the initial noise (and of the image latent sample)")
+    g = p.add_argument_group("step cache (docs/step-cache.md): skip the middle blocks of steps that barely change")
+    g.add_argument("--cache_threshold", type=finite_float, default=None,
+                   help="relative L1 change of the first blocks' output under which a step reuses the middle blocks' "
+                        "residual (0: off, the default; DBCache publishes 0.08-0.12)")
+    g.add_argument("--cache_warmup", type=int, default=None, help="steps always computed at the start (8)")
+    g.add_argument("--cache_first", type=int, default=None,
+                   help="blocks always computed at the front; their output is the probe (8)")
+    g.add_argument("--cache_last", type=int, default=None, help="blocks always computed at the end (0)")
+    g.add_argument("--cache_max_skip", type=int, default=None, help="at most this many cached steps in a row (2)")
     g = p.add_argument_group("output")
     g.add_argument("--save_path", default="./results", help="folder of the MP4 and its JSON")
     g.add_argument("--output_file_name", default="", help="file name without extension (default: the prompt's start)")

@@ -204,6 +204,7 @@ class GenerationWorld:
         from mindspore import Tensor
         from ..console import Waiting
         from ..formats.safetensors_io import save_file_atomic
+        from ..diffusion.step_cache import CacheSettings, StepCache
         from ..parallel import Conditioning, parallel_denoise
 
         s = job.settings
@@ -225,12 +226,13 @@ class GenerationWorld:
         _tell(on_stage, "encode", timings["encode_s"], self.rank)
         t0 = time.perf_counter()
         latents, error = None, None
+        cache = StepCache(CacheSettings.of(s))
         try:  # whatever the loop raises fails this job alone, when every rank agrees afterwards
             conditioning = Conditioning(*cond.tensors(self.rt.compute_dtype), cond.motion_score)
             latents = parallel_denoise(self.mesh, self.comm, self.model, Tensor(self.pipe.initial_noise(s)),
                                        conditioning, self.scheduler, s.infer_steps, s.time_shift, s.cfg_scale,
                                        progress=self.progress, shards=self.shards,
-                                       on_step=self._step_callback(s, on_step)).asnumpy()
+                                       on_step=self._step_callback(s, on_step), cache=cache).asnumpy()
             bad = int(latents.size - np.count_nonzero(np.isfinite(latents)))
             if bad:  # the same on every rank: the latents are identical everywhere
                 raise FloatingPointError(f"the denoising gave {bad} non-finite latent value(s) (NaN or inf)")
@@ -267,7 +269,8 @@ class GenerationWorld:
             timings["decode_s"] = time.perf_counter() - t0
             _tell(on_stage, "decode", timings["decode_s"], self.rank)
             timings["job_s"] = time.perf_counter() - t_start
-            record = dict(self.info, timings=dict(timings, load_s=self.load_s), memory=memory, **(extra or {}))
+            record = dict(self.info, timings=dict(timings, load_s=self.load_s), memory=memory, cache=cache.record(),
+                          **(extra or {}))
             t0 = time.perf_counter()
             out = self.pipe.write_outputs(frames, s, save_path, job.output_file_name, job.name_suffix, record,
                                           overwrite=getattr(self.args, "overwrite", False))

@@ -26,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 
@@ -39,6 +40,8 @@ from ..models.rope import Rope3D
 from .comm import Communicator
 from .mesh import Mesh
 from .pipeline import Schedule, micro_batch_count, run_stage
+from .step_plan import Marker, Residuals, layer_sequence, stage_items
+from ..diffusion.step_cache import StepCache
 from .offload import BlockStreamer, HostBlocks, load_offloaded_stage
 from .shard import BlockGatherer, BlockShards, load_sharded_stage
 from .ulysses import TokenShard, UlyssesAttention
@@ -136,13 +139,19 @@ class _StageWork:
         self.model, self.micro, self.shard, self.rope, self.core = model, micro, shard, rope, core
         self.blocks = blocks
         self.chunk = None
+        self.probes: Optional[Dict[int, Tensor]] = None  # step cache: the probe's output per micro-batch
+        self.residuals: Optional[Residuals] = None
         self.transfer_shape = (int(micro[0].tokens.shape[0]), shard.local, model.inner_dim)
         self.transfer_dtype = model.dtype
 
     def first_input(self, micro: int) -> Tensor:
+        if self.probes is not None:
+            return self.probes[micro]
         return self.shard.take(self.micro[micro].tokens)
 
-    def run_layer(self, x: Tensor, micro: int, layer: int) -> Tensor:
+    def run_layer(self, x: Tensor, micro: int, layer) -> Tensor:
+        if isinstance(layer, Marker):
+            return self.residuals.apply(layer, x, micro)
         if self.blocks is None:
             return self.model.run_blocks(x, self.micro[micro], self.rope, layers=range(layer, layer + 1), core=self.core,
                                          chunk=self.chunk)
@@ -179,9 +188,10 @@ class ParallelDiT:
             self.blocks = BlockStreamer(shards, model, mesh.stage_layers(model.num_layers))
 
     def forward(self, hidden_states: Tensor, timestep: Tensor, cond: Conditioning,
-                text: Optional[Tuple[Tensor, KeyMask]] = None) -> Tensor:
+                text: Optional[Tuple[Tensor, KeyMask]] = None, cache: Optional[StepCache] = None) -> Tensor:
         """`text`: model.embed_text(...) of this rank's part of `cond` (its CFG replica's half when
-        cfg_degree > 1), when the loop computed it once."""
+        cfg_degree > 1), when the loop computed it once. `cache`: the loop's step cache (enabled), which
+        decides this step (step_plan.py)."""
         mesh, model = self.mesh, self.model
         full_batch = int(hidden_states.shape[0])
         if cond.batch != full_batch:
@@ -210,7 +220,12 @@ class ParallelDiT:
                                     model.attention_head_dim, model.dtype)
         work = _StageWork(model, micro, shard, self._rope(shard, inputs.grid), core, self.blocks)
         work.chunk = mesh.chunk_tokens or None
-        outputs = run_stage(mesh, self.comm, Schedule(mesh.pp_degree, n_micro), self.partition, work)
+        if cache is not None and cache.settings.enabled:
+            outputs = self._run_cached(work, n_micro, cache)
+        else:
+            if cache is not None:
+                cache.count_computed()
+            outputs = run_stage(mesh, self.comm, Schedule(mesh.pp_degree, n_micro), self.partition, work)
 
         channels = model.patch_size * model.patch_size * model.out_channels
         if mesh.is_last_stage:
@@ -230,13 +245,51 @@ class ParallelDiT:
 
     __call__ = forward
 
-    def predictor(self, cond: Conditioning) -> Predictor:
+    def _run_cached(self, work: _StageWork, n_micro: int, cache: StepCache):
+        """One step with the step cache: the probe on the first stage, one world decision, then the
+        rest of the blocks on the schedule, the middle span computed or its residual reused."""
+        mesh, comm, settings = self.mesh, self.comm, cache.settings
+        probe = range(settings.first)
+        first_stage = mesh.stage == 0
+        if self.blocks is not None:
+            self.blocks.plan(layer_sequence([], n_micro, probe) if first_stage else [])
+        probes: Dict[int, Tensor] = {}
+        sums = np.zeros((1, 2), np.float32)
+        if first_stage:
+            real = work.shard.real
+            for m in range(n_micro):
+                x = work.first_input(m)
+                for layer in probe:
+                    x = work.run_layer(x, m, layer)
+                probes[m] = x
+                then = cache.state.get(("probe", m))
+                if then is not None and real > 0:
+                    sums[0, 0] += float(mint.abs(x[:, :real] - then[:, :real]).astype(ms.float32).sum())
+                    sums[0, 1] += float(mint.abs(then[:, :real]).astype(ms.float32).sum())
+        elif comm.lockstep:
+            for _ in range(len(probe) * n_micro):
+                work.idle_layer()
+        world = comm.all_gather(Tensor(sums), mesh.world_ranks, axis=0).asnumpy().astype(np.float64)
+        reuse = cache.decide(float(world[:, 0].sum()), float(world[:, 1].sum()))
+        if not reuse:
+            for m, x in probes.items():
+                cache.state[("probe", m)] = x
+        middle = settings.middle(self.model.num_layers)
+        items = [stage_items(layers, middle, reuse, probe if s == 0 else ())
+                 for s, layers in enumerate(self.partition)]
+        if self.blocks is not None:
+            self.blocks.plan(layer_sequence(items[mesh.stage], n_micro))
+        work.probes = probes if first_stage else None
+        work.residuals = Residuals(cache.state)
+        return run_stage(mesh, comm, Schedule(mesh.pp_degree, n_micro), items, work)
+
+    def predictor(self, cond: Conditioning, cache: Optional[StepCache] = None) -> Predictor:
         """The loop's model call. The text context and key mask do not change over the loop: they are
         computed once here (one read of the mask to the host), not at every step."""
         local = cond.half(self.mesh.cfg_rank) if self.mesh.cfg_degree > 1 else cond
         text = self.model.embed_text(local.encoder_hidden_states, local.encoder_attention_mask.asnumpy(),
                                      local.encoder_hidden_states_2)
-        return lambda latents, timestep: self.forward(latents, timestep, cond, text)
+        return lambda latents, timestep: self.forward(latents, timestep, cond, text, cache)
 
     def _slice(self, inputs: DiTInputs, start: int, stop: int, text) -> DiTInputs:
         """A micro-batch; its text part (and so its key mask's kernel form) is kept while `text` is."""
@@ -260,8 +313,11 @@ class ParallelDiT:
 def parallel_denoise(mesh: Mesh, comm: Communicator, model: StepVideoModel, latents: Tensor, cond: Conditioning,
                      scheduler: FlowMatchScheduler, num_inference_steps: int, time_shift: float,
                      guidance_scale: float, progress: bool = True,
-                     shards: Union[None, BlockShards, HostBlocks] = None, on_step=None) -> Tensor:
+                     shards: Union[None, BlockShards, HostBlocks] = None, on_step=None,
+                     cache: Optional[StepCache] = None) -> Tensor:
     """The flow-matching loop of `sampling.denoise` with the DiT run on the mesh (`on_step` as there).
+    cache: a fresh StepCache of this loop (diffusion/step_cache.py), or None: no step cache; its
+    record() afterwards is the run's `cache` entry.
 
     latents: the initial noise (b, f, c, h, w), identical on every rank (same seed).
     cond: embeddings batched [cond, uncond] (2b) when guidance_scale > 1, else b.
@@ -279,5 +335,8 @@ def parallel_denoise(mesh: Mesh, comm: Communicator, model: StepVideoModel, late
             + ("pass [prompt, negative prompt] embeddings" if expected > latents.shape[0] else
                "pass the prompt embeddings only (no negative prompt without guidance)"))
     dit = ParallelDiT(mesh, comm, model, shards)
-    return denoise(dit.predictor(cond), latents, scheduler, num_inference_steps, time_shift, guidance_scale,
+    if cache is not None:
+        cache.settings.check_model(model.num_layers, dit.partition)
+        cache.num_layers = model.num_layers
+    return denoise(dit.predictor(cond, cache), latents, scheduler, num_inference_steps, time_shift, guidance_scale,
                    model_dtype=model.dtype, progress=progress and mesh.rank == 0, on_step=on_step)

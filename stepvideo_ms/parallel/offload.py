@@ -156,6 +156,8 @@ class BlockStreamer:
         self._released: List[object] = [None] * count  # compute-stream event after a working block's last use
         self._running: Optional[int] = None  # the working block handed out last
         self.copies = 0  # blocks copied in (for tests and the bench)
+        self._sequence: Optional[List[int]] = None  # step cache: the exact blocks asked for next, in order
+        self._at = 0
         self._side = ms.runtime.Stream() if self.asynchronous else None
 
     # ---- copies ---------------------------------------------------------------------------
@@ -196,8 +198,22 @@ class BlockStreamer:
         raise RuntimeError("no free working block")  # cannot happen with one copy in flight
 
     # ---- the stage's forward ---------------------------------------------------------------
+    def plan(self, sequence: Sequence[int]) -> None:
+        """The step cache's order of the blocks asked for next (a skipped block is not in it): each
+        copy is issued ahead for the next one of it, none past its end (the next phase's first block is
+        decided later; it is copied when asked for)."""
+        self._sequence, self._at = list(sequence), 0
+
+    def _next(self, layer: int) -> Optional[int]:
+        if self._sequence is None:  # no plan: the stage's blocks in a loop
+            return self.order[(self.order.index(layer) + 1) % len(self.order)]
+        self._at += 1
+        return self._sequence[self._at] if self._at < len(self._sequence) else None
+
     def block(self, layer: int) -> StepVideoTransformerBlock:
         if not self.asynchronous:
+            if self._sequence is not None:
+                self._at += 1
             if layer not in self.holds:
                 self._copy_sync(layer, 0)
             return self.slots[self.holds.index(layer)]
@@ -214,8 +230,8 @@ class BlockStreamer:
             self._wait(copy)
             slot = copy.slot
         self._running = slot
-        nxt = self.order[(self.order.index(layer) + 1) % len(self.order)]
-        if nxt not in self.holds and nxt not in self._pending:
+        nxt = self._next(layer)
+        if nxt is not None and nxt not in self.holds and nxt not in self._pending:
             self._pending[nxt] = self._issue(nxt, self._free_slot(slot))
         return self.slots[slot]
 

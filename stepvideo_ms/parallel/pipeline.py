@@ -48,6 +48,11 @@ class Schedule:
         return any(self.micro_at(s, tick) is not None for s in range(self.stages - 1))
 
 
+def layer_count(items: Sequence) -> int:
+    """The layer slots of a stage's work items (its layers; step cache markers are not layers)."""
+    return sum(1 for item in items if isinstance(item, int))
+
+
 class StageWork(Protocol):
     """What a stage computes; the schedule decides when."""
 
@@ -57,22 +62,23 @@ class StageWork(Protocol):
     def first_input(self, micro: int) -> Tensor:
         """Stage 0: the activations of micro-batch `micro` entering the first layer."""
 
-    def run_layer(self, x: Tensor, micro: int, layer: int) -> Tensor:
-        """Layer `layer` on micro-batch `micro`."""
+    def run_layer(self, x: Tensor, micro: int, layer) -> Tensor:
+        """Layer `layer` on micro-batch `micro` (or a step cache marker, step_plan.Marker)."""
 
     def idle_layer(self) -> None:
         """The collectives of one layer with dummies (called only by lockstep communicators)."""
 
 
-def run_stage(mesh: Mesh, comm: Communicator, schedule: Schedule, partition: Sequence[range],
+def run_stage(mesh: Mesh, comm: Communicator, schedule: Schedule, partition: Sequence[Sequence],
               work: StageWork) -> Dict[int, Tensor]:
     """This rank's share of the schedule; returns {micro: output of the last layer} on the last
-    stage's ranks and {} elsewhere."""
+    stage's ranks and {} elsewhere. `partition`: each stage's layers, in order; with the step cache,
+    its work items of the step (layers and step_plan markers, which take no layer slot)."""
     if len(partition) != mesh.pp_degree or schedule.stages != mesh.pp_degree:
         raise ValueError(f"{len(partition)} layer stages / {schedule.stages} scheduled stages for pp_degree={mesh.pp_degree}")
     stage, last = mesh.stage, mesh.pp_degree - 1
     mine = list(partition[stage])
-    slots = max(len(r) for r in partition)
+    slots = max(layer_count(r) for r in partition)
     outputs: Dict[int, Tensor] = {}
     x: Optional[Tensor] = None
     for tick in range(schedule.ticks):
@@ -83,7 +89,7 @@ def run_stage(mesh: Mesh, comm: Communicator, schedule: Schedule, partition: Seq
                 x = work.first_input(micro)
             for layer in mine:
                 x = work.run_layer(x, micro, layer)
-            busy = len(mine)
+            busy = layer_count(mine)
             if stage == last:
                 outputs[micro] = x
         if comm.lockstep:

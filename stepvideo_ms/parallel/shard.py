@@ -255,18 +255,34 @@ class BlockGatherer:
         self._params = [[named[n] for n in g.names] for g in shards.layouts]
         self._dtypes = [_group_dtype(g, self.work, model.dtype) for g in shards.layouts]
         self._pending: Dict[int, Tuple[Tensor, ...]] = {}
+        self._sequence: Optional[list] = None  # step cache: the exact blocks asked for next, in order
+        self._at = 0
+        self.gathers = 0  # blocks gathered (for tests and the bench; an idle slot's zeros are not counted)
+
+    def plan(self, sequence: Sequence[int]) -> None:
+        """The step cache's order of the blocks asked for next (a skipped block is not in it): the
+        gather issued ahead is the next one of it, none past its end."""
+        self._sequence, self._at = list(sequence), 0
+
+    def _next(self, layer: int) -> Optional[int]:
+        if self._sequence is None:  # no plan: the stage's blocks in order
+            at = self.order.index(layer)
+            return self.order[at + 1] if at + 1 < len(self.order) else None
+        self._at += 1
+        return self._sequence[self._at] if self._at < len(self._sequence) else None
 
     def _gather(self, layer: int) -> Tuple[Tensor, ...]:
+        self.gathers += 1
         return tuple(self.comm.all_gather(flat, self.group, axis=0) for flat in self.shards.flats[layer])
 
     def block(self, layer: int) -> StepVideoTransformerBlock:
         fulls = self._pending.pop(layer, None)
         if fulls is None:
             fulls = self._gather(layer)
-        if self.prefetch:  # issue the next block's gather now; it runs while this block computes
-            at = self.order.index(layer)
-            if at + 1 < len(self.order) and self.order[at + 1] not in self._pending:
-                self._pending[self.order[at + 1]] = self._gather(self.order[at + 1])
+        nxt = self._next(layer)
+        if self.prefetch and nxt is not None and nxt not in self._pending:
+            # issue the next block's gather now; it runs while this block computes
+            self._pending[nxt] = self._gather(nxt)
         for full, params, g in zip(fulls, self._params, self.shards.layouts):
             if g.bounds is not None:  # uneven slices, each padded to the largest: keep each rank's own part
                 size, parts = g.shard_size(self.shards.parts), self.shards.parts

@@ -83,11 +83,13 @@ def plan_text(config: dict, frames: int, height: int, width: int, cards: int, ca
 
 def plan_report(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
                 show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full",
-                steps: Optional[int] = None):
+                steps: Optional[int] = None, cache_share: Optional[float] = None, cache_first: Optional[int] = None,
+                cache_last: Optional[int] = None):
     """-> (the text, how many layouts fit). The fastest layout that fits the cards and the host (`host_gb`:
     the host's memory, under the rule of parallel/host_memory.py) is named as the one run_parallel.py would
     choose, with the time of the `steps` asked (default: the T2V preset's); when none fits, the text says
-    what would, and whether the cards or the host memory decide."""
+    what would, and whether the cards or the host memory decide. `cache_share`: also each layout's step
+    time with that share of steps cached (parallel/plan_cache.py)."""
     from ..parallel import plan as planner
     from ..parallel.host_memory import HOST_SHARE, host_limit, limit_gib
     from ..parallel.plan_advice import advice, cards_word
@@ -111,6 +113,11 @@ def plan_report(config: dict, frames: int, height: int, width: int, cards: int, 
              else f"host memory: not checked (--host_gb GiB: offloaded blocks may take {HOST_SHARE:.0%} of it)"]
     if shown:
         lines.append(planner.table(shown, card_gb, hardware, bound, steps))
+    if cache_share is not None and shown:
+        from ..parallel.plan_cache import cache_table
+
+        ordered = sorted(shown, key=lambda q: (not q.fits(card_gb, bound), q.step_s))
+        lines.append(cache_table(ordered, shape.num_layers, hardware, cache_share, cache_first, cache_last))
     best = planner.choose(plans, card_gb, bound)
     if best is not None:
         lines.append(f"chosen (fastest predicted to fit): {best.layout.arguments()}: peak {best.peak_gib:.1f} GiB per "
@@ -172,6 +179,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help=f"the host's memory in GiB: the offloaded blocks of all its ranks may take "
                         f"{HOST_SHARE * 100:.0f}%% of it, as run_parallel.py allows of its host (default: not "
                         "checked, the host GiB column shows the need)")
+    g.add_argument("--cache_share", type=float, default=None,
+                   help="the share of steps you expect the step cache to cache (0-1, e.g. 0.4): also print each "
+                        "layout's predicted step time with it (docs/step-cache.md)")
+    g.add_argument("--cache_first", type=int, default=None, help="with --cache_share: blocks always run at the front (8)")
+    g.add_argument("--cache_last", type=int, default=None, help="with --cache_share: blocks always run at the end (0)")
     args = parser.parse_args(argv)
     config = {}
     if args.config:
@@ -187,7 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             text, fitting = plan_report(config, args.frames, args.height, args.width, args.cards, args.card_gb,
                                         args.all, host_gb=args.host_gb, weights=args.weights,
-                                        steps=args.infer_steps)
+                                        steps=args.infer_steps, cache_share=args.cache_share,
+                                        cache_first=args.cache_first, cache_last=args.cache_last)
         except ValueError as exc:
             parser.error(str(exc))
         print(text)
