@@ -196,14 +196,14 @@ def resolve_layout(args, world_size: int, task: str, config: dict, weights: str 
         device = pick_device(args.device)
         probed = args.card_gb is None
         if probed:  # the card's own size; kept in args.card_gb for every later check (and msrun_job)
-            from .card_memory import probe_card_gib
+            from ..parallel.card_memory import probe_card_gib
 
             args.card_gb, _ = probe_card_gib(device, getattr(args, "probe_env", None))
         if args.card_gb is not None:
             try:
                 chosen = choose_layout(args, world_size, task, config, args.card_gb, device, weights)
             except ValueError as exc:
-                from .card_memory import CARD_REPORTS
+                from ..parallel.card_memory import CARD_REPORTS
 
                 raise ValueError(f"{CARD_REPORTS.format(gib=args.card_gb)}: {exc}" if probed else str(exc)) from None
     for flag in LAYOUT_FLAGS:

@@ -2,18 +2,16 @@
 
 - `check_save_folder`: the folder exists as a directory or can be created, and we may write in it
   (checked with a real temporary file, removed at once); a path that is a file is refused.
-- `free_stem`: the MP4/JSON name; an existing name gets a numbered suffix (`name-1`, `name-2`, ...)
-  unless `overwrite` is given, so a second run never silently replaces the first one's video.
+- the MP4/JSON name (`free_stem`, an existing name numbered) lives in formats/output_names.py, shared
+  with the one-process pipeline.
 - `public_arguments`: the arguments as recorded in the JSON, the token shown only as set / not set.
 """
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Dict, Iterable
+from typing import Dict
 
-OUTPUT_EXTENSIONS = (".mp4", ".json")
-MAX_SUFFIX = 10000
 SECRET_ARGUMENTS = {"auth_token": "STEPVIDEO_AUTH_TOKEN"}  # argument -> the environment variable it falls back to
 
 
@@ -39,20 +37,6 @@ def check_save_folder(path: str, flag: str = "--save_path") -> str:
         verb = "write in" if probe == folder else f"create it inside {probe}"
         raise ValueError(f"{flag} {path}: cannot {verb} ({exc.strerror}): choose a writable folder") from None
     return folder
-
-
-def free_stem(folder: str, stem: str, overwrite: bool = False, extensions: Iterable[str] = OUTPUT_EXTENSIONS) -> str:
-    """`stem`, or `stem-N` with the smallest N for which no output file exists yet."""
-    def taken(name: str) -> bool:
-        return any(os.path.exists(os.path.join(folder, name + ext)) for ext in extensions)
-
-    if overwrite or not taken(stem):
-        return stem
-    for n in range(1, MAX_SUFFIX):
-        candidate = f"{stem}-{n}"
-        if not taken(candidate):
-            return candidate
-    raise ValueError(f"{folder} already holds {MAX_SUFFIX} videos named {stem}: pass --output_file_name")
 
 
 def public_arguments(args) -> Dict[str, object]:
