@@ -5,7 +5,7 @@
   the working block; the host blocks are file-backed;
 - ascend-sim (a subprocess): the same latents with the emulated side stream, events and pinned memory; two
   working blocks; the copy of the next block in flight while one computes; removing the compute stream's
-  wait is an error;
+  wait is an error, and so is removing the side stream's wait on the compute stream's release of a block;
 - the stream emulators' rules, called directly;
 - the planner's offload arithmetic, its choice of layout, and run_parallel's automatic layout and refusals.
 (The msrun layouts with offload are cases of tests/test_parallel_msrun.py and test_ascend_sim_parallel.py.)
@@ -103,6 +103,8 @@ def test_offload_under_ascend_sim(models):
         # one forward: 4 blocks copied, plus the first block of the next forward already in flight
         assert r["copies_one_forward"] == r["layers"] + 1 and r["in_flight_after"] == [0]
         assert "still being copied" in r["without_wait"] and "wait_event" in r["without_wait"], r["without_wait"]
+        assert "has not waited for" in r["without_release_wait"] and "wait_event" in r["without_release_wait"], \
+            r["without_release_wait"]
 
 
 # ---- the stream emulators' rules --------------------------------------------------------------------
@@ -145,6 +147,55 @@ def test_emulated_copy_lands_when_its_event_is_waited_on():
     with pytest.raises(TypeError):
         streams.Stream().wait_event(object())
     assert ms.runtime.Stream is not streams.Stream  # nothing installed in this CPU process
+
+
+def test_emulated_copy_into_a_block_in_use_waits_for_its_release():
+    """The other half of the stream contract: a copy on the side stream into a parameter the compute
+    stream used is refused until the side stream waited on an event recorded after that use."""
+    from mindspore import Parameter, nn
+    from stepvideo_ms.testing.ascend_sim import streams
+
+    copy_ = streams._copy_emulator(Tensor.copy_)
+    pin = streams._pin_memory_emulator(None)
+    call = streams._cell_call_emulator(nn.Cell.__call__)
+    dst = Parameter(Tensor(np.zeros(3, np.float32)), name="slot_w")
+
+    class Holder(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.w = dst
+
+        def construct(self):
+            return self.w * 1
+
+    side, compute = streams.Stream(), streams.default_stream()
+    with streams.StreamCtx(side):
+        copy_(dst, pin(Tensor(np.arange(3, dtype=np.float32))), non_blocking=True)
+        landed = side.record_event()
+    compute.wait_event(landed)
+    assert np.array_equal(call(Holder()).asnumpy(), np.arange(3))  # the compute stream uses the block
+    before_use_ended = compute.record_event()
+    call(Holder())  # a second use, after that event
+    with streams.StreamCtx(side):
+        with pytest.raises(RuntimeError, match="has not waited for.*wait_event"):
+            copy_(dst, pin(Tensor(np.ones(3, np.float32))), non_blocking=True)  # no wait at all
+        side.wait_event(before_use_ended)
+        with pytest.raises(RuntimeError, match="has not waited for"):
+            copy_(dst, pin(Tensor(np.ones(3, np.float32))), non_blocking=True)  # an event before the last use
+        side.wait_event(compute.record_event())  # released after the last use
+        copy_(dst, pin(Tensor(np.ones(3, np.float32))), non_blocking=True)
+        side.synchronize()
+    assert np.array_equal(dst.asnumpy(), np.ones(3))
+    call(Holder())
+    other = streams.Stream()
+    with streams.StreamCtx(other):
+        with pytest.raises(RuntimeError, match="has not waited for"):
+            copy_(dst, pin(Tensor(np.full(3, 2, np.float32))), non_blocking=True)
+    compute.synchronize()  # the host waited for the compute stream: every use is over
+    with streams.StreamCtx(other):
+        copy_(dst, pin(Tensor(np.full(3, 2, np.float32))), non_blocking=True)
+        other.synchronize()
+    assert np.array_equal(dst.asnumpy(), np.full(3, 2))
 
 
 def test_mesh_refuses_offload_with_shard_weights_and_negative_chunks():
