@@ -39,11 +39,11 @@ def models(tmp_path_factory):
     return str(root)
 
 
-def _run(path, kind, **mesh_args):
+def _run(path, kind, weights=None, **mesh_args):
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
 
     mesh = Mesh.create(1, 0, **mesh_args)
-    model, held = load_stage(path, mesh, progress=False)
+    model, held = load_stage(path, mesh, progress=False, weights=weights)
     inputs = case_inputs(Case(kind, GRID, 1, 1))
     out = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]), conditioning(inputs, kind),
                            FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE, progress=False, shards=held)
@@ -79,6 +79,28 @@ def test_device_resident_parameters_are_the_non_block_ones_and_the_working_block
     assert sum(int(np.prod(p.shape)) for _, p in plain.parameters_and_names() if not p.has_init) == every
 
 
+def test_int8_offload_equals_int8_without_offload(models):
+    """--offload --weights int8 on CPU: int8 host blocks copied into an int8 working block give the
+    latents of the int8 model without offload; the device holds the non-block parameters and that block."""
+    import mindspore as ms
+
+    path = os.path.join(models, "t2v")
+    want = reference_latents(path, Case("t2v", GRID, 1, 1, weights="int8"))
+    full = reference_latents(path, Case("t2v", GRID, 1, 1))
+    assert float(np.abs(want - full).max()) > 1e-6  # the int8 weights do change the result
+    got, model, host, mesh = _run(path, "t2v", weights="int8", offload=True)
+    err = float(np.abs(got - want).max())
+    assert err <= tolerance(want), f"max |int8 offload - int8 plain| = {err:.3g}"
+    assert model.weights == "int8" and any(a.dtype == np.int8 for a in host.blocks[0])
+    streamer = ParallelDiT(mesh, make_communicator(mesh), model, host).blocks
+    slot = dict(streamer.slots[0].parameters_and_names())
+    assert [slot[n].dtype == ms.int8 for n in host.layout.names] == [a.dtype == np.int8 for a in host.blocks[0]]
+    loaded = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names() if not p.has_init)
+    every = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names())
+    assert loaded == every - model.num_layers * host.layout.total  # the model's own blocks hold no storage
+    assert streamer.device_elements() == host.layout.total
+
+
 def test_offload_under_ascend_sim(models):
     env = {**os.environ, "STEPVIDEO_DEVICE": "ascend-sim", "GLOG_v": "3",
            "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
@@ -105,6 +127,14 @@ def test_offload_under_ascend_sim(models):
         assert "still being copied" in r["without_wait"] and "wait_event" in r["without_wait"], r["without_wait"]
         assert "has not waited for" in r["without_release_wait"] and "wait_event" in r["without_release_wait"], \
             r["without_release_wait"]
+    q = report["int8"]  # --offload --weights int8: int8 host and working blocks, the W8A16 emulator
+    assert q["moved"] > 1e-2 and q["err"] <= 1e-4 * (1 + q["scale"]), q
+    assert q["host_int8"] > 0 and q["working_int8_match"] and q["w8a16_calls"] > 0, q
+    if report["pinned_host_memory"]:
+        assert q["host_pinned"] and q["working_blocks"] == 2, q
+        assert q["copies_one_forward"] == q["layers"] + 1 and q["in_flight_after"] == [0], q
+    else:
+        assert not q["host_pinned"] and q["working_blocks"] == 1 and q["in_flight_after"] == [], q
 
 
 # ---- the stream emulators' rules --------------------------------------------------------------------

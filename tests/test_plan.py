@@ -122,11 +122,32 @@ def test_int8_weights_by_hand_and_on_four_32_gib_cards():
     assert 0.49 < shard.sent_bytes["weight gathers"] / bf16.sent_bytes["weight gathers"] < 0.52
     fits = [p.layout for p in (planner.plan(RELEASED, lay, GRID_204F)
                                for lay in planner.layouts(4, 48, 48, weights="int8")) if p.fits(32)]
-    assert fits and all(lay.shard and lay.weights == "int8" for lay in fits)
+    assert fits and all((lay.shard or lay.offload) and lay.weights == "int8" for lay in fits)
+    assert any(lay.offload for lay in fits)  # int8 blocks are streamed too (issue 26)
     assert not [lay for lay in planner.layouts(4, 48, 48, offload=False) if planner.plan(RELEASED, lay, GRID_204F).fits(32)]
     cpu = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, weights="int8"), GRID_204F, hardware=planner.CPU)
     assert cpu.memory["dequantized weight"] == 4 * d * d * 4  # one float32 copy of the largest weight
     assert "--weights int8" in full.layout.arguments()
+
+
+def test_int8_offload_by_hand_halves_host_memory_and_link_traffic():
+    d = 6144
+    block_bytes = RELEASED.block_bytes("int8", 2)
+    one = planner.Layout(1, 1, 1, False, offload=True, seq_cfg=True)
+    bf16 = planner.plan(RELEASED, one, GRID_204F)
+    int8 = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, True, True, weights="int8"), GRID_204F)
+    assert int8.host_bytes == 48 * block_bytes and 27.0 < int8.host_gib < 27.6  # from 54.0 GiB in bf16
+    assert 0.49 < int8.host_bytes / bf16.host_bytes < 0.52
+    assert int8.host_copy_bytes == 48 * 2 * block_bytes  # every block copied once per micro-batch (seq CFG: 2)
+    assert int8.memory["weights"] == 2 * block_bytes + RELEASED.other_params * 2  # two int8 working blocks
+    assert bf16.memory["weights"] - int8.memory["weights"] == 2 * (RELEASED.block_params * 2 - block_bytes)
+    assert int8.offload_s <= bf16.offload_s and int8.step_s <= bf16.step_s
+    # one 32 GB card: the planner offers the int8 offload layouts and picks one
+    plans = planner.plans_for(RELEASED, 1, GRID_204F, weights="int8")
+    chosen = planner.choose(plans, 32)
+    assert chosen is not None and chosen.layout.offload and chosen.layout.weights == "int8"
+    assert "--offload" in chosen.layout.arguments() and "--weights int8" in chosen.layout.arguments()
+    assert 16 * d * d < block_bytes < 17 * d * d * 1.1
 
 
 @pytest.mark.parametrize("cards,card_gb,expect", [
@@ -159,7 +180,7 @@ def test_the_advice_is_the_planner_s_own_answer():
 
 
 def test_the_advice_for_int8_suggests_int8_commands(capsys):
-    assert describe.main(["--plan", "--cards", "1", "--card_gb", "32", "--weights", "int8"]) == 1
+    assert describe.main(["--plan", "--cards", "1", "--card_gb", "24", "--weights", "int8"]) == 1
     out = capsys.readouterr().out
     suggested = [line for line in out.splitlines() if "python -m stepvideo_ms describe --plan --cards" in line]
     assert suggested and all(line.rstrip().endswith("--weights int8") or "--weights int8 " in line for line in suggested)

@@ -44,10 +44,6 @@ def validate_model(args, world_size: int):
     checkpoint.checkpoint_files(transformer)  # the shards are all there
     task = "ti2v" if config.get("use_additional_conditions") else "t2v"
     weights = weights_of(args, config, transformer)  # --weights against what the folder holds
-    if weights == "int8" and getattr(args, "offload", False):
-        raise ValueError("--offload streams full-precision blocks: it does not take --weights int8 yet (an int8 "
-                         "folder holds int8 weights): use --weights int8 with --shard_weights, or --offload with "
-                         "the released weights and --weights full")
     resolve_layout(args, world_size, task, config, weights)
     mesh = mesh_from(args, world_size, 0)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))

@@ -30,7 +30,8 @@ pipeline.py, ulysses.py, shard.py):
 
 Offload (offload.py): the card keeps the non-block parameters and `offload_working_blocks` blocks
 (Ascend: the one computing and the next one being copied in; CPU: one, filled synchronously), the
-host keeps the rank's whole stage (`host_bytes`, pinned, per rank: ranks on one host add up). Every
+host keeps the rank's whole stage (`host_bytes`, pinned, per rank: ranks on one host add up; with
+--weights int8 the blocks are int8 with their scales, `block_bytes`, on the host, the link and the card). Every
 block is copied in once per micro-batch (unless the stage has no more blocks than working blocks)
 over the host link (`host_link_gb_s`, per card, ASSUMED), issued one block ahead: a copy costs only
 what exceeds the block it hides under, plus the `1 - offload_overlap` share (ASSUMED) the overlap
@@ -323,12 +324,11 @@ def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, offl
                 continue
             pp = rest // u
             budgets = [(False, 0)]
-            offload_ok = offload and weights != "int8"  # offload streams full-precision blocks (dit_forward)
             if offload and guidance and cfg == 1 and pp == 1:
                 budgets += [(True, 0), (True, CHUNK_TOKENS)]
             for seq, chunk in budgets:
                 for shard, off in ((False, False), (True, False), (False, True)):
-                    if (shard and cfg * u == 1) or (off and not offload_ok):
+                    if (shard and cfg * u == 1) or (off and not offload):
                         continue
                     found.append(Layout(cfg, u, pp, shard, off, seq, chunk, weights))
     return found
