@@ -184,3 +184,37 @@ def test_the_advice_for_int8_suggests_int8_commands(capsys):
     out = capsys.readouterr().out
     suggested = [line for line in out.splitlines() if "python -m stepvideo_ms describe --plan --cards" in line]
     assert suggested and all(line.rstrip().endswith("--weights int8") or "--weights int8 " in line for line in suggested)
+
+
+def test_the_in_process_vae_decode_on_rank_0_is_given_a_tile_or_refused():
+    """Issue 26: the decode of an in-process VAE runs on rank 0's card after the DiT, in what the stage's
+    resident weights, the reserve and the in-process models leave; the planner names the tile it expects,
+    or refuses the layout with the numbers (204 frames 544x992, the released VAE in bf16: 34 x 62 latents,
+    untiled about 51.6 GiB, 1-position tiles about 10.4 GiB)."""
+    from stepvideo_ms.models.vae_config import SPATIAL_COMPRESSION, VAEConfig
+    from stepvideo_ms.models.vae_tiled import choose_tile, decode_peak_bytes
+
+    vae = VAEConfig.from_dict({})
+    rows, cols = 544 // SPATIAL_COMPRESSION, 992 // SPATIAL_COMPRESSION
+    assert 51 < decode_peak_bytes(vae, rows, cols, 2) / 2 ** 30 < 52
+    assert 10 < decode_peak_bytes(vae, rows, cols, 2, 1) / 2 ** 30 < 11
+
+    def tile_for(budget):
+        return choose_tile(vae, rows, cols, 2, budget)
+
+    held = 2 ** 29  # 0.5 GiB of in-process models on rank 0's card
+    one = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, True, True, planner.CHUNK_TOKENS), GRID_204F)
+    tile, budget = planner.expected_decode_tile(one, 32, held, tile_for)
+    assert budget == 32 * 2 ** 30 - one.memory["weights"] - 3 * 2 ** 30 - held  # 25.6 GiB
+    assert 25.5 < budget / 2 ** 30 < 25.7 and tile == (13, 13)
+    assert decode_peak_bytes(vae, rows, cols, 2, 13) <= budget < decode_peak_bytes(vae, rows, cols, 2, 14)
+    # 17 frames on ulysses 4 with int8 weights fit 32 GiB cards (peak 31.9 GiB, 27.9 of weights), but the
+    # decode (same per-chunk peak for any frame count) would have 0.84 GiB: refused
+    u4 = planner.plan(RELEASED, planner.Layout(1, 4, 1, False, weights="int8"), planner.video_grid(17, 544, 992))
+    assert u4.fits(32)
+    with pytest.raises(ValueError, match=r"ulysses 4 x pp 1 \+ int8: the VAE decode on rank 0's card, with the 0\.84 "
+                                         r"GiB it has left: .* 1-position tiles need about 10\.39 GiB"):
+        planner.expected_decode_tile(u4, 32, held, tile_for)
+    # a card filled before the decode
+    with pytest.raises(ValueError, match=r"rank 0's card \(30 GiB\) is filled"):
+        planner.expected_decode_tile(u4, 30, held, tile_for)

@@ -28,6 +28,10 @@ pipeline.py, ulysses.py, shard.py):
 - conditions: the caption context (B, Lk, D) and the text embeddings;
 - a fixed runtime reserve (framework, HCCL buffers, kernel workspaces): the target's `reserve_gib`.
 
+An in-process VAE decodes on rank 0's card after the DiT: it gets the card less the stage's resident
+weights, the reserve and the in-process models held then (`decode_budget_bytes`), and is tiled to fit
+that budget (`expected_decode_tile`); a layout that leaves no tile room is not chosen.
+
 Offload (offload.py): the card keeps the non-block parameters and `offload_working_blocks` blocks
 (Ascend: the one computing and the next one being copied in; CPU: one, filled synchronously), the
 host keeps the rank's whole stage (`host_bytes`, pinned, per rank: ranks on one host add up; with
@@ -55,7 +59,7 @@ takes longer than the block it hides under), at a stated link bandwidth. The def
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .mesh import CFG_DEGREES
 
@@ -234,6 +238,29 @@ class Plan:
 
     def fits(self, card_gb: Optional[float], host_gb: Optional[float] = None) -> bool:
         return (card_gb is None or self.peak_gib <= card_gb) and (host_gb is None or self.host_gib <= host_gb)
+
+
+def decode_budget_bytes(plan: Plan, card_gb: float, held_bytes: int = 0) -> float:
+    """What rank 0's card has left for an in-process VAE decode, which runs after the DiT (its activations
+    freed): the card less the DiT stage's resident weights, the runtime reserve and the in-process models
+    it holds then (`held_bytes`)."""
+    return card_gb * GIB - plan.memory["weights"] - plan.memory["runtime reserve"] - held_bytes
+
+
+def expected_decode_tile(plan: Plan, card_gb: float, held_bytes: int, tile_for: Callable[[float], Optional[tuple]]):
+    """(the decode's tile in latent positions, None for untiled; its budget in bytes) on rank 0's card, with
+    `tile_for(budget_bytes)` the VAE's choice (models.vae_tiled.choose_tile for the video's latents).
+    ValueError with the numbers when the card has nothing left or no tile fits what it has."""
+    budget = decode_budget_bytes(plan, card_gb, held_bytes)
+    if budget <= 0:
+        raise ValueError(f"{plan.layout.name()}: rank 0's card ({card_gb:g} GiB) is filled by the DiT's weights "
+                         f"({plan.memory['weights'] / GIB:.2f} GiB), the runtime reserve and the in-process models "
+                         f"({held_bytes / GIB:.2f} GiB) before the VAE decodes")
+    try:
+        return tile_for(budget), budget
+    except ValueError as exc:
+        raise ValueError(f"{plan.layout.name()}: the VAE decode on rank 0's card, with the {budget / GIB:.2f} GiB "
+                         f"it has left: {exc}") from None
 
 
 def ceil_div(a: int, b: int) -> int:
