@@ -372,14 +372,15 @@ def choose(plans: List[Plan], card_gb: Optional[float], host_gb: Optional[float]
 def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_gb: Optional[float] = None) -> str:
     """A text table, the fitting layouts first by step time. host GiB: the offloaded blocks of all
     ranks; offload x: step time over the same layout's without exposed copies."""
-    head = (f"{'layout':<47} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'host GiB':>8} {'sent GB/step':>12} "
+    wide = max([47] + [len(pl.layout.name()) for pl in plans])  # "... + chunks + int8" is longer than 47
+    head = (f"{'layout':<{wide}} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'host GiB':>8} {'sent GB/step':>12} "
             f"{'idle':>5} {'step s':>7} {'offload x':>9}  fits")
     lines = [head, "-" * len(head)]
     for pl in sorted(plans, key=lambda q: (not q.fits(card_gb, host_gb), q.step_s)):
         mem = pl.memory
         act = mem["block activations"] + mem["embedded tokens"] + mem["pipeline in flight"]
         ratio = f"{pl.offload_ratio:9.3f}" if pl.layout.offload else f"{'-':>9}"
-        lines.append(f"{pl.layout.name():<47} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
+        lines.append(f"{pl.layout.name():<{wide}} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
                      f"{pl.host_gib:8.1f} {sum(pl.sent_bytes.values()) / 1e9:12.1f} {pl.idle_share:5.0%} "
                      f"{pl.step_s:7.1f} {ratio}  {'yes' if pl.fits(card_gb, host_gb) else 'no'}")
     lines.append(hardware.describe())
