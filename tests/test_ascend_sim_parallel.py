@@ -37,7 +37,12 @@ CASES = ([Case(kind, ODD, u, pp) for u, pp in [(2, 1), (1, 2), (2, 2), (4, 1), (
          + [Case("t2v", ODD, 2, 2, shard=True, weights="int8")]
          # block offload with the emulated side stream, events and pinned host memory (issue 16): 4 layers
          # streamed through 2 working blocks (cfg 2 x ulysses 2), and a pipeline whose 2-layer stages stay resident
-         + [Case("t2v", ODD, 2, 1, cfg=2, offload=True), Case("ti2v", ODD, 2, 2, offload=True)])
+         + [Case("t2v", ODD, 2, 1, cfg=2, offload=True), Case("ti2v", ODD, 2, 2, offload=True)]
+         # int8 blocks offloaded (issue 26): int8 working blocks through the W8A16 emulator, world 2: ulysses 2
+         # (T2V), pp 2 with a 3-layer first stage (streamed through 2 working blocks, TI2V), cfg 2 (T2V)
+         + [Case("t2v", ODD, 2, 1, weights="int8", offload=True),
+            Case("ti2v", ODD, 1, 2, pp_split="3", weights="int8", offload=True),
+            Case("t2v", ODD, 1, 1, cfg=2, weights="int8", offload=True)])
 
 
 @pytest.fixture(scope="module")
