@@ -4,8 +4,8 @@ non-block parameters and a few working blocks, and each block is copied in just 
 Host side (`HostBlocks`): every parameter of every block of this rank's stage, read once from the
 safetensors files. On Ascend they are pinned host tensors (`Tensor.pin_memory()`), the source of
 asynchronous copies; a MindSpore without `Tensor.pin_memory` (2.7.0) keeps them in the map
-described next and copies them synchronously (float32: twice the host memory of bf16 except int8 weights, no overlap: the run's
-record says so). On the CPU backend, where host and device are the same memory, they sit in a
+described next and copies them synchronously (float32 but for int8 weights: twice the host memory
+of bf16, no overlap: the run's record says so). On the CPU backend, where host and device are the same memory, they sit in a
 file-backed memory map (an unlinked temporary file), so that a process's resident memory tells
 them apart from its working memory: file-backed (or shared) pages are the host blocks, anonymous
 pages the device-resident part (see bench/bench_offload.py).
