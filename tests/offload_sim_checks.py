@@ -4,7 +4,9 @@
 
 Prints one JSON line: per kind (t2v, ti2v) the max |offload - plain| of the final latents (bf16 policy,
 both in the simulation), the working blocks' and the model's device-resident parameter counts, the
-copies made and issued ahead, and what happens when the compute stream does not wait for a copy.
+copies made and issued ahead, and what happens when the compute stream does not wait for a copy and when
+the side stream does not wait for the compute stream's release of a working block before copying into it;
+under "int8" the same for --offload --weights int8 (T2V) against the int8 model without offload.
 """
 from __future__ import annotations
 
@@ -70,8 +72,72 @@ def main(models_dir: str) -> int:
             report[kind]["without_wait"] = str(exc)
         finally:
             BlockStreamer._wait = saved
+        # the side stream's wait on the compute stream's release removed: a copy overwrites a block in use
+        report[kind]["without_release_wait"] = _run_without_side_stream_waits(run)
+    report["int8"] = _int8_offload(models_dir, rt)
     print(json.dumps(report), flush=True)
     return 0
+
+
+def _int8_offload(models_dir: str, rt) -> dict:
+    """--offload --weights int8 (T2V): the latents against the int8 model without offload, the host and
+    working blocks' dtypes, the copy in flight, and how often the strict W8A16 emulator ran."""
+    import mindspore as ms
+    from mindspore import Tensor
+    from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
+    from stepvideo_ms.parallel import Mesh, load_stage, make_communicator, parallel_denoise
+    from stepvideo_ms.parallel.dit_forward import ParallelDiT
+    from stepvideo_ms.testing.ascend_sim import quant_matmul
+
+    case = Case("t2v", (3, 3, 3), 1, 1, weights="int8")
+    path = os.path.join(models_dir, "t2v")
+    want = reference_latents(path, case, rt.compute_dtype)
+    mesh = Mesh.create(1, 0, offload=True)
+    comm = make_communicator(mesh)
+    model, host = load_stage(path, mesh, rt.compute_dtype, progress=False, weights="int8")
+    inputs = case_inputs(case)
+    calls = []
+    real = quant_matmul._Emulated.__call__
+    quant_matmul._Emulated.__call__ = lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    try:
+        got = parallel_denoise(mesh, comm, model, Tensor(inputs["latents"]), conditioning(inputs, "t2v"),
+                               FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE, progress=False,
+                               shards=host).asnumpy()
+    finally:
+        quant_matmul._Emulated.__call__ = real
+    dit = ParallelDiT(mesh, comm, model, host)
+    streamer = dit.blocks
+    dit.forward(Tensor(np.concatenate([inputs["latents"]] * 2)), Tensor(np.array([500.0, 500.0], np.float32)),
+                conditioning(inputs, "t2v"))
+    host_int8 = [t.dtype == ms.int8 for t in host.blocks[0]]
+    return {"err": float(np.abs(got - want).max()), "scale": float(np.abs(want).max()),
+            "moved": float(np.abs(want - inputs["latents"]).max()), "w8a16_calls": len(calls),
+            "host_int8": sum(host_int8), "host_pinned": host.pinned,
+            "working_int8_match": all([p.dtype == ms.int8 for _, p in cell.parameters_and_names()] == host_int8
+                                      for cell in streamer.slots),
+            "working_blocks": len(streamer.slots), "copies_one_forward": streamer.copies,
+            "in_flight_after": sorted(streamer._pending), "layers": model.num_layers}
+
+
+def _run_without_side_stream_waits(run) -> str:
+    """`run()` with every stream made while it runs (the streamer's side stream) ignoring `wait_event`,
+    as if BlockStreamer._issue did not wait for the released event: the simulation's answer."""
+    import mindspore as ms
+
+    real = ms.runtime.Stream
+
+    class NoWaitStream(real):
+        def wait_event(self, event) -> None:
+            pass
+
+    ms.runtime.Stream = NoWaitStream
+    try:
+        run()
+        return "no error"
+    except RuntimeError as exc:
+        return str(exc)
+    finally:
+        ms.runtime.Stream = real
 
 
 if __name__ == "__main__":

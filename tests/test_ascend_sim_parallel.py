@@ -37,11 +37,16 @@ CASES = ([Case(kind, ODD, u, pp) for u, pp in [(2, 1), (1, 2), (2, 2), (4, 1), (
          + [Case("t2v", ODD, 2, 2, shard=True, weights="int8")]
          # block offload with the emulated side stream, events and pinned host memory (issue 16): 4 layers
          # streamed through 2 working blocks (cfg 2 x ulysses 2), and a pipeline whose 2-layer stages stay resident
-         + [Case("t2v", ODD, 2, 1, cfg=2, offload=True), Case("ti2v", ODD, 2, 2, offload=True)])
+         + [Case("t2v", ODD, 2, 1, cfg=2, offload=True), Case("ti2v", ODD, 2, 2, offload=True)]
+         # int8 blocks offloaded (issue 26): int8 working blocks through the W8A16 emulator, world 2: ulysses 2
+         # (T2V), pp 2 with a 3-layer first stage (streamed through 2 working blocks, TI2V), cfg 2 (T2V)
+         + [Case("t2v", ODD, 2, 1, weights="int8", offload=True),
+            Case("ti2v", ODD, 1, 2, pp_split="3", weights="int8", offload=True),
+            Case("t2v", ODD, 1, 1, cfg=2, weights="int8", offload=True)])
 # the step cache (issue 27): threshold 0 is the uncached ulysses 2 run bit for bit; at 0.3 the copies issued
 # ahead on the side stream (offload, 2 working blocks) and the gathers issued ahead over HCCL (sharded, with a
 # pipeline) follow the step's blocks that run, and every rank takes the one-process cached run's steps (the
-# pipeline's latents within 1.5 x the bf16 floor of the float32 cached run: its stages add their residuals apart)
+# latents, like every case here, as close to the float32 run as the one-process bf16 run is)
 CACHE_TWINS = {Case("t2v", ODD, 2, 1, cache=0.0): Case("t2v", ODD, 2, 1)}
 CACHED = [Case("t2v", ODD, 2, 1, cfg=2, offload=True, cache=0.3), Case("ti2v", ODD, 2, 2, shard=True, cache=0.3)]
 CASES = CASES + list(CACHE_TWINS) + CACHED

@@ -77,8 +77,6 @@ def test_checks_before_loading(model, tmp_path, capsys):
             "--save_path", str(tmp_path)]
     assert cli.main(args + ["--transformer_dir", "transformer_int8", "--weights", "full"]) == 2
     assert "--weights full" in capsys.readouterr().err
-    assert cli.main(args + ["--weights", "int8", "--offload"]) == 2  # offload streams full-precision blocks
-    assert "--offload streams full-precision blocks" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         cli.main(args + ["--weights", "int4"])
     assert exit_.value.code == 2

@@ -85,6 +85,27 @@ def test_sharded_slices_from_either_folder_are_the_same(source, converted):
                 np.testing.assert_array_equal(x.asnumpy(), y.asnumpy())
 
 
+def test_offloaded_host_blocks_from_either_folder_are_the_same(source, converted):
+    """--offload --weights int8: the host blocks hold int8 weights and their scales, read from the int8
+    folder or quantized while reading the released one, byte for byte the same."""
+    from stepvideo_ms.parallel import Mesh
+    from stepvideo_ms.parallel.offload import load_offloaded_stage
+
+    mesh = Mesh.create(1, 0, offload=True)
+    _, from_bf = load_offloaded_stage(source, mesh, ms.float32, progress=False, weights="int8")
+    _, from_q = load_offloaded_stage(converted, mesh, ms.float32, progress=False)
+    _, full = load_offloaded_stage(source, mesh, ms.float32, progress=False, weights="full")
+    assert from_bf.layout == from_q.layout and from_bf.layers == from_q.layers
+    names = from_bf.layout.names
+    assert any(n.endswith(SCALE_SUFFIX) for n in names)
+    for layer in from_bf.layers:
+        for name, x, y in zip(names, from_bf.blocks[layer], from_q.blocks[layer]):
+            assert x.dtype == y.dtype and (x.dtype == np.int8) == (name + SCALE_SUFFIX in names), name
+            np.testing.assert_array_equal(x, y, err_msg=name)
+    # int8 weights take 1 byte where the CPU map keeps float32: well under half the full blocks' bytes
+    assert from_bf.nbytes() < 0.5 * full.nbytes(), (from_bf.nbytes(), full.nbytes())
+
+
 def test_full_weights_cannot_come_from_an_int8_folder(converted):
     with pytest.raises(ValueError, match="--weights full"):
         StepVideoModel.from_pretrained(converted, progress=False, weights="full")

@@ -5,7 +5,7 @@
   the working block; the host blocks are file-backed;
 - ascend-sim (a subprocess): the same latents with the emulated side stream, events and pinned memory; two
   working blocks; the copy of the next block in flight while one computes; removing the compute stream's
-  wait is an error;
+  wait is an error, and so is removing the side stream's wait on the compute stream's release of a block;
 - the stream emulators' rules, called directly;
 - the planner's offload arithmetic, its choice of layout, and run_parallel's automatic layout and refusals.
 (The msrun layouts with offload are cases of tests/test_parallel_msrun.py and test_ascend_sim_parallel.py.)
@@ -39,11 +39,11 @@ def models(tmp_path_factory):
     return str(root)
 
 
-def _run(path, kind, **mesh_args):
+def _run(path, kind, weights=None, **mesh_args):
     from stepvideo_ms.diffusion.scheduler import FlowMatchScheduler
 
     mesh = Mesh.create(1, 0, **mesh_args)
-    model, held = load_stage(path, mesh, progress=False)
+    model, held = load_stage(path, mesh, progress=False, weights=weights)
     inputs = case_inputs(Case(kind, GRID, 1, 1))
     out = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]), conditioning(inputs, kind),
                            FlowMatchScheduler(), STEPS, TIME_SHIFT, GUIDANCE, progress=False, shards=held)
@@ -79,6 +79,28 @@ def test_device_resident_parameters_are_the_non_block_ones_and_the_working_block
     assert sum(int(np.prod(p.shape)) for _, p in plain.parameters_and_names() if not p.has_init) == every
 
 
+def test_int8_offload_equals_int8_without_offload(models):
+    """--offload --weights int8 on CPU: int8 host blocks copied into an int8 working block give the
+    latents of the int8 model without offload; the device holds the non-block parameters and that block."""
+    import mindspore as ms
+
+    path = os.path.join(models, "t2v")
+    want = reference_latents(path, Case("t2v", GRID, 1, 1, weights="int8"))
+    full = reference_latents(path, Case("t2v", GRID, 1, 1))
+    assert float(np.abs(want - full).max()) > 1e-6  # the int8 weights do change the result
+    got, model, host, mesh = _run(path, "t2v", weights="int8", offload=True)
+    err = float(np.abs(got - want).max())
+    assert err <= tolerance(want), f"max |int8 offload - int8 plain| = {err:.3g}"
+    assert model.weights == "int8" and any(a.dtype == np.int8 for a in host.blocks[0])
+    streamer = ParallelDiT(mesh, make_communicator(mesh), model, host).blocks
+    slot = dict(streamer.slots[0].parameters_and_names())
+    assert [slot[n].dtype == ms.int8 for n in host.layout.names] == [a.dtype == np.int8 for a in host.blocks[0]]
+    loaded = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names() if not p.has_init)
+    every = sum(int(np.prod(p.shape)) for _, p in model.parameters_and_names())
+    assert loaded == every - model.num_layers * host.layout.total  # the model's own blocks hold no storage
+    assert streamer.device_elements() == host.layout.total
+
+
 def test_offload_under_ascend_sim(models):
     env = {**os.environ, "STEPVIDEO_DEVICE": "ascend-sim", "GLOG_v": "3",
            "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}
@@ -103,6 +125,16 @@ def test_offload_under_ascend_sim(models):
         # one forward: 4 blocks copied, plus the first block of the next forward already in flight
         assert r["copies_one_forward"] == r["layers"] + 1 and r["in_flight_after"] == [0]
         assert "still being copied" in r["without_wait"] and "wait_event" in r["without_wait"], r["without_wait"]
+        assert "has not waited for" in r["without_release_wait"] and "wait_event" in r["without_release_wait"], \
+            r["without_release_wait"]
+    q = report["int8"]  # --offload --weights int8: int8 host and working blocks, the W8A16 emulator
+    assert q["moved"] > 1e-2 and q["err"] <= 1e-4 * (1 + q["scale"]), q
+    assert q["host_int8"] > 0 and q["working_int8_match"] and q["w8a16_calls"] > 0, q
+    if report["pinned_host_memory"]:
+        assert q["host_pinned"] and q["working_blocks"] == 2, q
+        assert q["copies_one_forward"] == q["layers"] + 1 and q["in_flight_after"] == [0], q
+    else:
+        assert not q["host_pinned"] and q["working_blocks"] == 1 and q["in_flight_after"] == [], q
 
 
 # ---- the stream emulators' rules --------------------------------------------------------------------
@@ -145,6 +177,55 @@ def test_emulated_copy_lands_when_its_event_is_waited_on():
     with pytest.raises(TypeError):
         streams.Stream().wait_event(object())
     assert ms.runtime.Stream is not streams.Stream  # nothing installed in this CPU process
+
+
+def test_emulated_copy_into_a_block_in_use_waits_for_its_release():
+    """The other half of the stream contract: a copy on the side stream into a parameter the compute
+    stream used is refused until the side stream waited on an event recorded after that use."""
+    from mindspore import Parameter, nn
+    from stepvideo_ms.testing.ascend_sim import streams
+
+    copy_ = streams._copy_emulator(Tensor.copy_)
+    pin = streams._pin_memory_emulator(None)
+    call = streams._cell_call_emulator(nn.Cell.__call__)
+    dst = Parameter(Tensor(np.zeros(3, np.float32)), name="slot_w")
+
+    class Holder(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.w = dst
+
+        def construct(self):
+            return self.w * 1
+
+    side, compute = streams.Stream(), streams.default_stream()
+    with streams.StreamCtx(side):
+        copy_(dst, pin(Tensor(np.arange(3, dtype=np.float32))), non_blocking=True)
+        landed = side.record_event()
+    compute.wait_event(landed)
+    assert np.array_equal(call(Holder()).asnumpy(), np.arange(3))  # the compute stream uses the block
+    before_use_ended = compute.record_event()
+    call(Holder())  # a second use, after that event
+    with streams.StreamCtx(side):
+        with pytest.raises(RuntimeError, match="has not waited for.*wait_event"):
+            copy_(dst, pin(Tensor(np.ones(3, np.float32))), non_blocking=True)  # no wait at all
+        side.wait_event(before_use_ended)
+        with pytest.raises(RuntimeError, match="has not waited for"):
+            copy_(dst, pin(Tensor(np.ones(3, np.float32))), non_blocking=True)  # an event before the last use
+        side.wait_event(compute.record_event())  # released after the last use
+        copy_(dst, pin(Tensor(np.ones(3, np.float32))), non_blocking=True)
+        side.synchronize()
+    assert np.array_equal(dst.asnumpy(), np.ones(3))
+    call(Holder())
+    other = streams.Stream()
+    with streams.StreamCtx(other):
+        with pytest.raises(RuntimeError, match="has not waited for"):
+            copy_(dst, pin(Tensor(np.full(3, 2, np.float32))), non_blocking=True)
+    compute.synchronize()  # the host waited for the compute stream: every use is over
+    with streams.StreamCtx(other):
+        copy_(dst, pin(Tensor(np.full(3, 2, np.float32))), non_blocking=True)
+        other.synchronize()
+    assert np.array_equal(dst.asnumpy(), np.full(3, 2))
 
 
 def test_mesh_refuses_offload_with_shard_weights_and_negative_chunks():
@@ -260,8 +341,10 @@ def test_one_card_holds_the_local_encoders_and_vae_in_turn(tmp_path, monkeypatch
     plain = planner.plan(shape, planner.Layout(1, 1, 1, False), (3, 4, 6), hardware=planner.CPU)
     in_turn = max(plain.peak_bytes, plain.memory["weights"] + max(parts.values())) * 1.01 / planner.GIB
     assert in_turn < (plain.peak_bytes + sum(parts.values())) / planner.GIB * 0.99
+    # --vae_tile: the planner would count the tiny VAE's predicted decode (0.05 GiB even in 1-position tiles,
+    # more than this card) and refuse; a tile the user gives is the user's choice
     args = _validate(model, tmp_path, monkeypatch, 1, ["--num_frames", "17", "--height", "64", "--width", "96",
-                                                        "--card_gb", f"{in_turn:.6f}"])
+                                                        "--card_gb", f"{in_turn:.6f}", "--vae_tile", "1"])
     assert args.local_in_turn and "the local encoders and VAE loaded in turn" in capsys.readouterr().out
     resident = InProcessBackends.from_model_dir(model, progress=False, vae=False)
     turn = InProcessBackends.from_model_dir(model, progress=False, vae=False, in_turn=True)

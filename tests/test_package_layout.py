@@ -116,3 +116,11 @@ def test_the_root_holds_only_the_base_and_the_public_face():
     # the public face, the base every room uses, and three two-line shims of the old -m spellings
     assert root == ["__init__", "__main__", "capabilities", "console", "describe", "runtime", "tiny", "verify", "versions",
                     "video"]
+
+
+def test_the_lower_rooms_import_nothing_from_the_job_front():
+    """serving/ (the caption and VAE servers) and diffusion/ (one video in one process) sit below
+    generation/ (the msrun job front): an import from there would run back up the house."""
+    upward = sorted(f"{a} -> {b}" for a, targets in import_graph().items() for b in targets
+                    if a.split(".")[1:2] in (["serving"], ["diffusion"]) and b.startswith(f"{NAME}.generation"))
+    assert not upward, "imports from generation/ in a room below it:\n  " + "\n  ".join(upward)

@@ -40,6 +40,10 @@ CASES = (
     + [Case("t2v", ODD, 2, 1, offload=True), Case("ti2v", ODD, 1, 1, cfg=2, offload=True),
        Case("ti2v", ODD, 1, 2, offload=True), Case("t2v", ODD, 2, 2, offload=True),
        Case("ti2v", ODD, 1, 2, cfg=2, offload=True)]
+    # int8 blocks offloaded (issue 26), equal to the single-process int8 run: ulysses 2 (T2V), pp 2 (TI2V),
+    # cfg 2 (T2V), all in the world-2 launch
+    + [Case("t2v", ODD, 2, 1, weights="int8", offload=True), Case("ti2v", ODD, 1, 2, weights="int8", offload=True),
+       Case("t2v", ODD, 1, 1, cfg=2, weights="int8", offload=True)]
     # sequential CFG with sharded weights (a planner choice for 32 GB cards): one gather per block and half
     + [Case("t2v", ODD, 2, 1, shard=True, seq=True)]
 )

@@ -122,11 +122,32 @@ def test_int8_weights_by_hand_and_on_four_32_gib_cards():
     assert 0.49 < shard.sent_bytes["weight gathers"] / bf16.sent_bytes["weight gathers"] < 0.52
     fits = [p.layout for p in (planner.plan(RELEASED, lay, GRID_204F)
                                for lay in planner.layouts(4, 48, 48, weights="int8")) if p.fits(32)]
-    assert fits and all(lay.shard and lay.weights == "int8" for lay in fits)
+    assert fits and all((lay.shard or lay.offload) and lay.weights == "int8" for lay in fits)
+    assert any(lay.offload for lay in fits)  # int8 blocks are streamed too (issue 26)
     assert not [lay for lay in planner.layouts(4, 48, 48, offload=False) if planner.plan(RELEASED, lay, GRID_204F).fits(32)]
     cpu = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, weights="int8"), GRID_204F, hardware=planner.CPU)
     assert cpu.memory["dequantized weight"] == 4 * d * d * 4  # one float32 copy of the largest weight
     assert "--weights int8" in full.layout.arguments()
+
+
+def test_int8_offload_by_hand_halves_host_memory_and_link_traffic():
+    d = 6144
+    block_bytes = RELEASED.block_bytes("int8", 2)
+    one = planner.Layout(1, 1, 1, False, offload=True, seq_cfg=True)
+    bf16 = planner.plan(RELEASED, one, GRID_204F)
+    int8 = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, True, True, weights="int8"), GRID_204F)
+    assert int8.host_bytes == 48 * block_bytes and 27.0 < int8.host_gib < 27.6  # from 54.0 GiB in bf16
+    assert 0.49 < int8.host_bytes / bf16.host_bytes < 0.52
+    assert int8.host_copy_bytes == 48 * 2 * block_bytes  # every block copied once per micro-batch (seq CFG: 2)
+    assert int8.memory["weights"] == 2 * block_bytes + RELEASED.other_params * 2  # two int8 working blocks
+    assert bf16.memory["weights"] - int8.memory["weights"] == 2 * (RELEASED.block_params * 2 - block_bytes)
+    assert int8.offload_s <= bf16.offload_s and int8.step_s <= bf16.step_s
+    # one 32 GB card: the planner offers the int8 offload layouts and picks one
+    plans = planner.plans_for(RELEASED, 1, GRID_204F, weights="int8")
+    chosen = planner.choose(plans, 32)
+    assert chosen is not None and chosen.layout.offload and chosen.layout.weights == "int8"
+    assert "--offload" in chosen.layout.arguments() and "--weights int8" in chosen.layout.arguments()
+    assert 16 * d * d < block_bytes < 17 * d * d * 1.1
 
 
 @pytest.mark.parametrize("cards,card_gb,expect", [
@@ -159,7 +180,41 @@ def test_the_advice_is_the_planner_s_own_answer():
 
 
 def test_the_advice_for_int8_suggests_int8_commands(capsys):
-    assert describe.main(["--plan", "--cards", "1", "--card_gb", "32", "--weights", "int8"]) == 1
+    assert describe.main(["--plan", "--cards", "1", "--card_gb", "24", "--weights", "int8"]) == 1
     out = capsys.readouterr().out
     suggested = [line for line in out.splitlines() if "python -m stepvideo_ms describe --plan --cards" in line]
     assert suggested and all(line.rstrip().endswith("--weights int8") or "--weights int8 " in line for line in suggested)
+
+
+def test_the_in_process_vae_decode_on_rank_0_is_given_a_tile_or_refused():
+    """Issue 26: the decode of an in-process VAE runs on rank 0's card after the DiT, in what the stage's
+    resident weights, the reserve and the in-process models leave; the planner names the tile it expects,
+    or refuses the layout with the numbers (204 frames 544x992, the released VAE in bf16: 34 x 62 latents,
+    untiled about 51.6 GiB, 1-position tiles about 10.4 GiB)."""
+    from stepvideo_ms.models.vae_config import SPATIAL_COMPRESSION, VAEConfig
+    from stepvideo_ms.models.vae_tiled import choose_tile, decode_peak_bytes
+
+    vae = VAEConfig.from_dict({})
+    rows, cols = 544 // SPATIAL_COMPRESSION, 992 // SPATIAL_COMPRESSION
+    assert 51 < decode_peak_bytes(vae, rows, cols, 2) / 2 ** 30 < 52
+    assert 10 < decode_peak_bytes(vae, rows, cols, 2, 1) / 2 ** 30 < 11
+
+    def tile_for(budget):
+        return choose_tile(vae, rows, cols, 2, budget)
+
+    held = 2 ** 29  # 0.5 GiB of in-process models on rank 0's card
+    one = planner.plan(RELEASED, planner.Layout(1, 1, 1, False, True, True, planner.CHUNK_TOKENS), GRID_204F)
+    tile, budget = planner.expected_decode_tile(one, 32, held, tile_for)
+    assert budget == 32 * 2 ** 30 - one.memory["weights"] - 3 * 2 ** 30 - held  # 25.6 GiB
+    assert 25.5 < budget / 2 ** 30 < 25.7 and tile == (13, 13)
+    assert decode_peak_bytes(vae, rows, cols, 2, 13) <= budget < decode_peak_bytes(vae, rows, cols, 2, 14)
+    # 17 frames on ulysses 4 with int8 weights fit 32 GiB cards (peak 31.9 GiB, 27.9 of weights), but the
+    # decode (same per-chunk peak for any frame count) would have 0.84 GiB: refused
+    u4 = planner.plan(RELEASED, planner.Layout(1, 4, 1, False, weights="int8"), planner.video_grid(17, 544, 992))
+    assert u4.fits(32)
+    with pytest.raises(ValueError, match=r"ulysses 4 x pp 1 \+ int8: the VAE decode on rank 0's card, with the 0\.84 "
+                                         r"GiB it has left: .* 1-position tiles need about 10\.39 GiB"):
+        planner.expected_decode_tile(u4, 32, held, tile_for)
+    # a card filled before the decode
+    with pytest.raises(ValueError, match=r"rank 0's card \(30 GiB\) is filled"):
+        planner.expected_decode_tile(u4, 30, held, tile_for)

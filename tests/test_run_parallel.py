@@ -151,7 +151,7 @@ def test_unreachable_server_is_named(t2v_model, tmp_path, capsys):
 
 # ---- output files: numbered names, --overwrite, the save folder, the token --------------------------
 def test_existing_output_name_gets_a_number_unless_overwrite(tmp_path):
-    from stepvideo_ms.generation.outputs import free_stem
+    from stepvideo_ms.formats.output_names import free_stem
 
     assert free_stem(str(tmp_path), "clip") == "clip"
     (tmp_path / "clip.mp4").write_bytes(b"first run")

@@ -1,6 +1,7 @@
 """The VAE decode in spatial tiles: the untiled frames on the golden weights, at even and uneven tiles."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -209,3 +210,29 @@ def test_a_local_vae_on_a_card_of_known_size_gets_what_the_card_has_left(tmp_pat
     args, settings, transformer = prepared("--vae_tile", "2")  # the user's own choice stands
     checks.fit_local_decode(args, settings, transformer, 1, 64.0, "CPU")
     assert args.vae_budget_gb is None and args.vae_tile == 2
+
+
+def test_the_planner_counts_the_local_decode_when_it_chooses_the_layout(tmp_path, monkeypatch, capsys):
+    """No layout given, --vae_url local: the planner checks rank 0's card for the decode after the DiT and
+    says the tile it expects (tiny model, CPU float32, 17 frames 256x384: the DiT peaks at 0.08 GiB; the
+    decode needs 2.44 GiB untiled, 0.49 GiB in 1-position tiles, 0.80 GiB in 4-position ones)."""
+    from stepvideo_ms.generation import checks, cli
+    from stepvideo_ms.tools.tiny import write_tiny_model
+
+    model = write_tiny_model(str(tmp_path / "model"), seed=0, task="t2v")
+    monkeypatch.setenv("MS_WORKER_NUM", "1")
+
+    def chosen(card_gb):
+        args = cli.build_parser().parse_args(["--model_dir", model, "--caption_url", "local", "--vae_url", "local",
+                                              "--prompt", "x", "--save_path", str(tmp_path), "--device", "CPU",
+                                              "--num_frames", "17", "--height", "256", "--width", "384",
+                                              "--card_gb", str(card_gb)])
+        checks.validate(args, 1)
+        return capsys.readouterr().out
+
+    assert re.search(r"VAE decode in 3\.99 GiB on rank 0: untiled", chosen(4))
+    tile = re.search(r"VAE decode in 0\.99 GiB on rank 0: tiles of (\d+)x\1 latent positions", chosen(1))
+    assert tile and int(tile.group(1)) >= 4
+    with pytest.raises(ValueError, match=r"the VAE decode refused .* with the 0\.29 GiB it has left: .*1-position "
+                                         r"tiles need about 0\.49 GiB"):
+        chosen(0.3)  # the DiT alone would fit (0.08 GiB): the decode would not

@@ -185,7 +185,7 @@ class StepVideoPipeline:
         """Write frames (t, h, w, 3) uint8 as an H.264 MP4 at 25 fps (atomically) -> the path written. An
         existing file is never replaced unless overwrite=True: the video goes to NAME-1.mp4, NAME-2.mp4, ...
         as on the command line, so running the same script twice keeps both."""
-        from ..generation.outputs import check_save_folder, free_stem
+        from ..formats.output_names import check_save_folder, free_stem
 
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -266,7 +266,7 @@ class StepVideoPipeline:
                  name_suffix: str = "", extra: Optional[dict] = None) -> GenerationResult:
         s = settings.resolved()
         if save_path is not None:  # a folder that cannot be written fails now, not after the generation
-            from ..generation.outputs import check_save_folder
+            from ..formats.output_names import check_save_folder
 
             check_save_folder(save_path, "save_path")
         if s.task != self.task:
@@ -293,7 +293,7 @@ def output_stem(save_path: str, prompt: str, output_file_name: str = "", name_su
                 overwrite: bool = False) -> str:
     """The MP4/JSON name: the given name (else the prompt's start) and suffix, with a numbered suffix
     when a video of that name exists in `save_path` already, unless `overwrite`."""
-    from ..generation.outputs import free_stem
+    from ..formats.output_names import free_stem
 
     stem = output_file_name or safe_stem(prompt)
     if name_suffix:

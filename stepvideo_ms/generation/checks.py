@@ -46,10 +46,6 @@ def validate_model(args, world_size: int):
     checkpoint.checkpoint_files(transformer)  # the shards are all there
     task = "ti2v" if config.get("use_additional_conditions") else "t2v"
     weights = weights_of(args, config, transformer)  # --weights against what the folder holds
-    if weights == "int8" and getattr(args, "offload", False):
-        raise ValueError("--offload streams full-precision blocks: it does not take --weights int8 yet (an int8 "
-                         "folder holds int8 weights): use --weights int8 with --shard_weights, or --offload with "
-                         "the released weights and --weights full")
     resolve_layout(args, world_size, task, config, weights)
     mesh = mesh_from(args, world_size, 0)
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
@@ -123,25 +119,42 @@ def check_vae_tiling(args, settings) -> None:
     if budget is not None:
         if not budget > 0:
             raise ValueError(f"--vae_budget_gb {budget:g} must be positive (GiB)")
-        import json
-
-        import mindspore as ms
-
-        from ..models.vae_config import CONFIG_FILE, SPATIAL_COMPRESSION, VAEConfig
-        from ..models.vae_tiled import choose_tile
-        from ..runtime import dtype_for, pick_device
-
-        cfg_path = os.path.join(args.model_dir, "vae", CONFIG_FILE)
-        cfg = {}
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, "r", encoding="utf-8") as fh:
-                cfg = json.load(fh)
         try:
-            choose_tile(VAEConfig.from_dict(cfg), settings.height // SPATIAL_COMPRESSION,
-                        settings.width // SPATIAL_COMPRESSION,
-                        4 if dtype_for(pick_device(args.device)) == ms.float32 else 2, budget * 2 ** 30)
+            tile_chooser(args, settings)(budget * 2 ** 30)
         except ValueError as err:
             raise ValueError(f"--vae_budget_gb: {err}") from None
+
+
+def local_decode_tile_for(args, settings):
+    """For an in-process VAE (--vae_url local) that neither --vae_tile nor --vae_budget_gb tiles: its
+    `tile_chooser`; None otherwise."""
+    from ..diffusion.backends import is_local
+
+    if not is_local(args.vae_url) or args.vae_tile is not None or args.vae_budget_gb is not None:
+        return None
+    return tile_chooser(args, settings)
+
+
+def tile_chooser(args, settings):
+    """The in-process VAE's choice of tile for a decode budget in bytes (None: untiled; ValueError when none
+    fits) at this video's latent size, from --model_dir's vae/ config and the device's dtype."""
+    import json
+
+    import mindspore as ms
+
+    from ..models.vae_config import CONFIG_FILE, SPATIAL_COMPRESSION, VAEConfig
+    from ..models.vae_tiled import choose_tile
+    from ..runtime import dtype_for, pick_device
+
+    cfg_path = os.path.join(args.model_dir, "vae", CONFIG_FILE)
+    cfg = {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path, "r", encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    config = VAEConfig.from_dict(cfg)
+    rows, cols = settings.height // SPATIAL_COMPRESSION, settings.width // SPATIAL_COMPRESSION
+    dtype_bytes = 4 if dtype_for(pick_device(args.device)) == ms.float32 else 2
+    return lambda budget_bytes: choose_tile(config, rows, cols, dtype_bytes, budget_bytes)
 
 
 def fit_local_decode(args, settings, transformer: str, world_size: int, card_gb: float, device: str) -> None:
@@ -165,7 +178,7 @@ def fit_local_decode(args, settings, transformer: str, world_size: int, card_gb:
                         hardware=hardware)
     parts = local_backend_parts(args, hardware.dtype_bytes)
     held = parts.get("vae", 0) if getattr(args, "local_in_turn", False) else sum(parts.values())
-    left = card_gb - (plan.memory["weights"] + plan.memory["runtime reserve"] + held) / planner.GIB
+    left = planner.decode_budget_bytes(plan, card_gb, held) / planner.GIB
     if left <= 0:
         raise ValueError(f"rank 0's card ({card_gb:g} GiB) is filled by its DiT weights, the runtime reserve and the "
                          "in-process models before the VAE decodes: use a VAE server (--vae_url URL), --offload or "
@@ -202,14 +215,14 @@ def resolve_layout(args, world_size: int, task: str, config: dict, weights: str 
         device = pick_device(args.device)
         probed = args.card_gb is None
         if probed:  # the card's own size; kept in args.card_gb for every later check (and msrun_job)
-            from .card_memory import probe_card_gib
+            from ..parallel.card_memory import probe_card_gib
 
             args.card_gb, _ = probe_card_gib(device, getattr(args, "probe_env", None))
         if args.card_gb is not None:
             try:
                 chosen = choose_layout(args, world_size, task, config, args.card_gb, device, weights)
             except ValueError as exc:
-                from .card_memory import CARD_REPORTS
+                from ..parallel.card_memory import CARD_REPORTS
 
                 raise ValueError(f"{CARD_REPORTS.format(gib=args.card_gb)}: {exc}" if probed else str(exc)) from None
     for flag in LAYOUT_FLAGS:
@@ -283,9 +296,24 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
 
     host_gb = limit_gib(host_limit(this_host=True))  # one host: every rank's offloaded stage adds up
     in_turn = bool(getattr(args, "local_in_turn", False))
-    best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, in_turn)], None, host_gb)
+    tile_for = local_decode_tile_for(args, settings)  # an in-process VAE decodes on rank 0's card after the DiT
+    refused = {}  # layout -> why its decode would find no room, with the planner's numbers
+
+    def decodes(p, turn: bool) -> bool:
+        if tile_for is None:
+            return True
+        try:
+            planner.expected_decode_tile(p, card_gb, parts.get("vae", 0) if turn else shared, tile_for)
+            return True
+        except ValueError as exc:
+            refused.setdefault(p.layout, str(exc))
+            return False
+
+    best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, in_turn) and decodes(p, in_turn)],
+                          None, host_gb)
     if best is None and parts and not in_turn:  # one card holds everything in turn
-        best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, True)], None, host_gb)
+        best = planner.choose([p for p in plans if fits_with_local(p, card_gb, parts, True) and decodes(p, True)],
+                              None, host_gb)
         in_turn = args.local_in_turn = best is not None
     what = f"{settings.num_frames} frames {settings.height}x{settings.width}"
     if shared:
@@ -300,10 +328,17 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
             f"more cards (msrun workers), {'caption/VAE servers on other cards, ' if shared else ''}"
             f"fewer --num_frames or a smaller --height/--width (python -m stepvideo_ms describe --plan --cards "
             f"{world_size} --card_gb {card_gb:g} --frames {settings.num_frames} --height {settings.height} "
-            f"--width {settings.width} --all shows every layout)")
+            f"--width {settings.width} --all shows every layout)"
+            + (f"; the VAE decode refused {len(refused)} that fit the DiT, e.g. {next(iter(refused.values()))}"
+               if refused else ""))
     if os.environ.get("RANK_ID", os.environ.get("MS_NODE_ID", "0")) == "0":
         offload = f", offload x{best.offload_ratio:.3f} of compute" if best.layout.offload else ""
         host = f", host memory {best.host_gib:.1f} GiB" if best.layout.offload else ""
+        if tile_for is not None:
+            tile, budget = planner.expected_decode_tile(best, card_gb, parts.get("vae", 0) if in_turn else shared,
+                                                        tile_for)
+            host += (f", VAE decode in {budget / planner.GIB:.2f} GiB on rank 0: "
+                     + ("untiled" if tile is None else f"tiles of {tile[0]}x{tile[1]} latent positions"))
         print(f"[run_parallel] layout for {world_size} card(s) of {card_gb:g} GiB ({hardware.name}, {what}): "
               f"{best.layout.arguments()}; predicted peak {best.peak_gib:.3g} GiB per card{host}, step "
               f"{best.step_s:.3g} s, {settings.infer_steps} steps "

@@ -1,58 +1,17 @@
 """Where a generation's files go, decided before any weight is read.
 
-- `check_save_folder`: the folder exists as a directory or can be created, and we may write in it
-  (checked with a real temporary file, removed at once); a path that is a file is refused.
-- `free_stem`: the MP4/JSON name; an existing name gets a numbered suffix (`name-1`, `name-2`, ...)
-  unless `overwrite` is given, so a second run never silently replaces the first one's video.
+- the save folder's check (`check_save_folder`: a directory, or one that can be created, that we may
+  write in) and the MP4/JSON name (`free_stem`, an existing name numbered) live in
+  formats/output_names.py, shared with the one-process pipeline.
 - `public_arguments`: the arguments as recorded in the JSON, the token shown only as set / not set.
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import Dict, Iterable
+from typing import Dict
 
-OUTPUT_EXTENSIONS = (".mp4", ".json")
-MAX_SUFFIX = 10000
+from ..formats.output_names import check_save_folder  # noqa: F401  (the job front's callers)
+
 SECRET_ARGUMENTS = {"auth_token": "STEPVIDEO_AUTH_TOKEN"}  # argument -> the environment variable it falls back to
-
-
-def check_save_folder(path: str, flag: str = "--save_path") -> str:
-    """The absolute folder, after proving it is (or can become) a writable directory; creates nothing."""
-    if not path:
-        raise ValueError(f"{flag} is empty: give the folder for the video, e.g. {flag} ./results")
-    folder = os.path.abspath(path)
-    probe = folder
-    while not os.path.exists(probe):  # the nearest existing ancestor decides whether it can be created
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        what = "is a file" if probe == folder else f"cannot be created: {probe} is a file"
-        raise ValueError(f"{flag} {path} {what}: give a folder")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".stepvideo-write-test-", dir=probe)
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as exc:
-        verb = "write in" if probe == folder else f"create it inside {probe}"
-        raise ValueError(f"{flag} {path}: cannot {verb} ({exc.strerror}): choose a writable folder") from None
-    return folder
-
-
-def free_stem(folder: str, stem: str, overwrite: bool = False, extensions: Iterable[str] = OUTPUT_EXTENSIONS) -> str:
-    """`stem`, or `stem-N` with the smallest N for which no output file exists yet."""
-    def taken(name: str) -> bool:
-        return any(os.path.exists(os.path.join(folder, name + ext)) for ext in extensions)
-
-    if overwrite or not taken(stem):
-        return stem
-    for n in range(1, MAX_SUFFIX):
-        candidate = f"{stem}-{n}"
-        if not taken(candidate):
-            return candidate
-    raise ValueError(f"{folder} already holds {MAX_SUFFIX} videos named {stem}: pass --output_file_name")
 
 
 def public_arguments(args) -> Dict[str, object]:

@@ -121,7 +121,7 @@ class GenerationWorld:
         from ..diffusion.pipeline import StepVideoPipeline
         from ..diffusion.scheduler import FlowMatchScheduler
         from ..parallel import init_world, load_stage, make_communicator
-        from .card_memory import CARD_REPORTS, device_memory_gib
+        from ..parallel.card_memory import CARD_REPORTS, device_memory_gib
         from ..formats.checkpoint import read_config
         from .checks import check_layout_for, fit_local_decode, mesh_from, weights_of
 

@@ -80,13 +80,9 @@ def load_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True,
     """(model, shards): this rank's stage with full block weights, or with `mesh.shard_weights` the
     model without its block weights and this rank's slices of the stage's blocks, or with
     `mesh.offload` the model without its block weights and the stage's blocks in host memory.
-    weights: "full", "int8" (the blocks' linear layers in int8) or None (what the folder holds);
-    offload takes full weights only."""
+    weights: "full", "int8" (the blocks' linear layers in int8) or None (what the folder holds)."""
     if mesh.offload:
-        if weights == "int8":
-            raise ValueError("--offload streams full-precision blocks: it does not take --weights int8 yet "
-                             "(use --weights int8 with --shard_weights, or --offload with full weights)")
-        return load_offloaded_stage(path, mesh, dtype, progress)
+        return load_offloaded_stage(path, mesh, dtype, progress, weights)
     if mesh.shard_weights:
         return load_sharded_stage(path, mesh, dtype, progress, weights)
     return load_stage_model(path, mesh, dtype, progress, weights), None

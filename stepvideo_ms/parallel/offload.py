@@ -3,9 +3,9 @@ non-block parameters and a few working blocks, and each block is copied in just 
 
 Host side (`HostBlocks`): every parameter of every block of this rank's stage, read once from the
 safetensors files. On Ascend they are pinned host tensors (`Tensor.pin_memory()`), the source of
-asynchronous copies; a MindSpore without `Tensor.pin_memory` (2.7.0) keeps them in the float32 map
-described next and copies them synchronously (twice the host memory of bf16, no overlap: the run's
-record says so). On the CPU backend, where host and device are the same memory, they sit in a
+asynchronous copies; a MindSpore without `Tensor.pin_memory` (2.7.0) keeps them in the map
+described next and copies them synchronously (float32 but for int8 weights: twice the host memory
+of bf16, no overlap: the run's record says so). On the CPU backend, where host and device are the same memory, they sit in a
 file-backed memory map (an unlinked temporary file), so that a process's resident memory tells
 them apart from its working memory: file-backed (or shared) pages are the host blocks, anonymous
 pages the device-resident part (see bench/bench_offload.py).
@@ -25,6 +25,11 @@ It composes with ulysses, pipeline and CFG parallelism: every rank streams its o
 It replaces `--shard_weights` (which keeps 1/N of every block on each card and all-gathers it over
 the card links): offload needs no peers and frees the card of all blocks but the working ones, at
 the price of host memory (a whole stage per rank) and host-link traffic; the planner chooses.
+
+With --weights int8 the host blocks hold the blocks' linear weights in int8 with their per-channel
+scales (read from a converted int8 folder, or quantized while reading the released weights, as
+--shard_weights does), the rest as before, and the working blocks are int8 blocks (the W8A16 kernel
+on Ascend): about half the host memory and half the host-link traffic of bf16 blocks.
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ from ..formats import checkpoint
 from ..models.dit import StepVideoModel
 from ..models.layers import StepVideoTransformerBlock
 from .mesh import Mesh
-from .shard import BLOCK_PREFIX, BlockLayout, _block_layer, stage_sources
+from .shard import BLOCK_PREFIX, BlockLayout, _block_layer, _PieceReader, derived_scales, stage_sources
 
 ASCEND_WORKING_BLOCKS = 2  # the one computing and the next one being copied in
 CPU_WORKING_BLOCKS = 1
@@ -61,27 +66,39 @@ class HostBlocks:
     def numel(self) -> int:
         return len(self.blocks) * self.layout.total
 
+    def nbytes(self) -> int:
+        """Bytes of the host blocks (int8 weights 1 byte an element; on CPU the rest float32)."""
+        return sum(int(t.nbytes) for block in self.blocks.values() for t in block)
+
     @property
     def layers(self) -> List[int]:
         return sorted(self.blocks)
 
 
-def _host_map(elements: int) -> np.memmap:
-    """A float32 map of `elements` over an unlinked temporary file (gone with the process)."""
+HOST_ALIGN = 64  # bytes: every parameter's view of the host map starts on this boundary
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // HOST_ALIGN) * HOST_ALIGN
+
+
+def _host_map(nbytes: int) -> np.memmap:
+    """A byte map of `nbytes` over an unlinked temporary file (gone with the process)."""
     fd, path = tempfile.mkstemp(prefix="stepvideo_offload_", suffix=".bin", dir=os.environ.get("STEPVIDEO_OFFLOAD_DIR"))
     try:
-        os.ftruncate(fd, max(elements, 1) * 4)
-        backing = np.memmap(path, dtype=np.float32, mode="r+", shape=(max(elements, 1),))
+        os.ftruncate(fd, max(nbytes, 1))
+        backing = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(nbytes, 1),))
     finally:
         os.close(fd)
         os.unlink(path)
     return backing
 
 
-def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32,
-                         progress: bool = True) -> Tuple[StepVideoModel, HostBlocks]:
+def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True,
+                         weights: Optional[str] = None) -> Tuple[StepVideoModel, HostBlocks]:
     """The DiT of `path` with every non-block parameter loaded and the blocks unallocated, and this
-    rank's stage blocks in host memory."""
+    rank's stage blocks in host memory. weights: "full", "int8" (the blocks' linear weights in int8
+    with their scales) or None (what the folder holds), see StepVideoModel.from_pretrained."""
     from ..runtime import is_ascend
 
     config = checkpoint.read_config(path)
@@ -89,30 +106,36 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32,
     heads, layers = int(probe.get("num_attention_heads", 48)), int(probe.get("num_layers", 48))
     mesh.check_model(heads, layers)
     model = StepVideoModel.from_pretrained(path, config, dtype=dtype, select=lambda n: _block_layer(n) is None,
-                                           progress=progress)
+                                           progress=progress, weights=weights)
+    block0 = dict(model.transformer_blocks[0].parameters_and_names())
     layout = BlockLayout.of(model.transformer_blocks[0])
+    dtypes = [block0[name].dtype for name in layout.names]  # int8 linear weights with --weights int8
+    host_types = [np.int8 if t == ms.int8 else np.float32 for t in dtypes]  # the CPU map's
     mine = list(mesh.stage_layers(model.num_layers))
     wanted = {f"{BLOCK_PREFIX}{layer}.{name}": shape for layer in mine
               for name, shape in zip(layout.names, layout.shapes)}
-    where = stage_sources(path, mine, wanted)
+    where = stage_sources(path, mine, wanted, lambda found: derived_scales(wanted, found))
+    reader = _PieceReader(where)  # quantizes released weights (and derives their scales) for int8 blocks
     # Ascend with Tensor.pin_memory: pinned host tensors, the source of asynchronous copies. Without it
     # (MindSpore 2.7.0) and on CPU: the file-backed map, copied synchronously (capabilities.in_use says which).
     pinned = is_ascend() and capabilities().pinned_host_memory
-    backing = None if pinned else _host_map(len(mine) * layout.total)
+    per_block = sum(_aligned(size * np.dtype(t).itemsize) for size, t in zip(layout.sizes, host_types))
+    backing = None if pinned else _host_map(len(mine) * per_block)
     blocks: Dict[int, List[object]] = {}
     at = 0
     for layer in progress_bar(mine, desc="loading blocks to host memory", unit="block", disable=not progress, leave=False):
         held = []
-        for name, shape, size in zip(layout.names, layout.shapes, layout.sizes):
+        for name, shape, size, dt, host_type in zip(layout.names, layout.shapes, layout.sizes, dtypes, host_types):
             key = f"{BLOCK_PREFIX}{layer}.{name}"
-            arr = where[key].get(key)
+            arr = reader.read(key, dt == ms.int8, 0, size).reshape(shape)
             if pinned:
-                held.append(Tensor(arr, dtype).pin_memory())
+                held.append(Tensor(arr, dt).pin_memory())
             else:
-                view = backing[at:at + size].reshape(shape)
+                nbytes = size * np.dtype(host_type).itemsize
+                view = backing[at:at + nbytes].view(host_type).reshape(shape)
                 view[...] = arr
                 held.append(view)
-                at += size
+                at += _aligned(nbytes)
         blocks[layer] = held
     for f in set(where.values()):
         f.close()
@@ -143,10 +166,11 @@ class BlockStreamer:
         count = min(ASCEND_WORKING_BLOCKS if self.asynchronous else CPU_WORKING_BLOCKS, len(self.order))
         self.slots = []
         for _ in range(count):
-            cell = StepVideoTransformerBlock(model.inner_dim, model.attention_head_dim, model.dtype)
+            cell = StepVideoTransformerBlock(model.inner_dim, model.attention_head_dim, model.dtype,
+                                             getattr(model, "weights", "full"))  # int8 blocks with --weights int8
             cell.set_train(False)
             for _, p in cell.parameters_and_names():  # real storage, allocated once
-                p.set_data(mint.zeros(tuple(p.shape), dtype=model.dtype))
+                p.set_data(mint.zeros(tuple(p.shape), dtype=p.dtype))
             if BlockLayout.of(cell) != host.layout:
                 raise ValueError("the working block's parameters do not match the host blocks' layout")
             self.slots.append(cell)

@@ -28,9 +28,14 @@ pipeline.py, ulysses.py, shard.py):
 - conditions: the caption context (B, Lk, D) and the text embeddings;
 - a fixed runtime reserve (framework, HCCL buffers, kernel workspaces): the target's `reserve_gib`.
 
+An in-process VAE decodes on rank 0's card after the DiT: it gets the card less the stage's resident
+weights, the reserve and the in-process models held then (`decode_budget_bytes`), and is tiled to fit
+that budget (`expected_decode_tile`); a layout that leaves no tile room is not chosen.
+
 Offload (offload.py): the card keeps the non-block parameters and `offload_working_blocks` blocks
 (Ascend: the one computing and the next one being copied in; CPU: one, filled synchronously), the
-host keeps the rank's whole stage (`host_bytes`, pinned, per rank: ranks on one host add up). Every
+host keeps the rank's whole stage (`host_bytes`, pinned, per rank: ranks on one host add up; with
+--weights int8 the blocks are int8 with their scales, `block_bytes`, on the host, the link and the card). Every
 block is copied in once per micro-batch (unless the stage has no more blocks than working blocks)
 over the host link (`host_link_gb_s`, per card, ASSUMED), issued one block ahead: a copy costs only
 what exceeds the block it hides under, plus the `1 - offload_overlap` share (ASSUMED) the overlap
@@ -54,7 +59,7 @@ takes longer than the block it hides under), at a stated link bandwidth. The def
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .mesh import CFG_DEGREES
 
@@ -240,6 +245,29 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds:.0f} s"
 
 
+def decode_budget_bytes(plan: Plan, card_gb: float, held_bytes: int = 0) -> float:
+    """What rank 0's card has left for an in-process VAE decode, which runs after the DiT (its activations
+    freed): the card less the DiT stage's resident weights, the runtime reserve and the in-process models
+    it holds then (`held_bytes`)."""
+    return card_gb * GIB - plan.memory["weights"] - plan.memory["runtime reserve"] - held_bytes
+
+
+def expected_decode_tile(plan: Plan, card_gb: float, held_bytes: int, tile_for: Callable[[float], Optional[tuple]]):
+    """(the decode's tile in latent positions, None for untiled; its budget in bytes) on rank 0's card, with
+    `tile_for(budget_bytes)` the VAE's choice (models.vae_tiled.choose_tile for the video's latents).
+    ValueError with the numbers when the card has nothing left or no tile fits what it has."""
+    budget = decode_budget_bytes(plan, card_gb, held_bytes)
+    if budget <= 0:
+        raise ValueError(f"{plan.layout.name()}: rank 0's card ({card_gb:g} GiB) is filled by the DiT's weights "
+                         f"({plan.memory['weights'] / GIB:.2f} GiB), the runtime reserve and the in-process models "
+                         f"({held_bytes / GIB:.2f} GiB) before the VAE decodes")
+    try:
+        return tile_for(budget), budget
+    except ValueError as exc:
+        raise ValueError(f"{plan.layout.name()}: the VAE decode on rank 0's card, with the {budget / GIB:.2f} GiB "
+                         f"it has left: {exc}") from None
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -328,12 +356,11 @@ def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, offl
                 continue
             pp = rest // u
             budgets = [(False, 0)]
-            offload_ok = offload and weights != "int8"  # offload streams full-precision blocks (dit_forward)
             if offload and guidance and cfg == 1 and pp == 1:
                 budgets += [(True, 0), (True, CHUNK_TOKENS)]
             for seq, chunk in budgets:
                 for shard, off in ((False, False), (True, False), (False, True)):
-                    if (shard and cfg * u == 1) or (off and not offload_ok):
+                    if (shard and cfg * u == 1) or (off and not offload):
                         continue
                     found.append(Layout(cfg, u, pp, shard, off, seq, chunk, weights))
     return found
@@ -352,8 +379,9 @@ def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_
     """A text table, the fitting layouts first by step time. host GiB: the offloaded blocks of all
     ranks; offload x: step time over the same layout's without exposed copies; with `steps`, the time of
     that many steps (minutes)."""
+    wide = max([47] + [len(pl.layout.name()) for pl in plans])  # "... + chunks + int8" is longer than 47
     run = f"{f'{steps} steps':>9} " if steps else ""
-    head = (f"{'layout':<47} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'host GiB':>8} {'sent GB/step':>12} "
+    head = (f"{'layout':<{wide}} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'host GiB':>8} {'sent GB/step':>12} "
             f"{'idle':>5} {'step s':>7} {run}{'offload x':>9}  fits")
     lines = [head, "-" * len(head)]
     for pl in sorted(plans, key=lambda q: (not q.fits(card_gb, host_gb), q.step_s)):
@@ -361,7 +389,7 @@ def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_
         act = mem["block activations"] + mem["embedded tokens"] + mem["pipeline in flight"]
         ratio = f"{pl.offload_ratio:9.3f}" if pl.layout.offload else f"{'-':>9}"
         total = f"{pl.step_s * steps / 60:7.1f} m " if steps else ""
-        lines.append(f"{pl.layout.name():<47} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
+        lines.append(f"{pl.layout.name():<{wide}} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
                      f"{pl.host_gib:8.1f} {sum(pl.sent_bytes.values()) / 1e9:12.1f} {pl.idle_share:5.0%} "
                      f"{pl.step_s:7.1f} {total}{ratio}  {'yes' if pl.fits(card_gb, host_gb) else 'no'}")
     lines.append(hardware.describe())

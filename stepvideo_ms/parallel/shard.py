@@ -170,6 +170,13 @@ class _PieceReader:
         return q.reshape(-1)[lo - first * cols:hi - first * cols]
 
 
+def derived_scales(wanted, where: Dict[str, SafetensorsFile]) -> set:
+    """The scale keys of `wanted` that reading makes rather than finds: those of released (non-int8)
+    weights, quantized while they are read (_PieceReader)."""
+    return {k for k in wanted if k.endswith(SCALE_SUFFIX) and k not in where and k[:-len(SCALE_SUFFIX)] in where
+            and where[k[:-len(SCALE_SUFFIX)]].dtype(k[:-len(SCALE_SUFFIX)]) != "I8"}
+
+
 def stage_sources(path: str, layers, wanted: Dict[str, tuple], derived=None) -> Dict[str, SafetensorsFile]:
     """{key: the safetensors file holding it} for the blocks of `layers`, after checking that every key of
     `wanted` ({key: shape}) is there with its shape (`derived(where)`: keys made while reading, not
@@ -210,11 +217,7 @@ def load_sharded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool =
     wanted = {f"{BLOCK_PREFIX}{layer}.{name}": shape for layer in mine for g in layouts
               for name, shape in zip(g.names, g.shapes)}
 
-    def derived(where):  # scales quantized from released (non-int8) weights while reading
-        return {k for k in wanted if k.endswith(SCALE_SUFFIX) and k not in where and k[:-len(SCALE_SUFFIX)] in where
-                and where[k[:-len(SCALE_SUFFIX)]].dtype(k[:-len(SCALE_SUFFIX)]) != "I8"}
-
-    where = stage_sources(path, mine, wanted, derived)
+    where = stage_sources(path, mine, wanted, lambda found: derived_scales(wanted, found))
     reader = _PieceReader(where)
     flats: Dict[int, Tuple[Tensor, ...]] = {}
     for layer in progress_bar(mine, desc="loading block shards", unit="block", disable=not progress, leave=False):

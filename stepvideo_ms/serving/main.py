@@ -157,7 +157,7 @@ def fit_decode_to_card(services: dict, device: str, log) -> None:
     once it holds the loaded weights and the runtime reserve (tiles when an untiled decode is predicted
     not to fit: 51.6 GiB for one 544x992 chunk in bf16), so that a video is not lost to an out-of-memory
     error at its very end. On CPU: untiled, as before."""
-    from ..generation.card_memory import left_on_card
+    from ..parallel.card_memory import left_on_card
 
     held = sum(service.weight_bytes() for service in services.values())
     budget, why = left_on_card(device, held)

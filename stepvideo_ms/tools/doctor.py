@@ -62,7 +62,7 @@ def report(device: Optional[str], env: Optional[Dict[str, str]] = None, root: st
     import mindspore as ms
 
     from .. import capabilities, runtime
-    from ..generation.card_memory import device_memory_gib
+    from ..parallel.card_memory import device_memory_gib
 
     lines, ok = [], True
 

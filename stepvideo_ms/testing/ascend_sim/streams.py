@@ -14,13 +14,18 @@ non_blocking=False)), and plays the copies the way a device orders them:
   `mindspore.runtime.synchronize()`), the captured copies land;
 - a Cell called while one of its parameters is still in flight reads memory the copy has not filled: an error
   (RuntimeError naming the parameter), as on the device it would be silently wrong;
+- the other half: a non-blocking copy issued on one stream into a parameter that a Cell used on another
+  stream, when the copying stream has not waited on an event recorded on the using stream after that use
+  (nor the host synchronized), overwrites memory the use may still read: refused (RuntimeError naming the
+  parameter and the missing wait_event);
 - stricter than the device: a non-blocking copy from host memory that is not pinned is refused (on a device it
   silently becomes a synchronous copy and the overlap is lost).
 """
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Optional
+import weakref
+from typing import Dict, List, Optional, Set, Tuple
 
 import mindspore as ms
 from mindspore import Tensor, nn
@@ -29,6 +34,9 @@ from .patching import replace
 
 _lock = threading.Lock()
 _inflight: Dict[int, "_Copy"] = {}  # id(dst) -> its copy not yet landed
+_targets: Set[int] = set()  # id of every tensor a non-blocking copy was issued into: their uses are tracked
+# id(target) -> (a weak reference to it, the stream of its last use by a Cell, that use's number)
+_last_use: Dict[int, Tuple[weakref.ref, "Stream", int]] = {}
 _local = threading.local()
 
 
@@ -63,6 +71,8 @@ class Stream:
         self.id = Stream._count
         self.priority = priority
         self.issued: List[_Copy] = []  # copies issued on this stream, not yet landed
+        self.uses = 0  # Cells run on this stream so far (a use's number)
+        self.seen: Dict[int, int] = {}  # another stream's id -> how many of its uses this stream has waited for
 
     def __repr__(self) -> str:
         return f"Stream(simulated, stream id:{self.id})"
@@ -78,6 +88,9 @@ class Stream:
     def wait_event(self, event) -> None:
         if not isinstance(event, Event):
             raise TypeError(f"For 'wait_event', 'event' must be a mindspore.runtime.Event, got {type(event).__name__}")
+        if event.uses is not None:
+            other, count = event.uses
+            self.seen[other.id] = max(self.seen.get(other.id, 0), count)
         event._land()
 
     def wait_stream(self, stream) -> None:
@@ -88,6 +101,7 @@ class Stream:
         for copy in list(self.issued):
             copy.land()
         self.issued.clear()
+        _host_waited(self, self.uses)
 
     def query(self) -> bool:
         return True
@@ -104,18 +118,22 @@ class Event:
             raise TypeError("For 'Event', 'enable_timing' and 'blocking' must be bool")
         self.captured: List[_Copy] = []
         self.recorded = False
+        self.uses: Optional[Tuple[Stream, int]] = None  # (stream, its uses so far) when recorded
 
     def record(self, stream=None) -> None:
         _check_stream("record", stream)
         stream = stream if stream is not None else current_stream()
         self.captured = list(stream.issued)
         self.recorded = True
+        self.uses = (stream, stream.uses)
 
     def wait(self, stream=None) -> None:
         _check_stream("wait", stream)
         (stream if stream is not None else current_stream()).wait_event(self)
 
     def synchronize(self) -> None:
+        if self.uses is not None:
+            _host_waited(*self.uses)
         self._land()
 
     def query(self) -> bool:
@@ -130,6 +148,14 @@ class Event:
             if copy in copy.stream.issued:
                 copy.stream.issued.remove(copy)
         self.captured = []
+
+
+def _host_waited(stream: Stream, count: int) -> None:
+    """The host waited for `stream`'s first `count` uses: they are over for every stream."""
+    with _lock:
+        for key, (_, used_on, number) in list(_last_use.items()):
+            if used_on is stream and number <= count:
+                del _last_use[key]
 
 
 def current_stream() -> Stream:
@@ -167,6 +193,8 @@ def synchronize_all() -> None:
         copy.land()
         if copy in copy.stream.issued:
             copy.stream.issued.remove(copy)
+    with _lock:
+        _last_use.clear()
 
 
 def inflight_names() -> List[str]:
@@ -217,9 +245,19 @@ def _copy_emulator(real):
         if not host:
             raise RuntimeError("ascend-sim: copy_(non_blocking=True) from host memory that is not pinned: the device "
                                "would copy synchronously (no overlap); pin the host tensor (Tensor.pin_memory())")
+        with _lock:
+            used = _last_use.get(id(self))
+        used = used[1:] if used is not None and used[0]() is self else None  # an id reused by a new tensor: no use
+        if used is not None and used[0] is not stream and stream.seen.get(used[0].id, 0) < used[1]:
+            raise RuntimeError(
+                f"ascend-sim: copy_(non_blocking=True) on {stream} into {getattr(self, 'name', 'a tensor')}, which a "
+                f"Cell used on {used[0]} (use {used[1]}) that this stream has not waited for: the copy may overwrite "
+                "it while that use still reads it; record an event on the using stream after the use and "
+                "wait_event on it in the copying stream first")
         copy = _Copy(self, src, stream, real_copy)
         with _lock:
             _inflight[id(self)] = copy
+            _targets.add(id(self))
         stream.issued.append(copy)
         return self
     return copy_
@@ -236,6 +274,13 @@ def _cell_call_emulator(real):
                         f"ascend-sim: {type(self).__name__} ran while its parameter {name} ({param.name}) was still "
                         f"being copied from host memory on {busy[id(param)].stream}: wait on the copy's event on the "
                         "computing stream first (Stream.wait_event / Event.wait)")
+        if _targets:  # a use of a copy target: a later copy into it must wait for it
+            stream = current_stream()
+            stream.uses += 1
+            with _lock:
+                for _, param in self.parameters_and_names():
+                    if id(param) in _targets:
+                        _last_use[id(param)] = (weakref.ref(param), stream, stream.uses)
         return real(self, *args, **kwargs)
     return __call__
 

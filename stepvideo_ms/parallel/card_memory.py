@@ -44,7 +44,7 @@ def device_memory_gib(device: str) -> Tuple[Optional[float], str]:
 _PROBE = """
 import json, sys
 from stepvideo_ms import runtime
-from stepvideo_ms.generation.card_memory import device_memory_gib
+from stepvideo_ms.parallel.card_memory import device_memory_gib
 gib, why = device_memory_gib(runtime.init(sys.argv[1]).device)
 print(json.dumps({"gib": gib, "why": why}))
 """
@@ -81,6 +81,6 @@ def left_on_card(device: str, held_bytes: int) -> Tuple[Optional[float], str]:
     card_gb, why = device_memory_gib(device)
     if card_gb is None:
         return None, why
-    from ..parallel.plan import Hardware
+    from .plan import Hardware
 
     return card_gb - held_bytes / 2 ** 30 - Hardware().reserve_gib, ""
