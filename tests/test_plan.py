@@ -12,6 +12,7 @@ from conftest import REPO
 from stepvideo_ms.tools import describe
 from stepvideo_ms.parallel import Mesh
 from stepvideo_ms.parallel import plan as planner
+from stepvideo_ms.parallel import plan_advice
 
 RELEASED = planner.ModelShape.from_config({})
 GRID_204F = (36, 34, 62)  # 204 frames 544x992 -> latents
@@ -143,7 +144,7 @@ def test_int8_offload_by_hand_halves_host_memory_and_link_traffic():
     assert bf16.memory["weights"] - int8.memory["weights"] == 2 * (RELEASED.block_params * 2 - block_bytes)
     assert int8.offload_s <= bf16.offload_s and int8.step_s <= bf16.step_s
     # one 32 GB card: the planner offers the int8 offload layouts and picks one
-    plans = planner.plans_for(RELEASED, 1, GRID_204F, weights="int8")
+    plans = plan_advice.plans_for(RELEASED, 1, GRID_204F, weights="int8")
     chosen = planner.choose(plans, 32)
     assert chosen is not None and chosen.layout.offload and chosen.layout.weights == "int8"
     assert "--offload" in chosen.layout.arguments() and "--weights int8" in chosen.layout.arguments()
@@ -210,7 +211,7 @@ def test_the_in_process_vae_decode_on_rank_0_is_given_a_tile_or_refused():
     assert decode_peak_bytes(vae, rows, cols, 2, 13) <= budget < decode_peak_bytes(vae, rows, cols, 2, 14)
     # 17 frames on ulysses 4 with int8 weights fit 32 GiB cards (peak 31.9 GiB, 27.9 of weights), but the
     # decode (same per-chunk peak for any frame count) would have 0.84 GiB: refused
-    u4 = planner.plan(RELEASED, planner.Layout(1, 4, 1, False, weights="int8"), planner.video_grid(17, 544, 992))
+    u4 = planner.plan(RELEASED, planner.Layout(1, 4, 1, False, weights="int8"), plan_advice.video_grid(17, 544, 992))
     assert u4.fits(32)
     with pytest.raises(ValueError, match=r"ulysses 4 x pp 1 \+ int8: the VAE decode on rank 0's card, with the 0\.84 "
                                          r"GiB it has left: .* 1-position tiles need about 10\.39 GiB"):

@@ -181,7 +181,7 @@ def test_default_file_names_need_no_quoting_in_a_shell(prompt, stem):
 
 
 def test_save_folder_checks_create_nothing(tmp_path):
-    from stepvideo_ms.generation.outputs import check_save_folder
+    from stepvideo_ms.formats.output_names import check_save_folder
 
     assert check_save_folder(str(tmp_path / "new" / "deeper")) == str(tmp_path / "new" / "deeper")
     (tmp_path / "f").write_text("x")

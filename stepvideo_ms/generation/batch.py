@@ -24,7 +24,7 @@ def output_name(number: int, job) -> str:
 def run_batch(args, world_size: int) -> int:
     from .jobs import defaults_from, read_prompts_file
     from .checks import validate_model
-    from .outputs import check_save_folder
+    from ..formats.output_names import check_save_folder
     from .world import GenerationWorld, JobFailed
 
     check_save_folder(args.save_path)

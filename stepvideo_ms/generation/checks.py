@@ -411,7 +411,7 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
 
 def check_outputs(args) -> None:
     """The output folders can be created and written, before any weight is read (creates nothing)."""
-    from .outputs import check_save_folder
+    from ..formats.output_names import check_save_folder
 
     if args.save_latents:
         if not args.save_latents.endswith(".safetensors"):

@@ -7,9 +7,8 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Dict
-
-from ..formats.output_names import check_save_folder  # noqa: F401  (the job front's callers)
 
 SECRET_ARGUMENTS = {"auth_token": "STEPVIDEO_AUTH_TOKEN"}  # argument -> the environment variable it falls back to
 

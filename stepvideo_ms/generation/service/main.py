@@ -66,7 +66,7 @@ def run_service(args, world_size: int) -> int:
         raise ValueError(f"--port {args.port} is not a TCP port (0 picks a free one)")
     if args.queue_size < 1:
         raise ValueError(f"--queue_size {args.queue_size} must be at least 1")
-    from ..outputs import check_save_folder
+    from ...formats.output_names import check_save_folder
 
     save_path = check_save_folder(args.save_path)
     defaults = defaults_from(args)
