@@ -138,6 +138,22 @@ def test_offload_under_ascend_sim(models):
 
 
 # ---- the stream emulators' rules --------------------------------------------------------------------
+
+def holder_class(param):
+    """A Cell whose one parameter is `param` (the emulated Cell call checks its parameters' copies)."""
+    from mindspore import nn
+
+    class Holder(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.w = param
+
+        def construct(self):
+            return self.w * 1
+
+    return Holder
+
+
 def test_emulated_copy_lands_when_its_event_is_waited_on():
     import mindspore as ms
     from mindspore import Parameter, nn
@@ -156,14 +172,7 @@ def test_emulated_copy_lands_when_its_event_is_waited_on():
     assert streams.current_stream() is streams.default_stream()
     assert np.array_equal(dst.asnumpy(), np.zeros(3)) and streams.inflight_names() == ["w"]  # not landed yet
 
-    class Holder(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.w = dst
-
-        def construct(self):
-            return self.w * 1
-
+    Holder = holder_class(dst)
     call = streams._cell_call_emulator(nn.Cell.__call__)
     with pytest.raises(RuntimeError, match="still being copied"):
         call(Holder())
@@ -190,14 +199,7 @@ def test_emulated_copy_into_a_block_in_use_waits_for_its_release():
     call = streams._cell_call_emulator(nn.Cell.__call__)
     dst = Parameter(Tensor(np.zeros(3, np.float32)), name="slot_w")
 
-    class Holder(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.w = dst
-
-        def construct(self):
-            return self.w * 1
-
+    Holder = holder_class(dst)
     side, compute = streams.Stream(), streams.default_stream()
     with streams.StreamCtx(side):
         copy_(dst, pin(Tensor(np.arange(3, dtype=np.float32))), non_blocking=True)
