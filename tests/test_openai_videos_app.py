@@ -48,6 +48,13 @@ def test_fields_map_onto_our_settings_and_the_record_says_how(tmp_path):
                content_type="multipart/form-data")
     s = board.record(r.get_json()["id"]).job.settings
     assert (s.infer_steps, s.cfg_scale, s.time_shift, s.num_frames) == (3, 4.5, 13.0, 17)
+    # the step cache's settings are settings like any other (extra_body), with their own checks
+    r = c.post("/v1/videos", data={"prompt": "x", "cache_threshold": "0.12", "cache_warmup": "1"},
+               content_type="multipart/form-data")
+    s = board.record(r.get_json()["id"]).job.settings
+    assert (s.cache_threshold, s.cache_warmup) == (0.12, 1)
+    r = c.post("/v1/videos", json={"prompt": "x", "cache_threshold": -1})
+    assert r.status_code == 422 and r.get_json()["error"]["param"] == "cache_threshold", r.get_json()
 
 
 @pytest.mark.parametrize("body,status,param,message", [
