@@ -251,6 +251,10 @@ def test_the_simulated_card_s_own_memory_refuses_settings_that_do_not_fit(sim_se
     result = run_msrun("run_parallel.py", _args("ti2v", model, url, out, ["--ulysses_degree", "2", "--no_video"]), 2,
                        str(out / "logs"), LAUNCH_TIMEOUT, extra_env={**SIM_ENV, "STEPVIDEO_SIM_CARD_GB": "0.001"})
     assert not result.ok and not (out / "latents.safetensors").exists()
+    logs = []
     for rank in (0, 1):
         with open(out / "logs" / f"worker_{rank}.log", encoding="utf-8", errors="replace") as fh:
-            assert "the card reports 0.001 GiB" in fh.read(), result.logs()
+            logs.append(fh.read())
+    # every rank checks after the world is joined; the first refusal ends the job (msrun stops the other
+    # workers), so the other rank may be stopped before it prints its own refusal
+    assert any("the card reports 0.001 GiB" in log for log in logs), result.logs()
