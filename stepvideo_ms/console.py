@@ -31,7 +31,7 @@ VERBOSE_FLAG = "--verbose"
 
 NOISE_PATTERNS = (
     re.compile(r"^Start (scheduler|worker) process.*Execute command:"),
-    re.compile(r"^\[INFO\] DISTRIBUTED\(.*Event base dispatch success!"),
+    re.compile(r"^\[INFO\] \w+\(.*Event base dispatch success!"),  # DISTRIBUTED (2.8 on) or PS (2.7)
 )
 
 

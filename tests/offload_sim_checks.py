@@ -109,7 +109,8 @@ def _int8_offload(models_dir: str, rt) -> dict:
     streamer = dit.blocks
     dit.forward(Tensor(np.concatenate([inputs["latents"]] * 2)), Tensor(np.array([500.0, 500.0], np.float32)),
                 conditioning(inputs, "t2v"))
-    host_int8 = [t.dtype == ms.int8 for t in host.blocks[0]]
+    # pinned host Tensors, or (no Tensor.pin_memory: MindSpore 2.7.0) numpy views of the host map
+    host_int8 = [t.dtype == (ms.int8 if isinstance(t, Tensor) else np.int8) for t in host.blocks[0]]
     return {"err": float(np.abs(got - want).max()), "scale": float(np.abs(want).max()),
             "moved": float(np.abs(want - inputs["latents"]).max()), "w8a16_calls": len(calls),
             "host_int8": sum(host_int8), "host_pinned": host.pinned,
