@@ -9,7 +9,7 @@ Creates .venv if absent (scripts/setup.sh; STEPVIDEO_MINDSPORE=VERSION and STEPV
 suite on another MindSpore in its own environment), then runs the default test suite with pytest -q:
 every test under tests/ except those marked `slow`, on MindSpore's CPU backend with the tiny
 random-weight model (real msrun workers, real servers, the Ascend simulation, the web page in
-headless Chromium when `chromium` is installed). About 12-15 minutes on 2 cores.
+headless Chromium when `chromium` is installed). About 17 minutes on 2 cores (2.10.0; 27 on 2.7.0).
 
 Extra arguments go to pytest, for example:
   bash scripts/test.sh tests/test_plan.py               one file (seconds to a minute)

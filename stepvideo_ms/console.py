@@ -30,7 +30,7 @@ QUIET_GLOG_LEVEL = "3"  # MindSpore: 0 debug, 1 info, 2 warning, 3 error
 VERBOSE_FLAG = "--verbose"
 
 NOISE_PATTERNS = (
-    re.compile(r"^Start (scheduler|worker) process.*Execute command:"),
+    re.compile(r"^Start (scheduler|worker) process\b.*log file:"),  # msrun's echo (2.7's has no "Execute command")
     re.compile(r"^\[INFO\] \w+\(.*Event base dispatch success!"),  # DISTRIBUTED (2.8 on) or PS (2.7)
 )
 

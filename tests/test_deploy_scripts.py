@@ -345,6 +345,7 @@ def test_noise_filter_drops_launcher_echo_and_dispatch_lines_keeps_progress():
     out = io.BytesIO()
     f = NoiseFilter(out)
     stream = (b"Start worker process with rank id:0, log file:x. Execute command: python a.py\n"
+              b"Start worker process with rank id:1, log file:y. Environment variable [RANK_ID=1] is exported.\n"  # 2.7
               b"denoising:  50%\rdenoising: 100%\r\n"
               b"[INFO] DISTRIBUTED(1,7f,python):2026 [tcp_server.cc:314] Start] Event base dispatch success!\n"
               # MindSpore 2.7 names the module PS
