@@ -108,6 +108,14 @@ def sized_split_kernel(device: str) -> bool:
     return device == "Ascend" or cpu_sized_split()
 
 
+def asynchronous_offload(device: str) -> bool:
+    """Whether `--offload` on `device` keeps its host blocks pinned and copies them ahead on a side stream:
+    an NPU (real or simulated) with Tensor.pin_memory and the runtime's streams. Otherwise (CPU, 2.7.0) the
+    host blocks sit in a file-backed map and are copied synchronously."""
+    caps = capabilities()
+    return device != "CPU" and caps.pinned_host_memory and caps.streams
+
+
 def in_use(device: str) -> Dict[str, object]:
     """The capabilities and the paths a process on `device` ("Ascend", "CPU", "ascend-sim") takes where
     versions differ, for a run's record and `doctor`."""
@@ -115,7 +123,7 @@ def in_use(device: str) -> Dict[str, object]:
     out: Dict[str, object] = asdict(caps)
     if device == "CPU":
         out["offload_copies"] = "synchronous (CPU backend: one working block)"
-    elif caps.pinned_host_memory and caps.streams:
+    elif asynchronous_offload(device):
         out["offload_copies"] = "asynchronous (pinned host blocks, side stream)"
     else:
         out["offload_copies"] = (f"synchronous (MindSpore {caps.mindspore} has no Tensor.pin_memory: float32 host "

@@ -43,7 +43,7 @@ import mindspore as ms
 from mindspore import Tensor, mint
 from ..console import progress as progress_bar  # a live bar on a terminal, plain lines in a log
 
-from ..capabilities import capabilities
+from ..capabilities import asynchronous_offload
 from ..formats import checkpoint
 from ..models.dit import StepVideoModel
 from ..models.layers import StepVideoTransformerBlock
@@ -99,7 +99,7 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool
     """The DiT of `path` with every non-block parameter loaded and the blocks unallocated, and this
     rank's stage blocks in host memory. weights: "full", "int8" (the blocks' linear weights in int8
     with their scales) or None (what the folder holds), see StepVideoModel.from_pretrained."""
-    from ..runtime import is_ascend
+    from ..runtime import device_name
 
     config = checkpoint.read_config(path)
     probe = {k: v for k, v in config.items() if k in StepVideoModel.config_keys()}
@@ -118,7 +118,7 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool
     reader = _PieceReader(where)  # quantizes released weights (and derives their scales) for int8 blocks
     # Ascend with Tensor.pin_memory: pinned host tensors, the source of asynchronous copies. Without it
     # (MindSpore 2.7.0) and on CPU: the file-backed map, copied synchronously (capabilities.in_use says which).
-    pinned = is_ascend() and capabilities().pinned_host_memory
+    pinned = asynchronous_offload(device_name())
     per_block = sum(_aligned(size * np.dtype(t).itemsize) for size, t in zip(layout.sizes, host_types))
     backing = None if pinned else _host_map(len(mine) * per_block)
     blocks: Dict[int, List[object]] = {}
