@@ -73,7 +73,11 @@ def test_device_resident_parameters_are_the_non_block_ones_and_the_working_block
     working = sum(int(np.prod(p.shape)) for cell in streamer.slots for _, p in cell.parameters_and_names())
     assert len(streamer.slots) == 1 and working == block  # CPU: one working block, filled synchronously
     assert host.numel() == model.num_layers * block and host.layers == list(range(model.num_layers))
-    assert isinstance(host.backing, np.memmap)  # host blocks are file-backed (told apart from working memory)
+    # host blocks are file-backed (told apart from working memory): this host's one shared copy of the stage
+    from stepvideo_ms.parallel.host_share import mapped_memory
+
+    assert host.shared is not None and host.shared.nbytes == host.backing.nbytes >= host.nbytes()
+    assert mapped_memory(os.path.basename(host.map_path))["Rss"] >= host.nbytes()  # resident, file-backed
     # a plain stage holds every block on the device
     plain = load_stage(os.path.join(models, "t2v"), Mesh.create(1, 0), progress=False)[0]
     assert sum(int(np.prod(p.shape)) for _, p in plain.parameters_and_names() if not p.has_init) == every

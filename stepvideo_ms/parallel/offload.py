@@ -33,8 +33,6 @@ on Ascend): about half the host memory and half the host-link traffic of bf16 bl
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -47,6 +45,7 @@ from ..capabilities import asynchronous_offload
 from ..formats import checkpoint
 from ..models.dit import StepVideoModel
 from ..models.layers import StepVideoTransformerBlock
+from .host_share import SharedBlockFile, content_key, open_shared, private_map, sharing_enabled
 from .mesh import Mesh
 from .shard import BLOCK_PREFIX, BlockLayout, _block_layer, _PieceReader, derived_scales, stage_sources
 
@@ -61,7 +60,20 @@ class HostBlocks:
     layout: BlockLayout
     blocks: Dict[int, List[object]]
     pinned: bool  # Ascend: pinned host Tensors; CPU: numpy views of a file-backed map
-    backing: Optional[np.memmap] = None
+    backing: Optional[np.ndarray] = None  # that map
+    shared: Optional[SharedBlockFile] = None  # the map is the host's one copy of the stage (host_share.py)
+
+    @property
+    def map_path(self) -> Optional[str]:
+        """The file behind the host map (None for pinned tensors; once settled or private, it has no name left)."""
+        if self.shared is not None:
+            return self.shared.path
+        return getattr(self.backing, "filename", None)
+
+    def settle(self) -> None:
+        """Every rank of the world has loaded: the shared map's name can go (host_share.SharedBlockFile.settle)."""
+        if self.shared is not None:
+            self.shared.settle()
 
     def numel(self) -> int:
         return len(self.blocks) * self.layout.total
@@ -82,16 +94,22 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // HOST_ALIGN) * HOST_ALIGN
 
 
-def _host_map(nbytes: int) -> np.memmap:
-    """A byte map of `nbytes` over an unlinked temporary file (gone with the process)."""
-    fd, path = tempfile.mkstemp(prefix="stepvideo_offload_", suffix=".bin", dir=os.environ.get("STEPVIDEO_OFFLOAD_DIR"))
-    try:
-        os.ftruncate(fd, max(nbytes, 1))
-        backing = np.memmap(path, dtype=np.uint8, mode="r+", shape=(max(nbytes, 1),))
-    finally:
-        os.close(fd)
-        os.unlink(path)
-    return backing
+class _MapLayout:
+    """Where each parameter of each block sits in the host map: blocks one after another, every parameter
+    starting on a HOST_ALIGN boundary."""
+
+    def __init__(self, layout: BlockLayout, host_types):
+        self.layout, self.types = layout, host_types
+        self.nbytes = [size * np.dtype(t).itemsize for size, t in zip(layout.sizes, host_types)]
+        self.per_block = sum(_aligned(n) for n in self.nbytes)
+
+    def of(self, buffer: np.ndarray, index: int) -> List[np.ndarray]:
+        """The parameters of the `index`-th block of the map, as views of `buffer` (read-only if it is)."""
+        at, out = index * self.per_block, []
+        for nbytes, t, shape in zip(self.nbytes, self.types, self.layout.shapes):
+            out.append(buffer[at:at + nbytes].view(t).reshape(shape))
+            at += _aligned(nbytes)
+        return out
 
 
 def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool = True,
@@ -116,32 +134,46 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool
               for name, shape in zip(layout.names, layout.shapes)}
     where = stage_sources(path, mine, wanted, lambda found: derived_scales(wanted, found))
     reader = _PieceReader(where)  # quantizes released weights (and derives their scales) for int8 blocks
-    # Ascend with Tensor.pin_memory: pinned host tensors, the source of asynchronous copies. Without it
-    # (MindSpore 2.7.0) and on CPU: the file-backed map, copied synchronously (capabilities.in_use says which).
+    sources = checkpoint.checkpoint_files(path)
+
+    def read_blocks():
+        """(layer, [array per parameter in layout order]) for every block of the stage, read from the checkpoint."""
+        for layer in progress_bar(mine, desc="loading blocks to host memory", unit="block", disable=not progress,
+                                  leave=False):
+            yield layer, [reader.read(f"{BLOCK_PREFIX}{layer}.{name}", dt == ms.int8, 0, size).reshape(shape)
+                          for name, shape, size, dt in zip(layout.names, layout.shapes, layout.sizes, dtypes)]
+
+    # Ascend with Tensor.pin_memory: pinned host tensors, the source of asynchronous copies, one copy per rank.
+    # Without it (MindSpore 2.7.0) and on CPU: a file-backed map, copied synchronously (capabilities.in_use says
+    # which), one per host for the ranks of this stage (host_share.py).
     pinned = asynchronous_offload(device_name())
-    per_block = sum(_aligned(size * np.dtype(t).itemsize) for size, t in zip(layout.sizes, host_types))
-    backing = None if pinned else _host_map(len(mine) * per_block)
-    blocks: Dict[int, List[object]] = {}
-    at = 0
-    for layer in progress_bar(mine, desc="loading blocks to host memory", unit="block", disable=not progress, leave=False):
-        held = []
-        for name, shape, size, dt, host_type in zip(layout.names, layout.shapes, layout.sizes, dtypes, host_types):
-            key = f"{BLOCK_PREFIX}{layer}.{name}"
-            arr = reader.read(key, dt == ms.int8, 0, size).reshape(shape)
-            if pinned:
-                held.append(Tensor(arr, dt).pin_memory())
+    shared = None
+    try:
+        if pinned:
+            blocks = {layer: [Tensor(arr, dt).pin_memory() for arr, dt in zip(arrays, dtypes)]
+                      for layer, arrays in read_blocks()}
+            backing = None
+        else:
+            views = _MapLayout(layout, host_types)
+            nbytes = len(mine) * views.per_block
+
+            def fill(buffer) -> None:
+                for index, (_, arrays) in enumerate(read_blocks()):
+                    for view, arr in zip(views.of(buffer, index), arrays):
+                        view[...] = arr
+
+            if sharing_enabled():
+                key = content_key(sources, (mine, layout.names, layout.shapes, [np.dtype(t).str for t in host_types]))
+                shared = open_shared(key, nbytes, fill)
+                backing = shared.array
             else:
-                nbytes = size * np.dtype(host_type).itemsize
-                view = backing[at:at + nbytes].view(host_type).reshape(shape)
-                view[...] = arr
-                held.append(view)
-                at += _aligned(nbytes)
-        blocks[layer] = held
-    for f in set(where.values()):
-        f.close()
-    if backing is not None:
-        backing.flush()
-    return model, HostBlocks(layout, blocks, pinned, backing)
+                backing = private_map(nbytes)
+                fill(backing)
+            blocks = {layer: views.of(backing, index) for index, layer in enumerate(mine)}
+    finally:
+        for f in set(where.values()):
+            f.close()
+    return model, HostBlocks(layout, blocks, pinned, backing, shared)
 
 
 class _Copy:
