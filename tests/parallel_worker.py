@@ -112,6 +112,22 @@ def stage_loading_failures(model, mesh, shards) -> List[str]:
     return failures
 
 
+def barrier(comm) -> None:
+    """Returns once every rank of the world has called it (an all-gather)."""
+    from mindspore import Tensor
+
+    comm.all_gather(Tensor(np.ones(1, np.float32)), comm.mesh.world_ranks).asnumpy()
+
+
+def host_map_report(mesh, host) -> dict:
+    """This rank's file-backed memory of its stage's host map (host_share.mapped_memory) and who wrote it."""
+    from stepvideo_ms.parallel.host_share import mapped_memory
+
+    memory = mapped_memory(os.path.basename(host.map_path))
+    return {"stage": mesh.stage, "nbytes": int(host.backing.nbytes),
+            "created": bool(host.shared.created) if host.shared is not None else True, **memory}
+
+
 def write_references(cases, models_dir: str, out_dir: str, dtype) -> None:
     """One process, no msrun: the plain model's loop for each (kind, grid), saved beside the ranks' output."""
     done = {}
@@ -143,7 +159,7 @@ def main(argv: List[str]) -> int:
 
     world, rank = init_world()
     start = time.perf_counter()
-    report = {"comm": comm_checks(world, rank), "loading": {}, "cache": {}}
+    report = {"comm": comm_checks(world, rank), "loading": {}, "cache": {}, "host_map": {}}
     print(f"rank {rank}: communicator checks took {time.perf_counter() - start:.1f} s", flush=True)
     for case in [c for c in load_cases(cases_json) if c.world == world]:
         mesh = Mesh.create(world, rank, case.ulysses, case.pp, pp_split=case.pp_split, cfg_degree=case.cfg,
@@ -151,14 +167,18 @@ def main(argv: List[str]) -> int:
         model, shards = load_stage(os.path.join(models_dir, case.kind), mesh, rt.compute_dtype, progress=False,
                                    weights=case.weights)
         report["loading"][case.name] = stage_loading_failures(model, mesh, shards)
+        comm = make_communicator(mesh)
+        if mesh.offload:  # as a run does it: every rank has loaded (an all-gather), then the shared map's name goes
+            barrier(comm)
+            shards.settle()
         inputs = case_inputs(case)
         cache = step_cache(case)
         if cache is None:
-            latents = parallel_denoise(mesh, make_communicator(mesh), model, Tensor(inputs["latents"]),
+            latents = parallel_denoise(mesh, comm, model, Tensor(inputs["latents"]),
                                        conditioning(inputs, case.kind), FlowMatchScheduler(), steps(case), TIME_SHIFT,
                                        GUIDANCE, progress=False, shards=shards)
         else:  # parallel_denoise's loop, keeping the DiT to count the blocks its source fetched
-            dit = ParallelDiT(mesh, make_communicator(mesh), model, shards)
+            dit = ParallelDiT(mesh, comm, model, shards)
             cache.settings.check_model(model.num_layers, dit.partition)
             cache.num_layers = model.num_layers
             latents = denoise(dit.predictor(conditioning(inputs, case.kind), cache), Tensor(inputs["latents"]),
@@ -166,6 +186,10 @@ def main(argv: List[str]) -> int:
             fetched = getattr(dit.blocks, "copies", getattr(dit.blocks, "gathers", None))
             report["cache"][case.name] = {"record": cache.record(), "fetched": fetched}
         np.save(output_path(out_dir, case, rank), latents.asnumpy())
+        if mesh.offload and shards.backing is not None:  # the host map, measured while every rank still maps it
+            barrier(comm)
+            report["host_map"][case.name] = host_map_report(mesh, shards)
+            barrier(comm)
         print(f"rank {rank}: {case.name} done at {time.perf_counter() - start:.1f} s", flush=True)
     if runtime.is_simulated():  # last: its dead-lock checks leave the ranks' call numbers out of step
         from ascend_sim_hccl_checks import emulator_checks

@@ -40,6 +40,8 @@ CASES = (
     + [Case("t2v", ODD, 2, 1, offload=True), Case("ti2v", ODD, 1, 1, cfg=2, offload=True),
        Case("ti2v", ODD, 1, 2, offload=True), Case("t2v", ODD, 2, 2, offload=True),
        Case("ti2v", ODD, 1, 2, cfg=2, offload=True)]
+    # four ranks of one stage share one host copy of it (issue 26): cfg 2 x ulysses 2 (T2V)
+    + [Case("t2v", ODD, 2, 1, cfg=2, offload=True)]
     # int8 blocks offloaded (issue 26), equal to the single-process int8 run: ulysses 2 (T2V), pp 2 (TI2V),
     # cfg 2 (T2V), all in the world-2 launch
     + [Case("t2v", ODD, 2, 1, weights="int8", offload=True), Case("ti2v", ODD, 1, 2, weights="int8", offload=True),
@@ -97,8 +99,11 @@ def launches(models_dir, tmp_path_factory):
             out = tmp_path_factory.mktemp(f"parallel_world{world}")
             cases_json = str(out / "cases.json")
             save_cases([c for c in CASES if c.world == world], cases_json)
+            maps = out / "host_maps"  # where the offload cases' shared host maps go (empty afterwards)
+            maps.mkdir()
             result = run_msrun(WORKER, [cases_json, models_dir, str(out)], workers=world,
-                               log_dir=str(out / "logs"), timeout=LAUNCH_TIMEOUT)
+                               log_dir=str(out / "logs"), timeout=LAUNCH_TIMEOUT,
+                               extra_env={"STEPVIDEO_OFFLOAD_DIR": str(maps)})
             done[world] = (str(out), result)
         out, result = done[world]
         if not result.ok:
@@ -159,3 +164,24 @@ def test_cached_layout_takes_the_single_process_decisions(launches, references, 
                            rtol=1e-4, atol=1e-6), f"rank {r}"
         if (case.offload or case.shard) and case.pp == 1:
             assert got["fetched"] == want["blocks_run"] < want["steps"] * 4, f"rank {r}"
+
+
+OFFLOADED = [c for c in CASES if c.offload]
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT + 120)
+@pytest.mark.parametrize("case", OFFLOADED, ids=lambda c: c.name)
+def test_ranks_of_one_stage_share_one_host_copy(launches, case):
+    """The ranks of one stage (all on this host) map one copy of its blocks, written by one of them: the
+    proportional resident memory of the map over those ranks adds up to one copy; no map file is left."""
+    out, _ = launches(case.world)
+    maps = [rep["host_map"][case.name] for rep in read_reports(out, case.world)]
+    for stage in range(case.pp):
+        mine = [m for m in maps if m["stage"] == stage]
+        assert len(mine) == case.world // case.pp
+        assert sum(m["created"] for m in mine) == 1, f"stage {stage}: {mine}"
+        size = mine[0]["nbytes"]
+        assert all(m["nbytes"] == size and m["Rss"] >= 0.95 * size for m in mine)  # each reads all of it
+        together = sum(m["Pss"] for m in mine) / size
+        assert 0.9 <= together <= 1.1, f"stage {stage}: its {len(mine)} ranks hold {together:.2f} copies"
+    assert os.listdir(os.path.join(out, "host_maps")) == []

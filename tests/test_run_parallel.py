@@ -21,7 +21,9 @@ LAUNCH_TIMEOUT = 420
 ODD_GRID = ["--num_frames", "17", "--height", "48", "--width", "80"]  # latents 3 x 3 x 5: 45 tokens
 # (ulysses, pp, cfg, shard): world 4 uses both Ulysses and the pipeline; the last one splits the CFG halves
 # over two ranks that also split the block weights
-LAYOUTS = [(2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, False), (1, 1, 2, True)]
+# (ulysses, pp, cfg, blocks): the blocks held whole on the card (None), sharded ("shard"), or offloaded to
+# one host copy that the two ranks of the stage share ("offload")
+LAYOUTS = [(2, 1, 1, "offload"), (1, 2, 1, None), (2, 2, 1, None), (1, 1, 2, "shard")]
 
 
 def _make_model(tmp_path_factory, task):
@@ -76,21 +78,30 @@ def test_single_process_writes_video_json_and_latents(served, single):
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
 @pytest.mark.parametrize("layout", LAYOUTS,
-                         ids=lambda l: f"ulysses{l[0]}-pp{l[1]}" + (f"-cfg{l[2]}" if l[2] > 1 else "") + ("-shard" if l[3] else ""))
+                         ids=lambda l: f"ulysses{l[0]}-pp{l[1]}" + (f"-cfg{l[2]}" if l[2] > 1 else "") + (f"-{l[3]}" if l[3] else ""))
 def test_msrun_latents_equal_single_process(served, single, tmp_path, layout):
+    import json
     task, model, url = served
-    ulysses, pp, cfg, shard = layout
+    ulysses, pp, cfg, blocks = layout
     reference, _ = single
     out = tmp_path / f"u{ulysses}p{pp}c{cfg}"
-    extra = ["--ulysses_degree", str(ulysses), "--pp_degree", str(pp), "--cfg_degree", str(cfg), "--no_video"]
-    shard_args = ["--shard_weights", "--card_gb", "64"] if shard else []  # and a layout that fits is accepted
-    result = run_msrun("run_parallel.py", _args(task, model, url, out, extra + shard_args),
-                       ulysses * pp * cfg, str(out / "logs"), LAUNCH_TIMEOUT)
+    maps = tmp_path / "host_maps"
+    maps.mkdir()
+    extra = ["--ulysses_degree", str(ulysses), "--pp_degree", str(pp), "--cfg_degree", str(cfg)]
+    extra += {"shard": ["--shard_weights", "--card_gb", "64", "--no_video"],  # and a layout that fits is accepted
+              "offload": ["--offload"],  # with the video and its record
+              }.get(blocks, ["--no_video"])
+    result = run_msrun("run_parallel.py", _args(task, model, url, out, extra), ulysses * pp * cfg, str(out / "logs"),
+                       LAUNCH_TIMEOUT, extra_env={"STEPVIDEO_OFFLOAD_DIR": str(maps)})
     assert result.ok, result.logs()
     latents = load_file(str(out / "latents.safetensors"))["latents"]
     assert latents.shape == reference.shape == (1, 3, 8, 3, 5)
     tol = 1e-4 * (1 + np.abs(reference).max())
     assert np.abs(latents - reference).max() <= tol
+    if blocks == "offload":  # one host copy for the stage's two ranks, its file gone once both had loaded
+        records = [json.loads(p.read_text()) for p in out.glob("*.json")]
+        assert [r["offload"]["host_copy"] for r in records] == ["per host"], records
+        assert os.listdir(maps) == []
 
 
 # ---- validation: clear errors naming the argument, before any weight or server is touched ----------

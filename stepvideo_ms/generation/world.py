@@ -206,6 +206,8 @@ class GenerationWorld:
                              "pp_degree": mesh.pp_degree,
                              "stages": [[r.start, r.stop] for r in mesh.partition(model.num_layers)]},
                 "weights": model.weights}
+        if mesh.offload:
+            info["offload"] = {"host_bytes": shards.nbytes(), "host_copy": shards.copy_kind}
         return cls(args, rt, mesh, comm, model, scheduler, pipe, rank, progress, load_s, info, shards)
 
     @property

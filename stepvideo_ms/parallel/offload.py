@@ -64,6 +64,12 @@ class HostBlocks:
     shared: Optional[SharedBlockFile] = None  # the map is the host's one copy of the stage (host_share.py)
 
     @property
+    def copy_kind(self) -> str:
+        """"per host": one copy that the ranks of this stage on this host share; "per rank": this rank's own
+        (pinned tensors, or STEPVIDEO_SHARE_HOST_BLOCKS=0)."""
+        return "per host" if self.shared is not None else "per rank"
+
+    @property
     def map_path(self) -> Optional[str]:
         """The file behind the host map (None for pinned tensors; once settled or private, it has no name left)."""
         if self.shared is not None:
