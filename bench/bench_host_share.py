@@ -93,11 +93,11 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", type=int, nargs=3, default=[2, 8, 8])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--out", default=None, help="also write the figures to this JSON file")
-    ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        worker(args.worker[0], args.worker[1], tuple(args.grid))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rank"]:  # an msrun worker: rank MODEL_DIR OUT_DIR F H W (msrun takes --options as its own)
+        worker(argv[1], argv[2], tuple(int(v) for v in argv[3:6]))
         return 0
+    args = ap.parse_args(argv)
     import numpy as np
     from bench_offload import model_config, write_model
     from stepvideo_ms.parallel.msrun import run_msrun
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                 maps = os.path.join(out, "maps")
                 os.makedirs(maps)
                 result = run_msrun(os.path.abspath(__file__),
-                                   ["--worker", model, out, "--grid", *map(str, args.grid)], workers=n,
+                                   ["rank", model, out, *map(str, args.grid)], workers=n,
                                    log_dir=os.path.join(out, "logs"), timeout=1800,
                                    extra_env={"STEPVIDEO_SHARE_HOST_BLOCKS": share, "STEPVIDEO_OFFLOAD_DIR": maps})
                 if not result.ok:
