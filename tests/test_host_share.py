@@ -121,3 +121,19 @@ def test_the_switch_is_checked(monkeypatch):
     monkeypatch.setenv(host_share.ENV_SHARE, "maybe")
     with pytest.raises(ValueError, match="STEPVIDEO_SHARE_HOST_BLOCKS"):
         host_share.sharing_enabled()
+
+
+def test_a_full_folder_is_named_before_anything_is_written(tmp_path, monkeypatch):
+    """/dev/full-like room: a folder whose file system has less room than the map gets an error naming
+    STEPVIDEO_OFFLOAD_DIR (posix_fallocate's ENOSPC), and no part file is left."""
+    import errno
+
+    monkeypatch.setenv(host_share.ENV_DIR, str(tmp_path))
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(host_share.os, "posix_fallocate", no_room)
+    with pytest.raises(OSError, match="no room for .* GiB of host blocks in .*STEPVIDEO_OFFLOAD_DIR"):
+        host_share.open_shared("full", 4096, lambda b: pytest.fail("nothing is written without room"))
+    assert _ours(tmp_path) == []

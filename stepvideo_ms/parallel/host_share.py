@@ -26,6 +26,7 @@ from a left-over one:
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -76,6 +77,9 @@ def reserve(fd: int, nbytes: int, where: str) -> None:
     try:
         os.posix_fallocate(fd, 0, max(nbytes, 1))
     except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # a file system that cannot reserve
+            os.ftruncate(fd, max(nbytes, 1))
+            return
         raise OSError(f"--offload: no room for {nbytes / 2 ** 30:.2f} GiB of host blocks in {where} ({exc.strerror}); "
                       f"free it or set {ENV_DIR} to a folder with room (a tmpfs keeps them in memory)") from None
 
@@ -238,7 +242,12 @@ def open_shared(key: str, nbytes: int, fill: Callable[[np.memmap], None],
                     continue
                 fd = _open_existing(path, nbytes)
                 if fd is None:
-                    fd, created = _write(where, stem, nbytes, fill), True
+                    try:
+                        fd, created = _write(where, stem, nbytes, fill), True
+                    except BaseException:  # nothing half-written is left; a waiter tries for itself
+                        if _same_file(lock, lock_path):
+                            os.unlink(lock_path)
+                        raise
                 try:
                     os.unlink(lock_path)  # the waiters see it gone and find the file
                 except FileNotFoundError:
