@@ -9,15 +9,27 @@
 #                                                       and never replaces it
 #   STEPVIDEO_VENV=.venv-ms2.7.0 bash scripts/setup.sh  another environment folder (default .venv); the
 #                                                       other scripts use the same variable
+# An environment keeps the MindSpore it was made with when STEPVIDEO_MINDSPORE is unset later (test.sh runs
+# this script); STEPVIDEO_MINDSPORE=pinned goes back to requirements.txt's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 VENV=${STEPVIDEO_VENV:-.venv}
 case "$VENV" in /*) ;; *) VENV=$ROOT/$VENV;; esac
-WANT_MS=${STEPVIDEO_MINDSPORE:-}
 say() { echo "[setup] $*"; }
 die() { echo "[setup] $*" >&2; exit 2; }
+# An environment keeps the MindSpore it was made with: unset STEPVIDEO_MINDSPORE means that one (so that
+# test.sh or a later setup.sh never swaps a chosen or the system's MindSpore for the pin); `pinned` asks
+# for requirements.txt's again.
+CHOICE_FILE=$VENV/.stepvideo_mindspore
+if [ -z "${STEPVIDEO_MINDSPORE+set}" ] && [ -s "$CHOICE_FILE" ]; then
+  STEPVIDEO_MINDSPORE=$(cat "$CHOICE_FILE")
+  say "MindSpore: $STEPVIDEO_MINDSPORE, the one $(basename "$VENV") was made with (STEPVIDEO_MINDSPORE=pinned for requirements.txt's)"
+fi
+CHOICE=${STEPVIDEO_MINDSPORE:-}
+[ "$CHOICE" = pinned ] && CHOICE=""
+WANT_MS=$CHOICE
 
 # What to install: the requirements as pinned, with MindSpore (and for `system`, numpy) taken out when
 # another MindSpore is asked for. Checked before anything is created or downloaded.
@@ -35,7 +47,7 @@ case "$WANT_MS" in
     "$PY" stepvideo_ms/versions.py check "$WANT_MS" || die "STEPVIDEO_MINDSPORE=system: found MindSpore $WANT_MS in $SYSTEM_SITE"
     grep -v -E '^(mindspore|numpy)==' requirements.txt > "$REQS";;
   *)
-    "$PY" stepvideo_ms/versions.py check "$WANT_MS" || die "set STEPVIDEO_MINDSPORE to a version in that range, to 'system', or leave it unset for $PIN"
+    "$PY" stepvideo_ms/versions.py check "$WANT_MS" || die "set STEPVIDEO_MINDSPORE to a version in that range, to 'system', or to 'pinned' for $PIN"
     { grep -v '^mindspore==' requirements.txt; echo "mindspore==$WANT_MS"; } > "$REQS";;
 esac
 
@@ -79,6 +91,7 @@ if [ -z "$ready" ]; then
                           "$VENV/bin/python -c 'import stepvideo_ms, mindspore'" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
+echo "$CHOICE" > "$CHOICE_FILE"
 if [ -n "$SYSTEM_SITE" ]; then
   where=$("$VENV/bin/python" -P -c 'import importlib.util as iu; print(iu.find_spec("mindspore").origin)')
   case "$where" in "$SYSTEM_SITE"/*) ;; *) echo "[setup] MindSpore in $VENV is not the system's ($where)" >&2; exit 1;; esac

@@ -48,6 +48,20 @@ def test_setup_refuses_a_version_outside_the_range_before_creating_anything(tmp_
     assert not venv.exists()
 
 
+def test_an_environment_keeps_the_mindspore_it_was_made_with(tmp_path):
+    """Unset STEPVIDEO_MINDSPORE (test.sh's call) means the environment's own choice, never the pin over it;
+    a remembered choice is checked like an asked one (here one outside the range: refused, nothing installed)."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".stepvideo_mindspore").write_text("2.6.0\n")
+    env = {k: v for k, v in os.environ.items() if k != "STEPVIDEO_MINDSPORE"}
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup.sh")], capture_output=True, text=True,
+                          timeout=60, env={**env, "STEPVIDEO_VENV": str(venv)})
+    assert "MindSpore: 2.6.0, the one venv was made with (STEPVIDEO_MINDSPORE=pinned" in done.stdout, done.stdout
+    assert done.returncode == 2 and "is not supported" in done.stderr, done.stderr
+    assert not (venv / "bin").exists()
+
+
 def test_setup_system_needs_an_interpreter_with_mindspore(tmp_path):
     bare = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
@@ -74,9 +88,11 @@ def test_setup_system_uses_the_installed_mindspore_and_never_replaces_it(tmp_pat
                            capture_output=True, text=True, timeout=300, env={**os.environ, "GLOG_v": "3"})
     assert probe.stdout.strip() == ms.__file__, probe.stdout + probe.stderr
     assert not list((venv / "lib").glob("python*/site-packages/mindspore"))  # nothing installed over it
+    unset = {k: v for k, v in env.items() if k != "STEPVIDEO_MINDSPORE"}  # as test.sh runs it later
     again = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup.sh")], capture_output=True, text=True,
-                           timeout=300, env=env)
+                           timeout=300, env=unset)
     assert again.returncode == 0 and "installing" not in again.stdout, again.stdout  # the second run only checks
+    assert "MindSpore: system, the one venv was made with" in again.stdout
 
 
 def test_capabilities_are_read_from_the_installed_mindspore():
