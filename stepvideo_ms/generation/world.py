@@ -188,7 +188,7 @@ class GenerationWorld:
         try:
             model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress,
                                        weights=getattr(args, "weights", None))
-        except BaseException:
+        except Exception:  # the others learn it at their agreement below instead of waiting in the first job
             every_rank_ok(comm, False)
             raise
         if not every_rank_ok(comm, True):  # every rank has its stage: a shared host map's name can go
