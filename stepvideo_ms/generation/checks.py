@@ -171,10 +171,8 @@ def fit_local_decode(args, settings, transformer: str, world_size: int, card_gb:
 
     if not is_local(args.vae_url) or args.vae_tile is not None or args.vae_budget_gb is not None:
         return
-    from ..parallel.host_memory import planner_hardware
-
     mesh, config = mesh_from(args, world_size, 0), read_config(transformer)
-    hardware = planner_hardware(device)
+    hardware = planner.hardware_for(device)
     layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
                             mesh.sequential_cfg, weights=weights_of(args, config, transformer))
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
@@ -288,9 +286,9 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         settings = settings.resolved()
-    from ..parallel.host_memory import host_limit, limit_gib, planner_hardware, ranks_on_this_host
+    from ..parallel.host_memory import host_limit, limit_gib, ranks_on_this_host
 
-    hardware = planner_hardware(device)
+    hardware = planner.hardware_for(device)
     shape = planner.ModelShape.from_config(config)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
     guidance = settings.cfg_scale > 1.0
@@ -371,10 +369,11 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
 
     if card_gb <= 0:
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
-    from ..parallel.host_memory import check_host_holds, host_limit, planner_hardware, ranks_on_this_host
+    from ..parallel.host_memory import check_host_holds, host_limit, ranks_on_this_host
     from ..parallel.plan_advice import advice, cards_word
 
-    hardware, ranks = planner_hardware(device), ranks_on_this_host(mesh.world_size, getattr(args, "worker_env", None))
+    hardware = planner.hardware_for(device)
+    ranks = ranks_on_this_host(mesh.world_size, getattr(args, "worker_env", None))
     shape = planner.ModelShape.from_config(config)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
     guidance = settings.cfg_scale > 1.0

@@ -128,16 +128,6 @@ def limit_gib(limit: Optional[HostLimit]) -> Optional[float]:
     return None if limit is None else limit.gib
 
 
-def planner_hardware(device: str):
-    """The planner's profile of `device` for a run's checks: the CPU backend's on CPU, the 910B's otherwise,
-    with `host_blocks_shared` as the device's offload holds its host blocks."""
-    from dataclasses import replace
-
-    from .plan import CPU, Hardware
-
-    return replace(CPU if device == "CPU" else Hardware(), host_blocks_shared=host_blocks_shared(device))
-
-
 def check_host_holds(predicted, ranks: int, shared: bool, limit: Optional[HostLimit]) -> None:
     """Refuse (ValueError naming the per-host figure and the fix) an offload plan whose offloaded blocks on
     this host of `ranks` ranks (`predicted.host_gib`, per host) exceed `limit` (None: not checked)."""

@@ -62,10 +62,10 @@ takes longer than the block it hides under), at a stated link bandwidth. The def
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional
 
-from .host_memory import host_block_count
+from .host_memory import host_block_count, host_blocks_shared
 from .mesh import CFG_DEGREES, Mesh, layer_partition
 
 GIB = 2 ** 30
@@ -98,7 +98,8 @@ class Hardware:
         return (f"assumed: {self.name} at {self.peak_tflops:.0f} TFLOPS bf16 peak x {self.utilisation:.0%} "
                 f"utilisation, {self.link_gb_s:.0f} GB/s sent per card, runtime reserve {self.reserve_gib:g} GiB, "
                 f"offload: {self.host_link_gb_s:g} GB/s host link per card, {self.offload_overlap:.0%} of a copy hidden "
-                f"under a longer block, host blocks {'shared per stage' if self.host_blocks_shared else 'pinned per rank'}; "
+                f"under a longer block, host blocks "
+                f"{'shared per stage' if self.host_blocks_shared else 'pinned per rank'}; "
                 f"calibrated: {self.activation_units:g} activation units")
 
 
@@ -111,6 +112,12 @@ CPU = Hardware(name="CPU backend", peak_tflops=0.25, utilisation=1.0, link_gb_s=
                activation_units=12.0, reserve_gib=0.0, lockstep=True, host_link_gb_s=5.0, offload_working_blocks=1,
                chunk_units_saved=0.0, score_block_bytes=128 * 2 ** 20, score_copies=3.0,
                int8_matmul=False, host_blocks_shared=True)
+
+
+def hardware_for(device: str) -> Hardware:
+    """The profile a run on `device` is checked with: the CPU backend's on CPU, the 910B's otherwise, holding
+    its offloaded blocks as the device does (host_memory.host_blocks_shared)."""
+    return replace(CPU if device == "CPU" else Hardware(), host_blocks_shared=host_blocks_shared(device))
 
 
 @dataclass(frozen=True)

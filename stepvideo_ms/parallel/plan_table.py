@@ -10,8 +10,8 @@ from .plan import GIB, Hardware, Plan
 def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_gb: Optional[float] = None,
           steps: Optional[int] = None) -> str:
     """A text table, the fitting layouts first by step time. host GiB: the offloaded blocks of the host
-    that holds the most (Plan.host_gib); offload x: step time over the same layout's without exposed copies; with `steps`, the time of
-    that many steps (minutes)."""
+    that holds the most (Plan.host_gib); offload x: step time over the same layout's without exposed
+    copies; with `steps`, the time of that many steps (minutes)."""
     wide = max([47] + [len(pl.layout.name()) for pl in plans])  # "... + chunks + int8" is longer than 47
     run = f"{f'{steps} steps':>9} " if steps else ""
     head = (f"{'layout':<{wide}} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'host GiB':>8} {'sent GB/step':>12} "

@@ -116,7 +116,8 @@ def plan_report(config: dict, frames: int, height: int, width: int, cards: int, 
              + f"); {cards_word(cards)}"
              + (f" of {card_gb:g} GiB" if card_gb else "") + f": {len(fitting)} of {len(plans)} layouts fit")
     lines = [title, ("host memory: offloaded blocks (all ranks of the host) may take " + host.describe()) if host
-             else f"host memory: not checked (--host_gb GiB of one host: offloaded blocks may take {HOST_SHARE:.0%} of it)",
+             else f"host memory: not checked (--host_gb GiB of one host: offloaded blocks may take "
+                  f"{HOST_SHARE:.0%} of it)",
              f"host GiB: {hosts_words(cards, per_host)}"
              + (" (--cards_per_host)" if cards_per_host else f" (--cards_per_host, default up to {CARDS_PER_HOST})")
              + f", {hardware.name}: {sharing_words(hardware.host_blocks_shared)}"]
