@@ -9,7 +9,8 @@ and prints the parameter count, the per-block shapes and the memory the weights 
 card per step, pipeline idle share and step time (parallel/plan.py; the hardware figures are
 stated assumptions), the layouts that fit --card_gb first. When none fits, it says what would (the
 closest layout and its excess, the fewest cards of this size, the largest video on these cards) and
-exits with status 1.
+exits with status 1. The host memory of --offload is counted per host of --cards_per_host cards
+(default: all of them, up to 8), pinned per rank as on a 910B; --host_gb is one host's memory.
 """
 from __future__ import annotations
 
