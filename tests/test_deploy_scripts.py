@@ -177,6 +177,16 @@ def test_two_host_dry_run_maps_onto_msrun_options(models):
     assert TOKEN not in out and "auth_token" not in out
 
 
+def test_two_host_dry_run_counts_this_host_s_workers_whatever_the_caller_set(models):
+    """The launcher's own checks and its workers count this host's 2 workers (msrun's --local_worker_num),
+    not a STEPVIDEO_RANKS_PER_HOST left in the caller's environment (3 does not divide the world of 4)."""
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses", "2", "--pp", "2",
+               "--nnodes", "2", "--node_rank", "0", "--cards", "0,1", "--dry-run",
+               env={"STEPVIDEO_RANKS_PER_HOST": "3"})
+    assert r.returncode == 0, r.stderr
+    assert "STEPVIDEO_RANKS_PER_HOST=2 " in r.stdout and "--local_worker_num=2" in r.stdout, r.stdout
+
+
 def test_one_card_without_layout_flags_lets_the_planner_choose(models):
     r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--cards", "0", "--caption_url", "local",
                "--vae_url", "local", "--dry-run", "--", "--card_gb", "8", "--device", "CPU", "--num_frames", "17",
