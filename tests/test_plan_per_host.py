@@ -151,12 +151,13 @@ def test_the_run_refuses_per_host_and_says_whether_copies_are_shared(monkeypatch
     monkeypatch.setenv(RANKS_PER_HOST_ENV, "2")
     with pytest.raises(ValueError, match=r"keeps 54\.0 GiB .* for its 2 rank\(s\) here \(the ranks of one stage"):
         check_fits(10_000, _mesh(4, 2, 2), {}, settings, "CPU")
-    shared = host_blocks_shared("Ascend")
-    with pytest.raises(ValueError) as ascend:
-        check_fits(10_000, _mesh(4, 2, 2), {}, settings, "Ascend")
-    words = "(the ranks of one stage share one copy)" if shared else "(each rank pins its own copy)"
-    assert f"keeps {27.0 if shared else 54.0:.1f} GiB of offloaded blocks in this host's memory for its 2 rank(s) " \
-           f"here {words}" in str(ascend.value)
+    for device in ("Ascend", "ascend-sim"):  # bf16; pinned per rank where MindSpore has Tensor.pin_memory
+        shared = host_blocks_shared(device)
+        with pytest.raises(ValueError) as ascend:
+            check_fits(10_000, _mesh(4, 2, 2), {}, settings, device)
+        words = "(the ranks of one stage share one copy)" if shared else "(each rank pins its own copy)"
+        assert f"keeps {27.0 if shared else 54.0:.1f} GiB of offloaded blocks in this host's memory for its 2 " \
+               f"rank(s) here {words}" in str(ascend.value)
     monkeypatch.setenv(RANKS_PER_HOST_ENV, "3")
     with pytest.raises(ValueError, match=f"{RANKS_PER_HOST_ENV}='3' must be a positive whole number"):
         check_fits(10_000, _mesh(4, 2, 2), {}, settings, "CPU")
