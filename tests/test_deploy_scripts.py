@@ -167,12 +167,24 @@ def test_two_host_dry_run_maps_onto_msrun_options(models):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     # the msrun of the environment the scripts use (.venv, or $STEPVIDEO_VENV: the suite's own)
-    assert out.startswith("ASCEND_RT_VISIBLE_DEVICES=4,5 " + os.path.join(os.path.dirname(sys.executable), "msrun"))
+    # this host's 2 workers are told they share it (the planner's host memory per host)
+    assert out.startswith("ASCEND_RT_VISIBLE_DEVICES=4,5 STEPVIDEO_RANKS_PER_HOST=2 "
+                          + os.path.join(os.path.dirname(sys.executable), "msrun"))
     for part in ("--worker_num=4 --local_worker_num=2 --master_addr=10.1.2.3 --master_port=8118",
                  "--node_rank=1", f"python {os.path.join(REPO, 'run_parallel.py')} --model_dir",
                  "--cfg_degree 1 --ulysses_degree 2 --pp_degree 2", "--infer_steps 15 --cfg_scale 5.0 --time_shift 17.0"):
         assert part in out, out
     assert TOKEN not in out and "auth_token" not in out
+
+
+def test_two_host_dry_run_counts_this_host_s_workers_whatever_the_caller_set(models):
+    """The launcher's own checks and its workers count this host's 2 workers (msrun's --local_worker_num),
+    not a STEPVIDEO_RANKS_PER_HOST left in the caller's environment (3 does not divide the world of 4)."""
+    r = script("run_t2v.sh", "--model_dir", models / "models" / "t2v", "--ulysses", "2", "--pp", "2",
+               "--nnodes", "2", "--node_rank", "0", "--cards", "0,1", "--dry-run",
+               env={"STEPVIDEO_RANKS_PER_HOST": "3"})
+    assert r.returncode == 0, r.stderr
+    assert "STEPVIDEO_RANKS_PER_HOST=2 " in r.stdout and "--local_worker_num=2" in r.stdout, r.stdout
 
 
 def test_one_card_without_layout_flags_lets_the_planner_choose(models):

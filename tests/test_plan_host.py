@@ -29,7 +29,7 @@ def test_one_32_gib_card_on_a_48_gib_host_says_the_host_decides(capsys):
     assert "offloaded blocks (all ranks of the host) may take 38.4 GiB (80% of --host_gb 48 GiB)" in out
     # the card holds the offload layout (30.2 GiB): the host is the limit, not "-1.8 GiB over 32"
     assert "the host memory decides: ulysses 1 x pp 1 + offload + seq cfg + chunks" in out
-    assert "fits the card (30.2 of 32 GiB) but pins 54.0 GiB of host memory" in out
+    assert "fits the card (30.2 of 32 GiB) but needs 54.0 GiB of host memory per host" in out
     assert "GiB over 32" not in out and "a host of 68 GiB would hold it" in out
     # no video of any size fits this card with this host: the largest-video answer is not the refused video
     assert "largest video" not in out and "no video fits 1 card of 32 GiB and 38.4 GiB" in out
@@ -82,7 +82,7 @@ def test_run_parallel_and_describe_apply_the_same_host_rule(capsys):
             checked[layout.name()] = True
         except ValueError as exc:
             checked[layout.name()] = False
-            if "pins" in str(exc):  # the host's refusal names the rule
+            if "in this host's memory" in str(exc):  # the host's refusal names the rule
                 assert f"({HOST_SHARE:.0%} of this host's memory {limit.host_gib:g} GiB)" in str(exc)
     assert said == checked
 
@@ -95,7 +95,7 @@ def test_host_gb_must_be_positive(capsys):
 
 def test_the_time_of_the_steps_asked_and_one_card_backends(capsys):
     code, out = run_describe(capsys, "--cards", "1", "--card_gb", "64", "--host_gb", "96", "--infer_steps", "15")
-    assert code == 0 and "75,888 tokens, 15 steps" in out and " 15 steps " in out.splitlines()[2]
+    assert code == 0 and "75,888 tokens, 15 steps" in out and " 15 steps " in out.splitlines()[3]
     chosen = re.search(r"chosen .*: peak [\d.]+ GiB per card, host [\d.]+ GiB, step ([\d.]+) s, 15 steps (\d+) min",
                        out)
     assert chosen and int(chosen.group(2)) == round(float(chosen.group(1)) * 15 / 60)

@@ -9,7 +9,8 @@ What it does, in this order:
    one message before msrun starts a single worker;
 3. runs msrun (the one launcher of the world: `--worker_num` = ulysses x pp over all hosts,
    `--local_worker_num` = this host's share) with the project's interpreter first on PATH and
-   `python /abs/run_parallel.py ...` as its command, so every worker runs this venv's Python;
+   `python /abs/run_parallel.py ...` as its command, so every worker runs this venv's Python, told
+   this host's worker count ($STEPVIDEO_RANKS_PER_HOST: the host memory it plans, parallel/host_memory.py);
 4. passes msrun's console through, without its launch echo and MindSpore's
    "Event base dispatch success!" lines, and replaces msrun's own traceback by one line naming
    the worker logs (`--verbose` keeps everything).
@@ -24,6 +25,7 @@ import sys
 from typing import List, Optional
 
 from ..console import PROGRESS_ENV, NoiseFilter, SuggestingParser, live_bars, quiet_environment
+from ..parallel.host_memory import RANKS_PER_HOST_ENV
 from .msrun_process import MsrunProcess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -226,14 +228,16 @@ def run_parallel_args(task: str, args, extra: List[str]) -> List[str]:
 
 
 def preflight(rp_argv: List[str], world: int, node_rank: int, servers: bool = True, task: Optional[str] = None,
-              cards: Optional[List[str]] = None):
-    """run_parallel.py's own checks, here, once (argparse errors exit 2 by themselves); -> its arguments.
+              cards: Optional[List[str]] = None, local: Optional[int] = None):
+    """run_parallel.py's own checks, here, once (argparse errors exit 2 by themselves), for this host's
+    `local` workers (default: the whole world); -> its arguments.
     A layout left to the planner without --card_gb is chosen for the size of the first card, read by a
     child process that opens it and exits (this launcher never holds a card)."""
     from ..generation import checks, cli
     from ..serving.client import START_HINT, RemoteClient, RemoteServerError
 
     rp = cli.build_parser().parse_args(rp_argv)
+    rp.worker_env = {RANKS_PER_HOST_ENV: str(local or world)}  # what the workers will see
     if cards:
         rp.probe_env = dict(os.environ, ASCEND_RT_VISIBLE_DEVICES=cards[0], DEVICE_ID="0")
     checks.check_outputs(rp)  # first: needs no MindSpore import, so a bad --save_path fails in a second
@@ -287,8 +291,8 @@ def msrun_command(args, world: int, local: int, rp_argv: List[str]) -> List[str]
     return cmd + ["python", RUN_PARALLEL, *rp_argv]
 
 
-def job_environment(args, cards: Optional[List[str]]) -> dict:
-    env = dict(os.environ)
+def job_environment(args, cards: Optional[List[str]], local: Optional[int] = None) -> dict:
+    env = dict(os.environ, **({RANKS_PER_HOST_ENV: str(local)} if local else {}))  # this host's workers
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if cards:
@@ -374,7 +378,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             os.environ[AUTH_ENV] = token  # read by the clients here and in every worker
         world, local, cards = layout(args)
         rp_argv = run_parallel_args(task, args, extra)
-        rp = preflight(rp_argv, world, args.node_rank, servers=not args.dry_run, task=task, cards=cards)
+        rp = preflight(rp_argv, world, args.node_rank, servers=not args.dry_run, task=task, cards=cards, local=local)
         if args.auto_layout and rp.card_gb is not None and "--card_gb" not in rp_argv:
             # the card size the layout was chosen for: every worker chooses the same, and reads no card for it
             rp_argv += ["--card_gb", f"{rp.card_gb:g}"]
@@ -385,8 +389,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # anything unforeseen: one line, no traceback
         print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
-    env = job_environment(args, cards)
-    shown = (f"ASCEND_RT_VISIBLE_DEVICES={env['ASCEND_RT_VISIBLE_DEVICES']} " if cards else "") + shlex.join(cmd)
+    env = job_environment(args, cards, local)
+    shown = ((f"ASCEND_RT_VISIBLE_DEVICES={env['ASCEND_RT_VISIBLE_DEVICES']} " if cards else "")
+             + f"{RANKS_PER_HOST_ENV}={local} " + shlex.join(cmd))
     if args.dry_run:
         print(shown)
         return 0

@@ -35,6 +35,7 @@ def validate_model(args, world_size: int):
     """The checks of the model and the layout, shared by every mode: -> (task, transformer path)."""
     from ..formats import checkpoint
     from ..diffusion.backends import check_local_dirs, model_folder_problem
+    from ..parallel.host_memory import ranks_on_this_host
 
     if not os.path.isdir(args.model_dir):
         raise ValueError(f"--model_dir {args.model_dir}: no such directory")
@@ -48,6 +49,7 @@ def validate_model(args, world_size: int):
     weights = weights_of(args, config, transformer)  # --weights against what the folder holds
     resolve_layout(args, world_size, task, config, weights)
     mesh = mesh_from(args, world_size, 0)
+    ranks_on_this_host(world_size, getattr(args, "worker_env", None))  # $STEPVIDEO_RANKS_PER_HOST, checked early
     mesh.check_model(int(config.get("num_attention_heads", 48)), int(config.get("num_layers", 48)))
     check_local_dirs(args.model_dir, args.caption_url, args.vae_url)
     return task, transformer
@@ -170,7 +172,7 @@ def fit_local_decode(args, settings, transformer: str, world_size: int, card_gb:
     if not is_local(args.vae_url) or args.vae_tile is not None or args.vae_budget_gb is not None:
         return
     mesh, config = mesh_from(args, world_size, 0), read_config(transformer)
-    hardware = planner.CPU if device == "CPU" else planner.Hardware()
+    hardware = planner.hardware_for(device)
     layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
                             mesh.sequential_cfg, weights=weights_of(args, config, transformer))
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
@@ -284,17 +286,18 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         settings = settings.resolved()
-    hardware = planner.CPU if device == "CPU" else planner.Hardware()
+    from ..parallel.host_memory import host_limit, limit_gib, ranks_on_this_host
+
+    hardware = planner.hardware_for(device)
     shape = planner.ModelShape.from_config(config)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
     guidance = settings.cfg_scale > 1.0
-    plans = [planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
+    plans = [planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware,
+                          ranks_per_host=ranks_on_this_host(world_size, getattr(args, "worker_env", None)))
              for layout in planner.layouts(world_size, shape.heads, shape.num_layers, guidance, weights=weights)]
     parts = local_backend_parts(args, hardware.dtype_bytes)
     shared = sum(parts.values())
-    from ..parallel.host_memory import host_limit, limit_gib
-
-    host_gb = limit_gib(host_limit(this_host=True))  # one host: every rank's offloaded stage adds up
+    host_gb = limit_gib(host_limit(this_host=True))  # this host: its ranks' offloaded blocks (Plan.host_gib)
     in_turn = bool(getattr(args, "local_in_turn", False))
     tile_for = local_decode_tile_for(args, settings)  # an in-process VAE decodes on rank 0's card after the DiT
     refused = {}  # layout -> why its decode would find no room, with the planner's numbers
@@ -333,7 +336,7 @@ def choose_layout(args, world_size: int, task: str, config: dict, card_gb: float
                if refused else ""))
     if os.environ.get("RANK_ID", os.environ.get("MS_NODE_ID", "0")) == "0":
         offload = f", offload x{best.offload_ratio:.3f} of compute" if best.layout.offload else ""
-        host = f", host memory {best.host_gib:.1f} GiB" if best.layout.offload else ""
+        host = f", host memory {best.host_gib:.1f} GiB on this host" if best.layout.offload else ""
         if tile_for is not None:
             tile, budget = planner.expected_decode_tile(best, card_gb, parts.get("vae", 0) if in_turn else shared,
                                                         tile_for)
@@ -366,14 +369,18 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
 
     if card_gb <= 0:
         raise ValueError(f"--card_gb {card_gb:g} must be positive (GiB per card, e.g. 64)")
-    hardware = planner.CPU if device == "CPU" else planner.Hardware()
+    from ..parallel.host_memory import check_host_holds, host_limit, ranks_on_this_host
+    from ..parallel.plan_advice import advice, cards_word
+
+    hardware = planner.hardware_for(device)
+    ranks = ranks_on_this_host(mesh.world_size, getattr(args, "worker_env", None))
     shape = planner.ModelShape.from_config(config)
     grid = tuple(settings.latent_shape(1)[i] for i in (1, 3, 4))
     guidance = settings.cfg_scale > 1.0
     layout = planner.Layout(mesh.cfg_degree, mesh.ulysses_degree, mesh.pp_degree, mesh.shard_weights, mesh.offload,
                             mesh.sequential_cfg and guidance and mesh.cfg_degree == 1 and mesh.pp_degree == 1,
                             weights=weights)
-    predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware)
+    predicted = planner.plan(shape, layout, grid, guidance=guidance, hardware=hardware, ranks_per_host=ranks)
     parts = local_backend_parts(args, hardware.dtype_bytes) if args is not None else {}
     in_turn = bool(getattr(args, "local_in_turn", False))
     shared = 0 if in_turn else sum(parts.values())
@@ -382,18 +389,10 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
                          f"of DiT weights on the card, with the largest local model "
                          f"({max(parts.values()) / planner.GIB:.1f} GiB) over --card_gb {card_gb:g}: use --offload "
                          "or --shard_weights, or caption/VAE servers on other cards")
-    card_gb = card_gb - shared / planner.GIB  # rank 0's card also holds the local encoders / VAE
-    from ..parallel.host_memory import host_limit, limit_gib
-    from ..parallel.plan_advice import advice, cards_word
-
-    host = host_limit(this_host=True)
-    if predicted.fits(card_gb) and not predicted.fits(None, limit_gib(host)):
-        raise ValueError(f"--offload: {layout.name()} pins {predicted.host_gib:.1f} GiB of host memory for its "
-                         f"{mesh.world_size} rank(s) on this host (each its own stage), over {host.describe()}: "
-                         "spread the ranks over more hosts, or use --shard_weights instead of --offload")
+    card_gb, host = card_gb - shared / planner.GIB, host_limit(this_host=True)  # rank 0's card: + local models
     if predicted.fits(card_gb):
-        return
-    others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware)
+        return check_host_holds(predicted, ranks, hardware.host_blocks_shared, host)
+    others = [planner.plan(shape, other, grid, guidance=guidance, hardware=hardware, ranks_per_host=ranks)
               for other in planner.layouts(mesh.world_size, shape.heads, shape.num_layers, settings.cfg_scale > 1.0,
                                            weights=weights)]
     fitting = sorted((q for q in others if q.fits(card_gb)), key=lambda q: q.step_s)
@@ -401,7 +400,7 @@ def check_fits(card_gb: float, mesh, config: dict, settings, device: str, args=N
             + "; ".join(f"{q.layout.arguments()} ({q.peak_gib:.1f} GiB)" for q in fitting[:3])) if fitting else \
         f"no layout of {cards_word(mesh.world_size)} fits; " + "; ".join(advice(
             shape, mesh.world_size, card_gb, settings.num_frames, settings.height, settings.width, guidance,
-            hardware, host=host)[1:])
+            hardware, host=host, ranks_per_host=ranks)[1:])
     local = f" beside {shared / planner.GIB:.3g} GiB of local encoders/VAE" if shared else ""
     raise ValueError(f"--card_gb {card_gb + shared / planner.GIB:g}: {layout.name()} is predicted to need "
                      f"{predicted.peak_gib:.1f} GiB per card{local} for {settings.num_frames} frames "

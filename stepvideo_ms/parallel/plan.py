@@ -34,8 +34,12 @@ that budget (`expected_decode_tile`); a layout that leaves no tile room is not c
 
 Offload (offload.py): the card keeps the non-block parameters and `offload_working_blocks` blocks
 (Ascend: the one computing and the next one being copied in; CPU: one, filled synchronously), the
-host keeps the rank's whole stage (`host_bytes`, pinned, per rank: ranks on one host add up; with
---weights int8 the blocks are int8 with their scales, `block_bytes`, on the host, the link and the card). Every
+host keeps the rank's whole stage (`host_bytes`; with --weights int8 the blocks are int8 with their scales,
+`block_bytes`, on the host, the link and the card). The host memory is counted PER HOST (`host_gib`, the
+largest over the hosts of `ranks_per_host` consecutive ranks, default the whole world on one host):
+with `Hardware.host_blocks_shared` (host blocks not pinned: CPU, or no Tensor.pin_memory) the ranks of
+a host that run the same stage share one copy, else (pinned, Ascend) every rank keeps its own
+(host_memory.py says why). Every
 block is copied in once per micro-batch (unless the stage has no more blocks than working blocks)
 over the host link (`host_link_gb_s`, per card, ASSUMED), issued one block ahead: a copy costs only
 what exceeds the block it hides under, plus the `1 - offload_overlap` share (ASSUMED) the overlap
@@ -58,10 +62,11 @@ takes longer than the block it hides under), at a stated link bandwidth. The def
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional
 
-from .mesh import CFG_DEGREES
+from .host_memory import host_block_count, host_blocks_shared
+from .mesh import CFG_DEGREES, Mesh, layer_partition
 
 GIB = 2 ** 30
 TEXT_TOKENS = 320 + 77  # Step-1 + HunyuanCLIP caption tokens (the context is at most this long)
@@ -87,12 +92,15 @@ class Hardware:
     chunk_units_saved: float = 4.0  # modelled: the float32 norm temporaries (2 of the 15 units) x the calibration (30/15)
     score_block_bytes: int = 0  # CPU: the blocked attention's score block bound (0: fused attention, no scores)
     score_copies: float = 0.0  # CPU: score-sized tensors alive at once (scores, exponentials, probabilities)
+    host_blocks_shared: bool = False  # offload: a host's ranks of one stage share one copy (not pinned; host_memory.py)
 
     def describe(self) -> str:
         return (f"assumed: {self.name} at {self.peak_tflops:.0f} TFLOPS bf16 peak x {self.utilisation:.0%} "
                 f"utilisation, {self.link_gb_s:.0f} GB/s sent per card, runtime reserve {self.reserve_gib:g} GiB, "
                 f"offload: {self.host_link_gb_s:g} GB/s host link per card, {self.offload_overlap:.0%} of a copy hidden "
-                f"under a longer block; calibrated: {self.activation_units:g} activation units")
+                f"under a longer block, host blocks "
+                f"{'shared per stage' if self.host_blocks_shared else 'pinned per rank'}; "
+                f"calibrated: {self.activation_units:g} activation units")
 
 
 # MindSpore's CPU backend as tests and benchmarks run it: float32, lockstep gathers, RSS measured above
@@ -103,7 +111,13 @@ class Hardware:
 CPU = Hardware(name="CPU backend", peak_tflops=0.25, utilisation=1.0, link_gb_s=5.0, dtype_bytes=4,
                activation_units=12.0, reserve_gib=0.0, lockstep=True, host_link_gb_s=5.0, offload_working_blocks=1,
                chunk_units_saved=0.0, score_block_bytes=128 * 2 ** 20, score_copies=3.0,
-               int8_matmul=False)
+               int8_matmul=False, host_blocks_shared=True)
+
+
+def hardware_for(device: str) -> Hardware:
+    """The profile a run on `device` is checked with: the CPU backend's on CPU, the 910B's otherwise, holding
+    its offloaded blocks as the device does (host_memory.host_blocks_shared)."""
+    return replace(CPU if device == "CPU" else Hardware(), host_blocks_shared=host_blocks_shared(device))
 
 
 @dataclass(frozen=True)
@@ -213,6 +227,7 @@ class Plan:
     host_bytes: int = 0  # offload: this rank's blocks in host memory
     offload_s: float = 0.0  # offload: copy time not hidden under compute, per step
     host_copy_bytes: int = 0  # offload: bytes copied host -> card per step
+    host_total_bytes: int = 0  # offload: the offloaded blocks of the host that holds the most
 
     @property
     def peak_bytes(self) -> int:
@@ -224,8 +239,8 @@ class Plan:
 
     @property
     def host_gib(self) -> float:
-        """Host memory of the whole world's offloaded blocks (every rank pins its own stage)."""
-        return self.host_bytes * self.layout.world / GIB
+        """Host memory of the offloaded blocks PER HOST: the host that holds the most (see `plan`)."""
+        return self.host_total_bytes / GIB
 
     @property
     def step_s(self) -> float:
@@ -273,8 +288,9 @@ def ceil_div(a: int, b: int) -> int:
 
 
 def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardware: Hardware = Hardware(),
-         text_tokens: int = TEXT_TOKENS) -> Plan:
-    """The plan of one layout for latents of `grid` = (latent frames, latent height, latent width)."""
+         text_tokens: int = TEXT_TOKENS, ranks_per_host: Optional[int] = None) -> Plan:
+    """The plan of one layout for latents of `grid` = (latent frames, latent height, latent width), its
+    host memory per host of `ranks_per_host` consecutive ranks (None: the whole world on one host)."""
     f, h, w = grid
     p = model.patch_size
     tokens = f * (h // p) * (w // p)
@@ -327,10 +343,14 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
         per_block_gather = gather / (stage_layers * micro) / link
         exposed += stage_layers * micro * max(0.0, per_block_gather - per_block_compute)
     idle = (layout.pp - 1) / (micro + layout.pp - 1) if layout.pp > 1 else 0.0
-    host = copied = 0
+    host = copied = on_host = 0
     offload = 0.0
     if layout.offload:
         host = stage_layers * block_bytes
+        stages = [len(layers) for layers in layer_partition(model.num_layers, layout.pp)]
+        stage_of = [Mesh(layout.world, r, layout.ulysses, layout.pp, cfg_degree=layout.cfg).stage
+                    for r in range(layout.world)]
+        on_host = host_block_count(stage_of, stages, ranks_per_host, hardware.host_blocks_shared) * block_bytes
         copies = 0 if stage_layers <= hardware.offload_working_blocks else stage_layers * micro
         copied = copies * block_bytes
         if copies:
@@ -338,7 +358,7 @@ def plan(model: ModelShape, layout: Layout, grid, guidance: bool = True, hardwar
             per_block = compute / (stage_layers * micro)
             offload = copies * (max(0.0, per_copy - per_block)
                                 + (1.0 - hardware.offload_overlap) * min(per_copy, per_block))
-    return Plan(layout, memory, sent, flops, idle, compute, exposed, host, offload, copied)
+    return Plan(layout, memory, sent, flops, idle, compute, exposed, host, offload, copied, on_host)
 
 
 def layouts(cards: int, heads: int, num_layers: int, guidance: bool = True, offload: bool = True,
@@ -373,24 +393,3 @@ def choose(plans: List[Plan], card_gb: Optional[float], host_gb: Optional[float]
     return min(fitting, key=lambda q: (round(q.step_s, 3), q.layout.offload, q.layout.seq_cfg, bool(q.layout.chunk),
                                        q.layout.shard, q.peak_bytes)) if fitting else None
 
-
-def table(plans: List[Plan], card_gb: Optional[float], hardware: Hardware, host_gb: Optional[float] = None,
-          steps: Optional[int] = None) -> str:
-    """A text table, the fitting layouts first by step time. host GiB: the offloaded blocks of all
-    ranks; offload x: step time over the same layout's without exposed copies; with `steps`, the time of
-    that many steps (minutes)."""
-    wide = max([47] + [len(pl.layout.name()) for pl in plans])  # "... + chunks + int8" is longer than 47
-    run = f"{f'{steps} steps':>9} " if steps else ""
-    head = (f"{'layout':<{wide}} {'peak GiB':>8} {'weights':>8} {'activ.':>7} {'host GiB':>8} {'sent GB/step':>12} "
-            f"{'idle':>5} {'step s':>7} {run}{'offload x':>9}  fits")
-    lines = [head, "-" * len(head)]
-    for pl in sorted(plans, key=lambda q: (not q.fits(card_gb, host_gb), q.step_s)):
-        mem = pl.memory
-        act = mem["block activations"] + mem["embedded tokens"] + mem["pipeline in flight"]
-        ratio = f"{pl.offload_ratio:9.3f}" if pl.layout.offload else f"{'-':>9}"
-        total = f"{pl.step_s * steps / 60:7.1f} m " if steps else ""
-        lines.append(f"{pl.layout.name():<{wide}} {pl.peak_gib:8.1f} {mem['weights'] / GIB:8.1f} {act / GIB:7.1f} "
-                     f"{pl.host_gib:8.1f} {sum(pl.sent_bytes.values()) / 1e9:12.1f} {pl.idle_share:5.0%} "
-                     f"{pl.step_s:7.1f} {total}{ratio}  {'yes' if pl.fits(card_gb, host_gb) else 'no'}")
-    lines.append(hardware.describe())
-    return "\n".join(lines)

@@ -9,7 +9,8 @@ and prints the parameter count, the per-block shapes and the memory the weights 
 card per step, pipeline idle share and step time (parallel/plan.py; the hardware figures are
 stated assumptions), the layouts that fit --card_gb first. When none fits, it says what would (the
 closest layout and its excess, the fewest cards of this size, the largest video on these cards) and
-exits with status 1.
+exits with status 1. The host memory of --offload is counted per host of --cards_per_host cards
+(default: all of them, up to 8), pinned per rank as on a 910B; --host_gb is one host's memory.
 """
 from __future__ import annotations
 
@@ -77,29 +78,35 @@ def latent_grid(frames: int, height: int, width: int) -> tuple:
 
 def plan_text(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
               show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full",
-              steps: Optional[int] = None) -> str:
-    return plan_report(config, frames, height, width, cards, card_gb, show_all, hardware, host_gb, weights, steps)[0]
+              steps: Optional[int] = None, cards_per_host: Optional[int] = None) -> str:
+    return plan_report(config, frames, height, width, cards, card_gb, show_all, hardware, host_gb, weights, steps,
+                       cards_per_host=cards_per_host)[0]
 
 
 def plan_report(config: dict, frames: int, height: int, width: int, cards: int, card_gb: Optional[float],
                 show_all: bool = False, hardware=None, host_gb: Optional[float] = None, weights: str = "full",
                 steps: Optional[int] = None, cache_share: Optional[float] = None, cache_first: Optional[int] = None,
-                cache_last: Optional[int] = None):
+                cache_last: Optional[int] = None, cards_per_host: Optional[int] = None):
     """-> (the text, how many layouts fit). The fastest layout that fits the cards and the host (`host_gb`:
-    the host's memory, under the rule of parallel/host_memory.py) is named as the one run_parallel.py would
+    the memory of one host of `cards_per_host` cards, default host_memory.CARDS_PER_HOST or all the cards
+    when fewer, under the rule of parallel/host_memory.py) is named as the one run_parallel.py would
     choose, with the time of the `steps` asked (default: the T2V preset's); when none fits, the text says
     what would, and whether the cards or the host memory decide. `cache_share`: also each layout's step
     time with that share of steps cached (parallel/plan_cache.py)."""
     from ..parallel import plan as planner
-    from ..parallel.host_memory import HOST_SHARE, host_limit, limit_gib
+    from ..parallel.host_memory import CARDS_PER_HOST, HOST_SHARE, host_limit, hosts_words, limit_gib, sharing_words
     from ..parallel.plan_advice import advice, cards_word
+    from ..parallel.plan_table import table
 
     hardware = hardware or planner.Hardware()
     host = host_limit(host_gb)
     bound = limit_gib(host)
     shape = planner.ModelShape.from_config(config)
     grid, steps = resolved_request(frames, height, width, steps)
-    plans = [planner.plan(shape, layout, grid, hardware=hardware)
+    if cards_per_host is not None and cards_per_host < 1:
+        raise ValueError(f"--cards_per_host {cards_per_host} must be a positive number of cards (e.g. 8)")
+    per_host = cards_per_host or CARDS_PER_HOST  # a world of fewer cards: all on one host
+    plans = [planner.plan(shape, layout, grid, hardware=hardware, ranks_per_host=per_host)
              for layout in planner.layouts(cards, shape.heads, shape.num_layers, weights=weights)]
     fitting = [p for p in plans if p.fits(card_gb, bound)]
     shown = plans if show_all else fitting
@@ -110,9 +117,13 @@ def plan_report(config: dict, frames: int, height: int, width: int, cards: int, 
              + f"); {cards_word(cards)}"
              + (f" of {card_gb:g} GiB" if card_gb else "") + f": {len(fitting)} of {len(plans)} layouts fit")
     lines = [title, ("host memory: offloaded blocks (all ranks of the host) may take " + host.describe()) if host
-             else f"host memory: not checked (--host_gb GiB: offloaded blocks may take {HOST_SHARE:.0%} of it)"]
+             else f"host memory: not checked (--host_gb GiB of one host: offloaded blocks may take "
+                  f"{HOST_SHARE:.0%} of it)",
+             f"host GiB: {hosts_words(cards, per_host)}"
+             + (" (--cards_per_host)" if cards_per_host else f" (--cards_per_host, default up to {CARDS_PER_HOST})")
+             + f", {hardware.name}: {sharing_words(hardware.host_blocks_shared)}"]
     if shown:
-        lines.append(planner.table(shown, card_gb, hardware, bound, steps))
+        lines.append(table(shown, card_gb, hardware, bound, steps))
     if cache_share is not None and shown:
         from ..parallel.plan_cache import cache_table
 
@@ -133,7 +144,8 @@ def plan_report(config: dict, frames: int, height: int, width: int, cards: int, 
         lines.append(f"none of the {len(plans)} layouts of {cards_word(cards)} fits"
                      + ("" if show_all else " (--all lists them with their peaks)") + ". What would:")
         lines += ["  " + line for line in advice(shape, cards, card_gb, *used, hardware=hardware, weights=weights,
-                                                 host=host)]
+                                                 host=host, ranks_per_host=per_host, host_flag=(
+                                                     f" --cards_per_host {cards_per_host}" if cards_per_host else ""))]
     return "\n".join(lines), len(fitting)
 
 
@@ -158,7 +170,7 @@ def latent_frames_to_video(grid) -> tuple:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..parallel.host_memory import HOST_SHARE
+    from ..parallel.host_memory import CARDS_PER_HOST, HOST_SHARE
 
     parser = SuggestingParser(prog="python -m stepvideo_ms describe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a transformer config.json (default: the released Step-Video-T2V config)")
@@ -175,8 +187,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--weights", choices=("full", "int8"), default="full",
                    help="int8: the blocks' linear weights in int8 with per-channel scales (run_parallel.py --weights)")
     g.add_argument("--infer_steps", type=int, default=None, help="denoising steps, for the run's time (50)")
+    g.add_argument("--cards_per_host", type=int, default=None,
+                   help=f"cards (ranks) per host, numbered host by host as msrun does: the host GiB column and "
+                        f"--host_gb count per host (default: all --cards on one host up to {CARDS_PER_HOST})")
     g.add_argument("--host_gb", type=float, default=None,
-                   help=f"the host's memory in GiB: the offloaded blocks of all its ranks may take "
+                   help=f"the memory of ONE host in GiB: the offloaded blocks of all its ranks may take "
                         f"{HOST_SHARE * 100:.0f}%% of it, as run_parallel.py allows of its host (default: not "
                         "checked, the host GiB column shows the need)")
     g.add_argument("--cache_share", type=float, default=None,
@@ -200,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             text, fitting = plan_report(config, args.frames, args.height, args.width, args.cards, args.card_gb,
                                         args.all, host_gb=args.host_gb, weights=args.weights,
                                         steps=args.infer_steps, cache_share=args.cache_share,
-                                        cache_first=args.cache_first, cache_last=args.cache_last)
+                                        cache_first=args.cache_first, cache_last=args.cache_last,
+                                        cards_per_host=args.cards_per_host)
         except ValueError as exc:
             parser.error(str(exc))
         print(text)
