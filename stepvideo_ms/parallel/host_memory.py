@@ -35,8 +35,9 @@ def host_blocks_shared(device: str) -> bool:
     """Whether the ranks of one host that run the same stage share one host copy of its blocks on
     `device` ("Ascend", "CPU", "ascend-sim"): where the blocks are not pinned (see the module docstring)."""
     from ..capabilities import asynchronous_offload
+    from .host_share import sharing_enabled
 
-    return not asynchronous_offload(device)
+    return not asynchronous_offload(device) and sharing_enabled()  # STEPVIDEO_SHARE_HOST_BLOCKS=0: per rank
 
 
 def sharing_words(shared: bool) -> str:
