@@ -23,8 +23,8 @@ die() { echo "[setup] $*" >&2; exit 2; }
 # test.sh or a later setup.sh never swaps a chosen or the system's MindSpore for the pin); `pinned` asks
 # for requirements.txt's again.
 CHOICE_FILE=$VENV/.stepvideo_mindspore
-if [ -z "${STEPVIDEO_MINDSPORE+set}" ] && [ -s "$CHOICE_FILE" ]; then
-  STEPVIDEO_MINDSPORE=$(cat "$CHOICE_FILE")
+if [ -z "${STEPVIDEO_MINDSPORE+set}" ] && [ -f "$CHOICE_FILE" ] && [ -n "$(tr -d "[:space:]" < "$CHOICE_FILE")" ]; then
+  STEPVIDEO_MINDSPORE=$(tr -d '[:space:]' < "$CHOICE_FILE")
   say "MindSpore: $STEPVIDEO_MINDSPORE, the one $(basename "$VENV") was made with (STEPVIDEO_MINDSPORE=pinned for requirements.txt's)"
 fi
 CHOICE=${STEPVIDEO_MINDSPORE:-}
@@ -91,7 +91,7 @@ if [ -z "$ready" ]; then
                           "$VENV/bin/python -c 'import stepvideo_ms, mindspore'" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
-echo "$CHOICE" > "$CHOICE_FILE"
+if [ -n "$CHOICE" ]; then echo "$CHOICE" > "$CHOICE_FILE"; else rm -f "$CHOICE_FILE"; fi  # the pin: nothing to keep
 if [ -n "$SYSTEM_SITE" ]; then
   where=$("$VENV/bin/python" -P -c 'import importlib.util as iu; print(iu.find_spec("mindspore").origin)')
   case "$where" in "$SYSTEM_SITE"/*) ;; *) echo "[setup] MindSpore in $VENV is not the system's ($where)" >&2; exit 1;; esac
