@@ -54,6 +54,9 @@ esac
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $(basename "$VENV") with $($PY --version 2>&1)"
   "$PY" -m venv "$VENV"
+elif ! "$VENV/bin/python" -m pip --version > /dev/null 2>&1; then  # a creation that was interrupted
+  say "$(basename "$VENV") has no pip (its creation was interrupted): making it again"
+  "$PY" -m venv --clear "$VENV"
 fi
 if [ -n "$SYSTEM_SITE" ]; then  # the system's packages come after the venv's own (as --system-site-packages would)
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

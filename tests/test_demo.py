@@ -75,8 +75,11 @@ def test_a_failed_job_ends_the_demo_and_everything_it_started(tmp_path):
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_ctrl_c_while_the_jobs_run_stops_everything(tmp_path):
     cwd = user_folder(tmp_path)
+    # as a terminal's shell starts a foreground job: SIGINT at its default, whatever this suite inherited (a
+    # suite started in the background has it ignored, and bash cannot trap a signal ignored on entry)
     proc = subprocess.Popen(["bash", DEMO, "demo_out"], cwd=cwd, env=demo_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, stdin=subprocess.DEVNULL)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stdout:

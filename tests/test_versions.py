@@ -200,3 +200,18 @@ def test_cann_and_driver_versions_are_read_from_the_install_info(tmp_path):
     (home / "ascend_toolkit_install.info").write_text("version=8.5.0\n")
     assert doctor.cann_version(env={"ASCEND_HOME_PATH": str(tmp_path / "cann-8.5.0")}, root=str(tmp_path))[0] == "8.5.0"
     assert doctor.cann_version(env={}, root=str(tmp_path / "none")) == (None, "")
+
+
+def test_an_interrupted_environment_is_made_again(tmp_path):
+    """A venv whose creation was killed before pip came (python present, no pip) is made again, not used as it is
+    (pip failed on it before); the installation after that is kept offline here, and fails fast."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "STEPVIDEO_MINDSPORE"}
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "setup.sh")], capture_output=True, text=True,
+                          timeout=300, env={**env, "STEPVIDEO_VENV": str(venv), "PIP_INDEX_URL": "http://127.0.0.1:9/",
+                                            "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)})
+    assert "has no pip (its creation was interrupted): making it again" in done.stdout, done.stdout + done.stderr
+    probe = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--version"], capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr  # pip is back
