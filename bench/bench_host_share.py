@@ -30,10 +30,10 @@ TEXT, CLIP = 6, 3
 
 
 def _barrier(comm) -> None:
-    import numpy as np
-    from mindspore import Tensor
+    """Returns once every rank has called it (run_parallel's agreement, an all-gather)."""
+    from stepvideo_ms.generation.world import any_rank
 
-    comm.all_gather(Tensor(np.ones(1, np.float32)), comm.mesh.world_ranks).asnumpy()
+    any_rank(comm, comm.mesh, False)
 
 
 def _process_pss() -> int:

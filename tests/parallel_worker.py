@@ -113,10 +113,10 @@ def stage_loading_failures(model, mesh, shards) -> List[str]:
 
 
 def barrier(comm) -> None:
-    """Returns once every rank of the world has called it (an all-gather)."""
-    from mindspore import Tensor
+    """Returns once every rank of the world has called it (the run's agreement, an all-gather)."""
+    from stepvideo_ms.generation.world import any_rank
 
-    comm.all_gather(Tensor(np.ones(1, np.float32)), comm.mesh.world_ranks).asnumpy()
+    any_rank(comm, comm.mesh, False)
 
 
 def host_map_report(mesh, host) -> dict:

@@ -67,16 +67,6 @@ def all_ok(comm, ok: bool, rank: int) -> bool:
     return float(flag.asnumpy()[0]) == 1.0
 
 
-def every_rank_ok(comm, ok: bool) -> bool:
-    """True when every rank of the world says ok (an all-gather: it returns once every rank has called it)."""
-    from mindspore import Tensor
-
-    if comm.world_size == 1:
-        return ok
-    flags = comm.all_gather(Tensor(np.array([1.0 if ok else 0.0], np.float32)), comm.mesh.world_ranks, axis=0)
-    return bool((flags.asnumpy() == 1.0).all())
-
-
 def broadcast_conditions(comm, cond, rank: int):
     """Rank 0's Conditions on every rank (the others pass None)."""
     from mindspore import Tensor
@@ -189,9 +179,9 @@ class GenerationWorld:
             model, shards = load_stage(transformer, mesh, dtype=rt.compute_dtype, progress=progress,
                                        weights=getattr(args, "weights", None))
         except Exception:  # the others learn it at their agreement below instead of waiting in the first job
-            every_rank_ok(comm, False)
+            any_rank(comm, mesh, True)
             raise
-        if not every_rank_ok(comm, True):  # every rank has its stage: a shared host map's name can go
+        if any_rank(comm, mesh, False):  # an all-gather: every rank has its stage, a shared host map's name can go
             raise PeerFailed("another rank failed to load its DiT stage (see its log); stopping this rank")
         if hasattr(shards, "settle"):
             shards.settle()

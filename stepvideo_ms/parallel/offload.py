@@ -45,7 +45,8 @@ from ..capabilities import asynchronous_offload
 from ..formats import checkpoint
 from ..models.dit import StepVideoModel
 from ..models.layers import StepVideoTransformerBlock
-from .host_share import SharedBlockFile, content_key, open_shared, private_map, sharing_enabled
+from .host_memory import host_blocks_shared
+from .host_share import SharedBlockFile, content_key, open_shared, private_map
 from .mesh import Mesh
 from .shard import BLOCK_PREFIX, BlockLayout, _block_layer, _PieceReader, derived_scales, stage_sources
 
@@ -152,7 +153,8 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool
     # Ascend with Tensor.pin_memory: pinned host tensors, the source of asynchronous copies, one copy per rank.
     # Without it (MindSpore 2.7.0) and on CPU: a file-backed map, copied synchronously (capabilities.in_use says
     # which), one per host for the ranks of this stage (host_share.py).
-    pinned = asynchronous_offload(device_name())
+    device = device_name()
+    pinned = asynchronous_offload(device)
     shared = None
     try:
         if pinned:
@@ -168,7 +170,7 @@ def load_offloaded_stage(path: str, mesh: Mesh, dtype=ms.float32, progress: bool
                     for view, arr in zip(views.of(buffer, index), arrays):
                         view[...] = arr
 
-            if sharing_enabled():
+            if host_blocks_shared(device):  # the planner's rule too (STEPVIDEO_SHARE_HOST_BLOCKS=0: per rank)
                 key = content_key(sources, (mine, layout.names, layout.shapes, [np.dtype(t).str for t in host_types]))
                 shared = open_shared(key, nbytes, fill)
                 backing = shared.array
